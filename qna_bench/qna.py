@@ -1,0 +1,526 @@
+"""The QnA layer ("Learned Queries for Efficient Local Attention", arXiv 2112.11435) in PyTorch.
+
+`QnA` holds the parameters; its ``impl`` attribute picks the fast form (two depthwise convolutions
+with a custom backward, `qna_attention`) or the naive reference form that unfolds every window
+(`qna_attention_reference`, for tests). Both forms share the same parameters.
+
+Mapping from the official Flax ``FusedKQnA`` (repo moabarar/qna, ``layers/qna.py``). Flax dense
+kernels are (in, out); the convolution-shaped tensors are HWIO; the official channel index of the
+query/head axis is ``n * heads + head`` (query-major) and the feature index is ``head * d + i``:
+
+==========================  =====================================  ==========================================
+official parameter          official shape                         ours
+==========================  =====================================  ==========================================
+``query``                   (Nq, F)                                ``query`` (Nq, h, d) = reshape
+``Wk``                      (C_in, F)                              ``key_weight`` (C_in, h, d) = reshape
+``Wk_b`` (use_bias only)    (h, d)                                 dropped: adds a constant per query and head
+                                                                   to every logit of a window, so it cancels
+                                                                   exactly in the softmax
+``to_v/kernel``, ``bias``   (C_in, F), (F,)                        ``value_proj.weight`` = kernel.T, ``.bias``
+``rpe_bias``                (k*k, Nq*h)                            ``rpe_bias`` (Nq, h, k, k):
+                                                                   ``reshape(k, k, Nq, h).permute(2, 3, 0, 1)``
+``attn_scale_weights``      (1, 1, k*k, Nq*h)                      ``query_mixing`` (Nq, h, k, k): same as rpe
+``to_out/kernel``, ``bias`` (F, F_out), (F_out,)                   ``out_proj.weight`` = kernel.T, ``.bias``
+==========================  =====================================  ==========================================
+
+`QnA.load_official_params` applies this mapping to a (nested or '/'-flattened) dict of arrays.
+Only the released configuration is covered: relative position bias, ``attn_scale='normal'``,
+``padding = (k - 1) // 2``, ``scale_rpe_bias=False``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+Impl = Literal["fast", "reference"]
+IMPLS: tuple[str, ...] = ("fast", "reference")
+STRIDES: tuple[int, ...] = (1, 2)
+
+# Kernel gradients of the depthwise convolutions on CPU: from this window size on they are computed as
+# FFT cross-correlations, below it by PyTorch's own convolution backward. Keyed by stride. Measured on
+# the 2-core CPU (B=8, 56x56, 256 channels, fp32): the native weight gradient costs 4 / 34 / 52 / 113 /
+# 1240 ms at k = 3 / 5 / 7 / 11 / 15 (stride 1) and 1.4 / 23 / 17 / 32 / 466 ms (stride 2); the
+# chunked FFT one costs ~35 ms at any k up to 15 and ~50 ms at k = 31.
+FFT_WEIGHT_GRAD_MIN_WINDOW: dict[int, int] = {1: 7, 2: 13}
+
+# Bytes of one complex spectrum chunk in the FFT kernel gradient; a few MiB keeps it in cache and
+# keeps its memory negligible next to the activations.
+_FFT_CHUNK_BYTES = 4 << 20
+
+# The official query normalisation epsilon.
+_QUERY_EPS = 1e-6
+
+
+def qna_output_size(size: int, window: int, stride: int = 1) -> int:
+    """Output length of one spatial axis: ``floor((size + 2p - window) / stride) + 1``, ``p = (window-1)/2``."""
+    padding = (window - 1) // 2
+    return (size + 2 * padding - window) // stride + 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Depthwise convolutions on (B, H, W, C) tensors. Permuting to NCHW gives a channels_last view, which is
+# the fast layout for depthwise convolution on CPU, and the results permute back without a copy.
+
+
+def _depthwise_conv(x: Tensor, kernel: Tensor, stride: int, padding: int) -> Tensor:
+    """Depthwise cross-correlation of ``x`` (B, H, W, C) with ``kernel`` (C, 1, k, k) -> (B, H', W', C)."""
+    out = F.conv2d(x.permute(0, 3, 1, 2), kernel, stride=stride, padding=padding, groups=x.shape[-1])
+    return out.permute(0, 2, 3, 1).contiguous()
+
+
+def _fast_fft_len(n: int) -> int:
+    """The smallest 7-smooth integer >= n (sizes pocketfft and cuFFT transform fastest)."""
+    while True:
+        m = n
+        for f in (2, 3, 5, 7):
+            while m % f == 0:
+                m //= f
+        if m == 1:
+            return n
+        n += 1
+
+
+def _depthwise_weight_grad_fft(x: Tensor, grad_out: Tensor, window: int, stride: int, padding: int) -> Tensor:
+    """Kernel gradient of `_depthwise_conv` as an FFT cross-correlation summed over the batch.
+
+    ``G[c, i, j] = sum_{b, o} grad_out[b, o, c] * x[b, stride * o + (i, j) - padding, c]`` with zeros
+    outside ``x``. The output gradient is zero-stuffed to the input grid for stride > 1, and the
+    circular correlation is taken over a period of at least ``size + padding`` so that lags in
+    ``[-padding, padding]`` never wrap onto data. Channels go in chunks to bound the spectra's memory.
+    Returns (C, 1, k, k) in ``x``'s dtype.
+    """
+    batch, height, width, channels = x.shape
+    out_h, out_w = grad_out.shape[1:3]
+    n1, n2 = _fast_fft_len(height + padding), _fast_fft_len(width + padding)
+    # pocketfft has no half precision; cuFFT only for powers of two.
+    work_dtype = torch.promote_types(x.dtype, torch.float32)
+    lags1 = (torch.arange(window, device=x.device) - padding) % n1
+    lags2 = (torch.arange(window, device=x.device) - padding) % n2
+    spectrum_bytes = batch * n1 * (n2 // 2 + 1) * 2 * torch.finfo(work_dtype).bits // 8
+    chunk = max(1, min(channels, _FFT_CHUNK_BYTES // spectrum_bytes))
+    grad_kernel = x.new_empty(channels, window, window, dtype=work_dtype)
+    for c0 in range(0, channels, chunk):
+        xc = x[..., c0 : c0 + chunk].to(work_dtype)
+        gc = grad_out[..., c0 : c0 + chunk].to(work_dtype)
+        if stride > 1:
+            stuffed = gc.new_zeros(batch, stride * (out_h - 1) + 1, stride * (out_w - 1) + 1, gc.shape[-1])
+            stuffed[:, ::stride, ::stride] = gc
+            gc = stuffed
+        spec = torch.fft.rfft2(xc, s=(n1, n2), dim=(1, 2))
+        spec.mul_(torch.fft.rfft2(gc, s=(n1, n2), dim=(1, 2)).conj())
+        corr = torch.fft.irfft2(spec.sum(0), s=(n1, n2), dim=(0, 1))  # (n1, n2, chunk)
+        grad_kernel[c0 : c0 + chunk] = corr.index_select(0, lags1).index_select(1, lags2).permute(2, 0, 1)
+    return grad_kernel.to(x.dtype).unsqueeze(1)
+
+
+def _use_fft_weight_grad(x: Tensor, window: int, stride: int) -> bool:
+    """Whether the kernel gradient goes through the FFT (CPU, large windows) or PyTorch's own backward."""
+    return x.device.type == "cpu" and window >= FFT_WEIGHT_GRAD_MIN_WINDOW.get(stride, 1 << 30)
+
+
+def _depthwise_conv_backward(
+    x: Tensor, grad_out: Tensor, kernel: Tensor, stride: int, padding: int, need_kernel_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Gradients of `_depthwise_conv` w.r.t. its input (B, H, W, C) and, if asked, its kernel (C, 1, k, k)."""
+    window = kernel.shape[-1]
+    via_fft = need_kernel_grad and _use_fft_weight_grad(x, window, stride)
+    grad_x, grad_kernel, _ = torch.ops.aten.convolution_backward(
+        grad_out.permute(0, 3, 1, 2),
+        x.permute(0, 3, 1, 2),
+        kernel,
+        None,
+        [stride, stride],
+        [padding, padding],
+        [1, 1],
+        False,
+        [0, 0],
+        x.shape[-1],
+        [True, need_kernel_grad and not via_fft, False],
+    )
+    if via_fft:
+        grad_kernel = _depthwise_weight_grad_fft(x, grad_out, window, stride, padding)
+    return grad_x.permute(0, 2, 3, 1).contiguous(), grad_kernel
+
+
+# --------------------------------------------------------------------------------------------------
+# The windowed softmax core: scores (B, H, W, Nq*h) and values (B, H, W, F) -> z (B, H', W', F).
+
+
+def _kernels(rpe_bias: Tensor, dtype: torch.dtype) -> Tensor:
+    """``exp(b)`` per query and head, shifted by its max: a per-(query, head) factor that cancels
+    between numerator and denominator and keeps the exponent finite."""
+    return torch.exp(rpe_bias - rpe_bias.detach().amax(dim=(-2, -1), keepdim=True)).to(dtype)
+
+
+def _value_kernel(rpe_exp: Tensor, mixing: Tensor, head_dim: int) -> Tensor:
+    """The numerator's kernel for one query: ``exp(b) * w`` (h, k, k) repeated over each head's d channels."""
+    heads, window = rpe_exp.shape[0], rpe_exp.shape[-1]
+    kernel = (rpe_exp * mixing.to(rpe_exp.dtype)).unsqueeze(1)
+    return kernel.expand(heads, head_dim, window, window).reshape(heads * head_dim, 1, window, window)
+
+
+def _exp_scores(scores: Tensor) -> Tensor:
+    """``exp(s - m)`` with ``m`` the max over each image, per query and head: a constant within every
+    window, so exact, and it keeps the largest term at 1 (no overflow in fp32, fp16 or bf16)."""
+    s = scores.detach()
+    return torch.exp(scores - s.amax(dim=(1, 2), keepdim=True))
+
+
+def _qna_forward(
+    exp_scores: Tensor, values: Tensor, rpe_exp: Tensor, mixing: Tensor, stride: int, padding: int
+) -> tuple[Tensor, Tensor]:
+    """The fast form on exponentiated scores (B, H, W, Nq, h); returns z (B, H', W', F) and den (B, H', W', Nq, h).
+
+    One query at a time, so the largest intermediate is (B, H, W, F).
+    """
+    batch, height, width, num_queries, heads = exp_scores.shape
+    features = values.shape[-1]
+    head_dim = features // heads
+    den_kernel = rpe_exp.reshape(num_queries * heads, 1, *rpe_exp.shape[-2:])
+    den = _depthwise_conv(exp_scores.view(batch, height, width, -1), den_kernel, stride, padding)
+    out_h, out_w = den.shape[1:3]
+    den = den.view(batch, out_h, out_w, num_queries, heads)
+    v = values.view(batch, height, width, heads, head_dim)
+    z: Tensor | None = None
+    for n in range(num_queries):
+        weighted = (exp_scores[..., n, :, None] * v).view(batch, height, width, features)
+        num = _depthwise_conv(weighted, _value_kernel(rpe_exp[n], mixing[n], head_dim), stride, padding)
+        del weighted
+        num = num.view(batch, out_h, out_w, heads, head_dim).div_(den[..., n, :, None])
+        z = num if z is None else z.add_(num)
+    assert z is not None
+    return z.view(batch, out_h, out_w, features), den
+
+
+class _QnAAttention(torch.autograd.Function):
+    """The fast form with a hand-written backward.
+
+    Saves only exp(s - m) (B, H, W, Nq*h), the values and the denominator (B, H', W', Nq*h); the
+    numerators and the products E*V are recomputed one query at a time in backward. The convolution
+    input gradients are PyTorch's own (fast in channels_last), the kernel gradients are FFT
+    cross-correlations on CPU for large windows (see `FFT_WEIGHT_GRAD_MIN_WINDOW`).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, scores: Tensor, values: Tensor, rpe_bias: Tensor, mixing: Tensor, stride: int
+    ) -> Tensor:
+        num_queries, heads, window, _ = rpe_bias.shape
+        batch, height, width, _ = scores.shape
+        padding = (window - 1) // 2
+        exp_scores = _exp_scores(scores).view(batch, height, width, num_queries, heads)
+        rpe_exp = _kernels(rpe_bias, values.dtype)
+        z, den = _qna_forward(exp_scores, values, rpe_exp, mixing, stride, padding)
+        ctx.save_for_backward(exp_scores, values, den, rpe_bias, mixing)
+        ctx.stride, ctx.padding = stride, padding
+        return z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_z: Tensor) -> tuple[Tensor | None, ...]:
+        exp_scores, values, den, rpe_bias, mixing = ctx.saved_tensors
+        stride, padding = ctx.stride, ctx.padding
+        need_kernel_grad = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        batch, height, width, num_queries, heads = exp_scores.shape
+        out_h, out_w = den.shape[1:3]
+        features = values.shape[-1]
+        head_dim = features // heads
+        window = rpe_bias.shape[-1]
+
+        rpe_exp = _kernels(rpe_bias, values.dtype)
+        recip = den.reciprocal()
+        v = values.view(batch, height, width, heads, head_dim)
+        g_z = grad_z.contiguous().view(batch, out_h, out_w, heads, head_dim)
+        g_exp = torch.empty_like(exp_scores)
+        g_den = torch.empty_like(den)
+        g_values: Tensor | None = None
+        g_value_kernel = rpe_exp.new_zeros(num_queries, heads, window, window)
+
+        for n in range(num_queries):
+            e_n = exp_scores[..., n, :, None]
+            r_n = recip[..., n, :, None]
+            value_kernel = _value_kernel(rpe_exp[n], mixing[n], head_dim)
+            weighted = (e_n * v).view(batch, height, width, features)
+            # z = sum_n num_n / den_n  =>  dL/dden_n = -sum_d(g_z * num_n) / den_n^2
+            num = _depthwise_conv(weighted, value_kernel, stride, padding).view(g_z.shape)
+            g_den[..., n, :] = num.mul_(g_z).sum(-1).mul_(recip[..., n, :].square()).neg_()
+            del num
+            g_num = (g_z * r_n).view(batch, out_h, out_w, features)
+            g_weighted, g_kernel = _depthwise_conv_backward(
+                weighted, g_num, value_kernel, stride, padding, need_kernel_grad
+            )
+            del weighted, g_num
+            if g_kernel is not None:
+                g_value_kernel[n] = g_kernel.view(heads, head_dim, window, window).sum(1)
+            g_weighted = g_weighted.view(batch, height, width, heads, head_dim)
+            g_exp[..., n, :] = (g_weighted * v).sum(-1)
+            if g_values is None:
+                g_values = g_weighted.mul_(e_n)
+            else:
+                g_values.addcmul_(g_weighted, e_n)
+            del g_weighted
+
+        den_kernel = rpe_exp.reshape(num_queries * heads, 1, window, window)
+        g_exp_den, g_den_kernel = _depthwise_conv_backward(
+            exp_scores.view(batch, height, width, -1),
+            g_den.view(batch, out_h, out_w, -1),
+            den_kernel,
+            stride,
+            padding,
+            need_kernel_grad,
+        )
+        g_scores = g_exp.add_(g_exp_den.view_as(g_exp)).mul_(exp_scores)
+
+        g_rpe = g_mixing = None
+        if g_den_kernel is not None:
+            g_rpe_exp = g_value_kernel * mixing + g_den_kernel.view_as(rpe_exp)
+            g_rpe = (g_rpe_exp * rpe_exp).to(rpe_bias.dtype)
+            g_mixing = (g_value_kernel * rpe_exp).to(mixing.dtype)
+        assert g_values is not None
+        return (
+            g_scores.view(batch, height, width, -1),
+            g_values.view(batch, height, width, features),
+            g_rpe,
+            g_mixing,
+            None,
+        )
+
+
+def _check_core_args(scores: Tensor, values: Tensor, rpe_bias: Tensor, mixing: Tensor, stride: int) -> None:
+    if rpe_bias.dim() != 4 or rpe_bias.shape[-1] != rpe_bias.shape[-2] or rpe_bias.shape[-1] % 2 == 0:
+        raise ValueError(f"rpe_bias.shape={tuple(rpe_bias.shape)}: needs (num_queries, heads, k, k), k odd")
+    if mixing.shape != rpe_bias.shape:
+        raise ValueError(f"query_mixing.shape={tuple(mixing.shape)}: needs rpe_bias's shape {tuple(rpe_bias.shape)}")
+    num_queries, heads = rpe_bias.shape[:2]
+    if scores.dim() != 4 or scores.shape[-1] != num_queries * heads:
+        raise ValueError(f"scores.shape={tuple(scores.shape)}: needs (B, H, W, {num_queries * heads})")
+    if values.shape[:-1] != scores.shape[:-1] or values.shape[-1] % heads != 0:
+        raise ValueError(
+            f"values.shape={tuple(values.shape)}: needs (B, H, W, F) with scores' (B, H, W) and F divisible by {heads}"
+        )
+    if stride not in STRIDES:
+        raise ValueError(f"stride={stride}: QnA supports stride 1 or 2")
+
+
+def qna_attention(scores: Tensor, values: Tensor, rpe_bias: Tensor, query_mixing: Tensor, stride: int = 1) -> Tensor:
+    """The fast form of QnA's windowed softmax, without the projections.
+
+    ``scores`` (B, H, W, Nq*h) are the logits ``x . (W_k q_n)`` (channel ``n*h + head``), ``values``
+    (B, H, W, F) head-major, ``rpe_bias`` and ``query_mixing`` (Nq, h, k, k). Returns
+    ``z`` (B, H', W', F) ``= sum_n sum_j w_n(j) softmax_j(s_n(j) + b_n(j)) v_j`` over each zero-padded
+    k x k window (padding outside the softmax), ``H' = qna_output_size(H, k, stride)``.
+    """
+    _check_core_args(scores, values, rpe_bias, query_mixing, stride)
+    scores, values = scores.contiguous(), values.contiguous()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (scores, values, rpe_bias, query_mixing)):
+        return _QnAAttention.apply(scores, values, rpe_bias, query_mixing, stride)
+    num_queries, heads, window, _ = rpe_bias.shape
+    batch, height, width, _ = scores.shape
+    exp_scores = _exp_scores(scores).view(batch, height, width, num_queries, heads)
+    rpe_exp = _kernels(rpe_bias, values.dtype)
+    return _qna_forward(exp_scores, values, rpe_exp, query_mixing, stride, (window - 1) // 2)[0]
+
+
+def qna_attention_reference(
+    scores: Tensor, values: Tensor, rpe_bias: Tensor, query_mixing: Tensor, stride: int = 1
+) -> Tensor:
+    """`qna_attention` computed naively: unfold every k x k window, mask the padding with -inf, softmax.
+
+    Memory grows with k^2; for tests and as the readable definition.
+    """
+    _check_core_args(scores, values, rpe_bias, query_mixing, stride)
+    num_queries, heads, window, _ = rpe_bias.shape
+    batch, height, width, features = values.shape
+    head_dim = features // heads
+    padding = (window - 1) // 2
+    out_h, out_w = qna_output_size(height, window, stride), qna_output_size(width, window, stride)
+
+    def windows(t: Tensor) -> Tensor:  # (B, H, W, C) -> (B, C, k*k, H'*W')
+        cols = F.unfold(t.permute(0, 3, 1, 2), window, padding=padding, stride=stride)
+        return cols.view(t.shape[0], t.shape[-1], window * window, -1)
+
+    taps = window * window
+    inside = windows(scores.new_ones(1, height, width, 1)).view(1, 1, 1, taps, -1) > 0
+    logits = windows(scores).view(batch, num_queries, heads, taps, -1) + rpe_bias.reshape(
+        1, num_queries, heads, taps, 1
+    )
+    attn = torch.softmax(logits.masked_fill(~inside, float("-inf")), dim=3)
+    mixed = (attn * query_mixing.reshape(1, num_queries, heads, taps, 1)).sum(1)  # (B, h, k*k, L)
+    v = windows(values).view(batch, heads, head_dim, taps, -1)
+    z = torch.einsum("bhjl,bhdjl->bhdl", mixed, v)
+    return z.reshape(batch, features, out_h, out_w).permute(0, 2, 3, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _lecun_normal_(weight: Tensor, fan_in: int) -> Tensor:
+    """Flax's default ``lecun_normal``: a normal truncated at +-2 sigma, rescaled to variance 1/fan_in."""
+    # 0.8796... is the std of a standard normal truncated to [-2, 2].
+    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+    return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
+class QnA(nn.Module):
+    """QnA local attention with learned queries, on channels-last input (B, H, W, C_in) -> (B, H', W', F_out).
+
+    Args:
+        in_channels: C_in.
+        features: F, the attention's width; split into ``heads`` heads of ``d = F / heads``.
+        heads: number of heads h.
+        window: odd window size k; windows are zero padded by ``(k - 1) / 2``.
+        stride: 1, or 2 for the downsampling block; ``H' = qna_output_size(H, k, stride)``.
+        num_queries: Nq learned queries, whose attention outputs are summed.
+        out_features: F_out of the output projection (default F).
+        normalize_queries: unit-normalise each query head before scaling by 1/sqrt(d) (the default).
+        bias: biases on the value and output projections.
+        impl: ``"fast"`` (depthwise convolutions, custom backward) or ``"reference"`` (unfolded windows).
+            A plain attribute; switch it at any time, the parameters are shared.
+
+    Attributes:
+        query (Nq, h, d), key_weight (C_in, h, d), value_proj (Linear C_in -> F),
+        rpe_bias (Nq, h, k, k), query_mixing (Nq, h, k, k), out_proj (Linear F -> F_out), impl.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        features: int,
+        heads: int,
+        window: int = 3,
+        stride: int = 1,
+        num_queries: int = 2,
+        out_features: int | None = None,
+        normalize_queries: bool = True,
+        bias: bool = False,
+        impl: Impl = "fast",
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("features", features), ("heads", heads)):
+            if value < 1:
+                raise ValueError(f"{name}={value}: QnA needs a positive integer")
+        if window < 1 or window % 2 == 0:
+            raise ValueError(f"window={window}: QnA needs an odd window (1, 3, 5, ...)")
+        if stride not in STRIDES:
+            raise ValueError(f"stride={stride}: QnA supports stride 1 or 2")
+        if features % heads != 0:
+            raise ValueError(f"heads={heads}: must divide features={features}")
+        if num_queries < 1:
+            raise ValueError(f"num_queries={num_queries}: QnA needs at least 1 query")
+        if out_features is not None and out_features < 1:
+            raise ValueError(f"out_features={out_features}: QnA needs a positive integer (or None for features)")
+        if impl not in IMPLS:
+            raise ValueError(f"impl={impl!r}: QnA's impl is one of {IMPLS}")
+        self.in_channels = in_channels
+        self.features = features
+        self.heads = heads
+        self.head_dim = features // heads
+        self.window = window
+        self.stride = stride
+        self.padding = (window - 1) // 2
+        self.num_queries = num_queries
+        self.out_features = features if out_features is None else out_features
+        self.normalize_queries = normalize_queries
+        self.impl: Impl = impl
+
+        self.query = nn.Parameter(torch.empty(num_queries, heads, self.head_dim))
+        self.key_weight = nn.Parameter(torch.empty(in_channels, heads, self.head_dim))
+        self.value_proj = nn.Linear(in_channels, features, bias=bias)
+        self.rpe_bias = nn.Parameter(torch.empty(num_queries, heads, window, window))
+        self.query_mixing = nn.Parameter(torch.empty(num_queries, heads, window, window))
+        self.out_proj = nn.Linear(features, self.out_features, bias=bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official initialisation (Flax ``FusedKQnA`` defaults)."""
+        query_std = math.sqrt(1.0 / self.head_dim)
+        nn.init.trunc_normal_(self.query, std=query_std, a=-2 * query_std, b=2 * query_std)
+        _lecun_normal_(self.key_weight, fan_in=self.in_channels)
+        _lecun_normal_(self.value_proj.weight, fan_in=self.in_channels)
+        _lecun_normal_(self.out_proj.weight, fan_in=self.features)
+        for linear in (self.value_proj, self.out_proj):
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+        nn.init.zeros_(self.rpe_bias)
+        nn.init.normal_(self.query_mixing, std=0.02)
+
+    def scaled_queries(self) -> Tensor:
+        """``q / (||q|| + 1e-6) / sqrt(d)`` per query and head (without the norm if not normalize_queries)."""
+        q = self.query
+        if self.normalize_queries:
+            q = q / (torch.linalg.vector_norm(q, dim=-1, keepdim=True) + _QUERY_EPS)
+        return q / math.sqrt(self.head_dim)
+
+    def scores(self, x: Tensor) -> Tensor:
+        """Logits ``x . (W_k q_n)`` (B, H, W, Nq*h), channel ``n*h + head``; the keys are never built."""
+        key_query = torch.einsum("chd,nhd->cnh", self.key_weight, self.scaled_queries())
+        return x @ key_query.reshape(self.in_channels, -1).to(x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"x.dim()={x.dim()}: QnA needs a channels-last (B, H, W, C) input")
+        if x.shape[-1] != self.in_channels:
+            raise ValueError(
+                f"x.shape[-1]={x.shape[-1]}: QnA was built for in_channels={self.in_channels} (input is (B, H, W, C))"
+            )
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl={self.impl!r}: QnA's impl is one of {IMPLS}")
+        attend = qna_attention if self.impl == "fast" else qna_attention_reference
+        z = attend(self.scores(x), self.value_proj(x), self.rpe_bias, self.query_mixing, self.stride)
+        return self.out_proj(z)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, features={self.features}, heads={self.heads}, "
+            f"window={self.window}, stride={self.stride}, num_queries={self.num_queries}, "
+            f"out_features={self.out_features}, normalize_queries={self.normalize_queries}, impl={self.impl!r}"
+        )
+
+    @torch.no_grad()
+    def load_official_params(self, params: Mapping[str, Any]) -> None:
+        """Copy the parameters of an official Flax ``FusedKQnA`` into this module.
+
+        ``params`` is that module's parameter dict (nested as Flax gives it, or flattened with '/'
+        keys such as ``"to_v/kernel"``) of numpy or torch arrays. ``Wk_b`` is ignored (it cancels).
+        """
+        flat = _flatten(params)
+        heads, window = self.heads, self.window
+
+        def get(name: str, shape: tuple[int, ...]) -> Tensor:
+            if name not in flat:
+                raise ValueError(f"params: missing official parameter {name!r} (have {sorted(flat)})")
+            t = torch.as_tensor(flat[name])
+            if tuple(t.shape) != shape:
+                raise ValueError(f"params[{name!r}].shape={tuple(t.shape)}: this QnA expects {shape}")
+            return t
+
+        def per_query_head(t: Tensor) -> Tensor:  # (k*k, Nq*h) in HWIO order -> (Nq, h, k, k)
+            return t.reshape(window, window, self.num_queries, heads).permute(2, 3, 0, 1)
+
+        nqh = self.num_queries * heads
+        self.query.copy_(get("query", (self.num_queries, self.features)).reshape(self.query.shape))
+        self.key_weight.copy_(get("Wk", (self.in_channels, self.features)).reshape(self.key_weight.shape))
+        self.rpe_bias.copy_(per_query_head(get("rpe_bias", (window * window, nqh))))
+        self.query_mixing.copy_(per_query_head(get("attn_scale_weights", (1, 1, window * window, nqh))))
+        for ours, theirs, fan_out in ((self.value_proj, "to_v", self.features), (self.out_proj, "to_out", self.out_features)):
+            ours.weight.copy_(get(f"{theirs}/kernel", (ours.in_features, fan_out)).T)
+            if ours.bias is not None:
+                ours.bias.copy_(get(f"{theirs}/bias", (fan_out,)))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{name}/"))
+        else:
+            out[name] = value
+    return out
