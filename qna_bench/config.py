@@ -1,0 +1,67 @@
+"""Structured Hydra configs: the schema every composed config is checked against.
+
+The CLI contract: ``layers``, ``windows``, ``modes`` (a value or a list each; the sweep is their
+product), ``problem.*`` (the fixed part of the problem), ``variants`` (extra problem overrides swept
+as well), ``measure.*`` and ``results_dir``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+# Values are typed Any on purpose: `qna_bench.sweep` validates every one before any work and names
+# the field and the allowed values in one line (exit 2), which Hydra's own conversion errors do not.
+
+
+@dataclass
+class ProblemConfig:
+    batch: Any = 8
+    height: Any = 56
+    width: Any = 56
+    # When set, overrides height and width (a square map): `problem.size=28,56,112` sweeps map size.
+    size: Any = None
+    channels: Any = 128
+    heads: Any = 4
+    stride: Any = 1
+    dilation: Any = 1
+    dtype: Any = "float32"
+    device: Any = "cpu"
+    seed: Any = 0
+
+
+@dataclass
+class MeasureConfig:
+    # 0: all cores torch sees. Recorded in every row.
+    threads: Any = 0
+    min_run_time_s: Any = 0.5
+    # A point whose measurement would take longer stops early with status `timeout`; null: no budget.
+    point_budget_s: Any = 120.0
+    memory: Any = True
+    flops: Any = True
+    # CPU only: the process's address-space cap above its size at the start of the sweep, so a point
+    # that needs more fails as an `oom` row instead of waking the OOM killer. 0: 80% of available memory.
+    memory_cap_gib: Any = 0
+
+
+@dataclass
+class BenchConfig:
+    layers: Any = field(default_factory=lambda: ["qna", "conv_dw", "conv_dense"])
+    windows: Any = field(default_factory=lambda: [3, 7, 11])
+    modes: Any = field(default_factory=lambda: ["forward", "train"])
+    problem: ProblemConfig = field(default_factory=ProblemConfig)
+    variants: Any = field(default_factory=list)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    results_dir: Any = "${hydra:runtime.output_dir}"
+    # Skip points already measured in results_dir's parquet; `resume=false` measures them again.
+    resume: Any = True
+    # With invalid combinations in the sweep: false refuses the whole sweep, true runs the valid points.
+    skip_invalid: Any = False
+    plots: Any = True
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="bench_schema", node=BenchConfig)

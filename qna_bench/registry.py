@@ -1,0 +1,143 @@
+"""The layer registry: name → how to build the layer for a `Problem`, and what it supports.
+
+The CLI validates against it, the runner builds from it, and the correctness tests iterate over it.
+Layers register themselves with `register_layer` when their module is imported; `qna_bench.layers`
+(the QnA entries) and the `baselines` package (the peers) are imported on first lookup.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from qna_bench.problem import DEVICES, DTYPES, MODES, Layout, Problem
+
+LayerFactory = Callable[[Problem], nn.Module]
+FlopFormula = Callable[..., int]
+
+_BUILTIN_MODULES = ("qna_bench.layers", "baselines")
+
+
+class UnsupportedProblem(Exception):
+    """A layer cannot run this problem (a capability gap, not bad input): the point becomes an
+    ``unsupported`` row carrying this message as its reason."""
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What the harness needs to know about one registered layer."""
+
+    name: str
+    factory: LayerFactory
+    family: str
+    implementation: str
+    layout: Layout = "nhwc"
+    modes: tuple[str, ...] = MODES
+    devices: tuple[str, ...] = DEVICES
+    dtypes: tuple[str, ...] = tuple(DTYPES)
+    odd_window: bool = False
+    uses_window: bool = True
+    window_within_map: bool = False
+    description: str = ""
+    # Invalid input beyond the generic checks: messages naming the field and what is allowed.
+    constraints: Callable[[Problem], list[str]] | None = None
+    # A capability gap for this problem (e.g. no backward on CPU): the reason, or None.
+    unsupported: Callable[[Problem], str | None] | None = None
+    # Layer-specific facts worth recording in every row (backend, fused-attention flag, ...).
+    flags: Callable[[nn.Module, Problem], dict[str, Any]] | None = None
+    # FLOP formulas for custom ops that FlopCounterMode cannot see (op overload packet → formula).
+    flop_formulas: Mapping[Any, FlopFormula] = field(default_factory=dict)
+    # Independent closed-form FLOP count, kept as a cross-check of the counter.
+    analytic_flops: Callable[[Problem], int] | None = None
+
+    def input_errors(self, problem: Problem) -> list[str]:
+        """Why this layer cannot be asked for this problem at all (bad input → exit 2)."""
+        errors = []
+        where = f"layer {self.name}"
+        if self.odd_window and self.uses_window and problem.window % 2 == 0:
+            errors.append(f"window={problem.window}: {where} needs an odd window (1, 3, 5, 7, ...)")
+        if self.window_within_map and self.uses_window:
+            reach = problem.dilation * (problem.window - 1) + 1
+            if reach > min(problem.height, problem.width):
+                errors.append(
+                    f"window={problem.window}: {where} needs dilation*(window-1)+1={reach} "
+                    f"<= min(problem.height, problem.width)={min(problem.height, problem.width)}"
+                )
+        if problem.dtype not in self.dtypes:
+            errors.append(f"problem.dtype={problem.dtype}: {where} runs {', '.join(self.dtypes)}")
+        if self.constraints is not None:
+            errors.extend(self.constraints(problem))
+        return errors
+
+    def unsupported_reason(self, problem: Problem) -> str | None:
+        """Why this layer cannot run this (valid) problem here, or None when it can."""
+        if problem.mode not in self.modes:
+            return f"{self.name} has no {problem.mode} mode"
+        if problem.device not in self.devices:
+            return f"{self.name} does not run on {problem.device}"
+        if self.unsupported is not None:
+            return self.unsupported(problem)
+        return None
+
+    def build(self, problem: Problem) -> nn.Module:
+        """The layer for this problem, seeded, on the problem's device and dtype, in train/eval mode."""
+        torch.manual_seed(problem.seed)
+        module = self.factory(problem)
+        module = module.to(device=problem.torch_device, dtype=problem.torch_dtype)
+        module.train(problem.mode == "train")
+        if problem.mode != "train":
+            module.requires_grad_(False)
+        return module
+
+    def layer_flags(self, module: nn.Module, problem: Problem) -> dict[str, Any]:
+        return dict(self.flags(module, problem)) if self.flags is not None else {}
+
+
+_REGISTRY: dict[str, LayerSpec] = {}
+_loaded = False
+
+
+def register_layer(name: str, **spec: Any) -> Callable[[LayerFactory], LayerFactory]:
+    """Decorator: register ``factory(problem) -> nn.Module`` under ``name`` with its `LayerSpec` fields."""
+
+    def decorate(factory: LayerFactory) -> LayerFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"layer {name!r} is registered twice")
+        _REGISTRY[name] = LayerSpec(name=name, factory=factory, **spec)
+        return factory
+
+    return decorate
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in _BUILTIN_MODULES:
+            importlib.import_module(module)
+
+
+def list_layers(family: str | None = None) -> list[str]:
+    _ensure_loaded()
+    return [name for name, spec in _REGISTRY.items() if family is None or spec.family == family]
+
+
+def get_layer(name: str) -> LayerSpec:
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"layers: unknown layer {name!r}; known layers are {', '.join(_REGISTRY)} (or all)") from None
+
+
+def resolve_layers(names: list[str]) -> list[LayerSpec]:
+    """Registry entries for a list of names; ``all`` expands to every registered layer."""
+    _ensure_loaded()
+    if "all" in names:
+        return list(_REGISTRY.values())
+    return [get_layer(name) for name in names]

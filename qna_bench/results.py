@@ -1,0 +1,234 @@
+"""The result row schema and its parquet file: append (locked, atomic), read, merge.
+
+One row per (layer, problem, mode). The pyarrow `SCHEMA` is the single definition of the columns;
+a file whose columns differ is refused rather than overwritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+Status = Literal["ok", "oom", "unsupported", "error", "timeout"]
+STATUSES: tuple[str, ...] = get_args(Status)
+
+RESULTS_FILE = "results.parquet"
+
+PROBLEM_COLUMNS = (
+    "batch", "height", "width", "channels", "heads", "window", "stride", "dilation", "dtype", "device", "mode", "seed",
+)
+# What identifies a measured point: the layer, its problem and the environment that affects timing.
+POINT_KEY_COLUMNS = ("layer", *PROBLEM_COLUMNS, "device_name", "torch_version", "threads")
+
+SCHEMA = pa.schema(
+    [
+        ("point_key", pa.string()),
+        ("run_id", pa.string()),
+        ("timestamp", pa.string()),
+        # layer
+        ("layer", pa.string()),
+        ("family", pa.string()),
+        ("implementation", pa.string()),
+        ("layout", pa.string()),
+        ("uses_window", pa.bool_()),
+        ("layer_flags", pa.string()),
+        # problem
+        ("batch", pa.int64()),
+        ("height", pa.int64()),
+        ("width", pa.int64()),
+        ("channels", pa.int64()),
+        ("heads", pa.int64()),
+        ("window", pa.int64()),
+        ("stride", pa.int64()),
+        ("dilation", pa.int64()),
+        ("dtype", pa.string()),
+        ("device", pa.string()),
+        ("mode", pa.string()),
+        ("seed", pa.int64()),
+        # outcome
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        # latency, seconds per call
+        ("median_s", pa.float64()),
+        ("q25_s", pa.float64()),
+        ("q75_s", pa.float64()),
+        ("min_s", pa.float64()),
+        ("mean_s", pa.float64()),
+        ("n", pa.int64()),
+        ("number_per_run", pa.int64()),
+        ("times_s", pa.list_(pa.float64())),
+        ("threads", pa.int64()),
+        ("first_call_s", pa.float64()),
+        # memory, bytes
+        ("peak_bytes", pa.int64()),
+        ("base_bytes", pa.int64()),
+        ("memory_method", pa.string()),
+        ("memory_note", pa.string()),
+        # work
+        ("flops", pa.int64()),
+        ("flops_method", pa.string()),
+        ("flops_analytic", pa.int64()),
+        ("params", pa.int64()),
+        # environment
+        ("torch_version", pa.string()),
+        ("timm_version", pa.string()),
+        ("natten_version", pa.string()),
+        ("python_version", pa.string()),
+        ("device_name", pa.string()),
+        ("cpu_model", pa.string()),
+        ("hostname", pa.string()),
+        ("git_commit", pa.string()),
+        ("point_seconds", pa.float64()),
+    ]
+)
+COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
+
+_PANDAS_TYPES = {
+    pa.int64(): pd.Int64Dtype(),
+    pa.float64(): pd.Float64Dtype(),
+    pa.bool_(): pd.BooleanDtype(),
+    pa.string(): pd.StringDtype(),
+}
+
+
+class ResultsFileError(Exception):
+    """The results path holds something that is not a qna-bench results parquet."""
+
+
+def point_key(row: dict[str, Any]) -> str:
+    """A stable id of the measured point (see `POINT_KEY_COLUMNS`)."""
+    identity = json.dumps([row.get(c) for c in POINT_KEY_COLUMNS], default=str)
+    return hashlib.sha1(identity.encode()).hexdigest()[:16]
+
+
+def make_row(**values: Any) -> dict[str, Any]:
+    """A complete row: every schema column present (missing ones null), unknown columns refused."""
+    unknown = set(values) - set(COLUMNS)
+    if unknown:
+        raise KeyError(f"not result columns: {sorted(unknown)}")
+    row = {name: values.get(name) for name in COLUMNS}
+    if row["status"] not in STATUSES:
+        raise ValueError(f"status={row['status']!r}: allowed values are {', '.join(STATUSES)}")
+    if isinstance(row["layer_flags"], dict):
+        row["layer_flags"] = json.dumps(row["layer_flags"], sort_keys=True, default=str)
+    row["point_key"] = point_key(row)
+    return row
+
+
+def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=SCHEMA)
+
+
+def read_table(path: str | os.PathLike) -> pa.Table:
+    """The rows at ``path``; refuses a file that is not a results parquet with our columns."""
+    path = Path(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ResultsFileError(f"results path {path}: not a readable parquet file ({exc}); refusing to touch it") from None
+    if table.schema.names != SCHEMA.names:
+        missing = sorted(set(SCHEMA.names) - set(table.schema.names))
+        extra = sorted(set(table.schema.names) - set(SCHEMA.names))
+        raise ResultsFileError(
+            f"results path {path}: not a qna-bench results file (missing columns {missing[:5]}, "
+            f"unknown columns {extra[:5]}); refusing to touch it"
+        )
+    return table.cast(SCHEMA)
+
+
+def read_results(path: str | os.PathLike) -> pd.DataFrame:
+    """A results parquet as a DataFrame with nullable dtypes (ints stay ints when a value is missing)."""
+    return read_table(path).to_pandas(types_mapper=_PANDAS_TYPES.get)
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Refuse early: an existing foreign or corrupt file, or a folder we cannot create or write."""
+    path = Path(path)
+    if path.exists():
+        read_table(path)
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ResultsFileError(f"results_dir={folder}: cannot create it ({exc.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise ResultsFileError(f"results_dir={folder}: not writable")
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            pq.write_table(table, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def append_rows(path: str | os.PathLike, rows: list[dict[str, Any]], replace_points: bool = True) -> None:
+    """Add rows to the parquet at ``path`` under an exclusive lock, atomically.
+
+    With ``replace_points``, an existing row for the same point (same `point_key`) is replaced, so a
+    re-measured point appears once.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = rows_to_table(rows)
+    with _locked(path):
+        if path.exists():
+            old = read_table(path)
+            if replace_points:
+                keys = set(new.column("point_key").to_pylist())
+                old = old.filter(pa.array([k not in keys for k in old.column("point_key").to_pylist()], pa.bool_()))
+            new = pa.concat_tables([old, new])
+        _write_atomic(new, path)
+
+
+def measured_keys(path: str | os.PathLike, statuses: Iterable[str]) -> set[str]:
+    """Point keys already in the file with one of ``statuses`` (for resuming a sweep)."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    table = read_table(path)
+    wanted = set(statuses)
+    return {k for k, s in zip(table.column("point_key").to_pylist(), table.column("status").to_pylist()) if s in wanted}
+
+
+def merge_results(paths: Iterable[str | os.PathLike], out_path: str | os.PathLike) -> pa.Table:
+    """Union of several results files into one (a later file's row wins for the same point)."""
+    tables = [read_table(p) for p in paths]
+    merged = pa.concat_tables(tables) if tables else rows_to_table([])
+    frame = merged.to_pandas(types_mapper=_PANDAS_TYPES.get).drop_duplicates("point_key", keep="last")
+    table = pa.Table.from_pandas(frame, schema=SCHEMA, preserve_index=False)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(out_path):
+        _write_atomic(table, out_path)
+    return table

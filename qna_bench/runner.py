@@ -1,0 +1,260 @@
+"""Runs sweep points: build → warm → memory pass → FLOPs → latency → row. Failures become rows.
+
+`plan_sweep` expands the config's lists into points, `sweep_errors` finds invalid ones before any
+work, `run_point` measures one point and `run_sweep` appends each finished row to the parquet before
+starting the next.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from qna_bench import results
+from qna_bench.environment import Environment, utc_now
+from qna_bench.measure.flops import count_flops
+from qna_bench.measure.latency import LatencyStats, PointTimeout, measure_latency
+from qna_bench.measure.memory import measure_peak_memory
+from qna_bench.measure.params import count_parameters, parameter_bytes
+from qna_bench.problem import Problem
+from qna_bench.progress import Progress
+from qna_bench.registry import LayerSpec, UnsupportedProblem
+
+# Statuses a resumed sweep does not measure again (an `error` is retried).
+FINAL_STATUSES = ("ok", "unsupported", "oom", "timeout")
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    threads: int
+    min_run_time_s: float = 0.5
+    point_budget_s: float | None = 120.0
+    memory: bool = True
+    flops: bool = True
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    layer: LayerSpec
+    problem: Problem
+
+    @property
+    def label(self) -> str:
+        p = self.problem
+        return f"{self.layer.name} k={p.window} {p.mode} {p.batch}x{p.height}x{p.width}x{p.channels}"
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    rows_written: int
+    skipped: int
+    interrupted: bool
+    statuses: dict[str, int] = field(default_factory=dict)
+
+
+def plan_sweep(
+    layers: Sequence[LayerSpec],
+    windows: Sequence[int],
+    modes: Sequence[str],
+    problems: Sequence[Problem],
+) -> list[SweepPoint]:
+    """The product problems × layers × windows × modes, in that nesting order."""
+    return [
+        SweepPoint(layer, problem.replace(window=window, mode=mode))
+        for problem, layer, window, mode in itertools.product(problems, layers, windows, modes)
+    ]
+
+
+def sweep_errors(points: Iterable[SweepPoint]) -> list[str]:
+    """Every distinct reason a point of the sweep is bad input, in first-seen order."""
+    seen: dict[str, None] = {}
+    for point in points:
+        errors = point.problem.errors()
+        if not any("must be a positive integer" in e for e in errors):
+            errors += point.layer.input_errors(point.problem)
+        for message in errors:
+            seen.setdefault(message, None)
+    return list(seen)
+
+
+def point_is_valid(point: SweepPoint) -> bool:
+    return not point.problem.errors() and not point.layer.input_errors(point.problem)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower() or "DefaultCPUAllocator" in text
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:400] if lines else ''}".rstrip(": ")
+
+
+def base_row(point: SweepPoint, env: Environment, settings: MeasureSettings, run_id: str) -> dict[str, Any]:
+    """The row's identity: layer, problem and environment, before anything is measured."""
+    layer = point.layer
+    row = dict(
+        run_id=run_id,
+        timestamp=utc_now(),
+        layer=layer.name,
+        family=layer.family,
+        implementation=layer.implementation,
+        layout=layer.layout,
+        uses_window=layer.uses_window,
+        threads=settings.threads,
+        **point.problem.as_dict(),
+        **env.as_dict(),
+    )
+    row["point_key"] = results.point_key(row)
+    return row
+
+
+def _make_step(module: torch.nn.Module, x: torch.Tensor, problem: Problem) -> tuple[Callable[[], object], int, float]:
+    """The callable to measure, the bytes it starts from, and its first (warm-up, compiling) call's seconds."""
+    if problem.mode == "train":
+        params = [p for p in module.parameters() if p.requires_grad]
+        start = time.perf_counter()
+        out = module(x)
+        grad_out = problem.make_output_grad(out)
+        out.backward(grad_out)
+        first_call_s = time.perf_counter() - start
+        del out
+
+        def train_step() -> None:
+            x.grad = None
+            for p in params:
+                p.grad = None
+            module(x).backward(grad_out)
+
+        base = x.nbytes + grad_out.nbytes + parameter_bytes(module)
+        return train_step, base, first_call_s
+
+    def forward_step() -> None:
+        with torch.inference_mode():
+            module(x)
+
+    start = time.perf_counter()
+    forward_step()
+    first_call_s = time.perf_counter() - start
+    return forward_step, x.nbytes + parameter_bytes(module), first_call_s
+
+
+def run_point(point: SweepPoint, settings: MeasureSettings, env: Environment, run_id: str) -> dict[str, Any]:
+    """Measure one point; whatever goes wrong becomes the row's status and reason."""
+    layer, problem = point.layer, point.problem
+    row = base_row(point, env, settings, run_id)
+    started = time.perf_counter()
+    reason = layer.unsupported_reason(problem)
+    if reason is not None:
+        return results.make_row(**row, status="unsupported", reason=reason, point_seconds=0.0)
+    module = x = step = None
+    try:
+        torch.set_num_threads(settings.threads)
+        module = layer.build(problem)
+        row["params"] = count_parameters(module)
+        if layer.analytic_flops is not None:
+            row["flops_analytic"] = int(layer.analytic_flops(problem))
+        x = problem.make_input(layer.layout)
+        step, row["base_bytes"], row["first_call_s"] = _make_step(module, x, problem)
+        row["layer_flags"] = layer.layer_flags(module, problem)
+        if settings.memory:
+            memory = measure_peak_memory(step, problem.torch_device, row["base_bytes"])
+            row.update(peak_bytes=memory.peak_bytes, memory_method=memory.method, memory_note=memory.note)
+        if settings.flops:
+            flops = count_flops(step, layer.flop_formulas)
+            row.update(flops=flops.flops, flops_method=flops.method)
+            if flops.note:
+                row["reason"] = flops.note
+        stats = measure_latency(
+            step,
+            threads=settings.threads,
+            min_run_time_s=settings.min_run_time_s,
+            budget_s=settings.point_budget_s,
+            label=point.label,
+        )
+        row.update(_latency_columns(stats), status="ok")
+    except PointTimeout as exc:
+        row.update(_latency_columns(exc.partial), status="timeout", reason=str(exc))
+    except UnsupportedProblem as exc:
+        row.update(status="unsupported", reason=str(exc))
+    except Exception as exc:  # noqa: BLE001 - a sweep outlives any layer's failure
+        row.update(status="oom" if is_out_of_memory(exc) else "error", reason=_one_line(exc))
+    finally:
+        del module, x, step
+        gc.collect()
+        if problem.device == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    row["point_seconds"] = time.perf_counter() - started
+    return results.make_row(**row)
+
+
+def _latency_columns(stats: LatencyStats) -> dict[str, Any]:
+    return dict(
+        median_s=stats.median_s,
+        q25_s=stats.q25_s,
+        q75_s=stats.q75_s,
+        min_s=stats.min_s,
+        mean_s=stats.mean_s,
+        n=stats.n,
+        number_per_run=stats.number_per_run,
+        times_s=list(stats.times_s),
+    )
+
+
+def run_sweep(
+    points: Sequence[SweepPoint],
+    results_path: Path,
+    settings: MeasureSettings,
+    env: Environment,
+    *,
+    resume: bool = True,
+    stream: TextIO = sys.stderr,
+) -> SweepOutcome:
+    """Measure every point, appending each row to ``results_path`` as soon as it is done.
+
+    With ``resume``, points already in the file with a final status are skipped. Ctrl-C stops after
+    the rows written so far, which stay on disk.
+    """
+    run_id = uuid.uuid4().hex[:12]
+    done = results.measured_keys(results_path, FINAL_STATUSES) if resume else set()
+    todo = [p for p in points if base_row(p, env, settings, run_id)["point_key"] not in done]
+    skipped = len(points) - len(todo)
+    if skipped:
+        print(f"resume: {skipped} of {len(points)} points already in {results_path}; measuring {len(todo)}", file=stream)
+    progress = Progress(len(todo), stream=stream)
+    statuses: dict[str, int] = {}
+    written = 0
+    try:
+        for point in todo:
+            progress.start(point.label)
+            row = run_point(point, settings, env, run_id)
+            results.append_rows(results_path, [row])
+            written += 1
+            statuses[row["status"]] = statuses.get(row["status"], 0) + 1
+            progress.finish(_summary(row))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {written} of {len(todo)} points written to {results_path}", file=stream)
+        return SweepOutcome(written, skipped, True, statuses)
+    return SweepOutcome(written, skipped, False, statuses)
+
+
+def _summary(row: dict[str, Any]) -> str:
+    if row["status"] != "ok":
+        return f"{row['status']}: {row['reason']}"
+    peak = row["peak_bytes"]
+    memory = f"{peak / 2**20:.1f} MiB" if peak is not None else "memory n/a"
+    return f"{row['median_s'] * 1e3:.2f} ms, {memory}"

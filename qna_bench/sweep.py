@@ -1,0 +1,201 @@
+"""From a composed config to a results folder: validate everything first, then measure and plot.
+
+Bad input is refused before any measurement with one line per problem and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from qna_bench import results
+from qna_bench.environment import read_environment
+from qna_bench.memcap import address_space_cap
+from qna_bench.problem import MODES, Problem
+from qna_bench.registry import LayerSpec, list_layers, resolve_layers
+from qna_bench.runner import MeasureSettings, SweepOutcome, SweepPoint, plan_sweep, point_is_valid, run_sweep, sweep_errors
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+PROBLEM_FIELDS = ("batch", "height", "width", "channels", "heads", "stride", "dilation", "dtype", "device", "seed")
+
+
+class BadInput(Exception):
+    """Input refused before any work; each entry of ``messages`` is one line naming field and allowed values."""
+
+    def __init__(self, messages: Sequence[str]):
+        super().__init__("\n".join(messages))
+        self.messages = list(messages)
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    points: list[SweepPoint]
+    skipped_invalid: list[str]
+    settings: MeasureSettings
+    results_path: Path
+    resume: bool
+    memory_cap_bytes: int | None
+    plots: bool
+
+
+def _as_list(value: Any, field_name: str) -> list[Any]:
+    if isinstance(value, (ListConfig, list, tuple)):
+        items = list(value)
+    elif value is None or isinstance(value, (DictConfig, dict)):
+        raise BadInput([f"{field_name}={value!r}: must be a value or a list of values, e.g. {field_name}=[a,b]"])
+    else:
+        items = [value]
+    if not items:
+        raise BadInput([f"{field_name}=[]: the list is empty"])
+    return items
+
+
+def _positive_ints(value: Any, field_name: str) -> list[int]:
+    items = _as_list(value, field_name)
+    bad = [v for v in items if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    if bad:
+        raise BadInput([f"{field_name}={bad[0]!r}: must be a positive integer or a list of them, e.g. {field_name}=[3,5,7]"])
+    return items
+
+
+def _layer_specs(value: Any) -> list[LayerSpec]:
+    names = _as_list(value, "layers")
+    unknown = [n for n in names if n != "all" and (not isinstance(n, str) or n not in list_layers())]
+    if unknown:
+        raise BadInput(
+            [f"layers={unknown[0]!r}: unknown layer; known layers are {', '.join(list_layers())} (or all)"]
+        )
+    return resolve_layers(names)
+
+
+def _modes(value: Any) -> list[str]:
+    modes = _as_list(value, "modes")
+    for mode in modes:
+        if mode not in MODES:
+            raise BadInput([f"modes={mode!r}: allowed values are {', '.join(MODES)}"])
+    return modes
+
+
+def _problems(cfg: DictConfig) -> list[Problem]:
+    base = OmegaConf.to_container(cfg.problem, resolve=True)
+    overrides = OmegaConf.to_container(cfg.variants, resolve=True) or [{}]
+    problems = []
+    for override in overrides:
+        if not isinstance(override, dict):
+            raise BadInput([f"variants: each entry must be a mapping of problem fields, got {override!r}"])
+        fields = {**base, **override}
+        unknown = sorted(set(fields) - set(PROBLEM_FIELDS) - {"size"})
+        if unknown:
+            raise BadInput([f"variants: unknown problem field {unknown[0]!r}; fields are {', '.join(PROBLEM_FIELDS)}, size"])
+        size = fields.pop("size", None)
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise BadInput([f"problem.size={size!r}: must be a positive integer (sets height and width)"])
+            fields["height"] = fields["width"] = size
+        problems.append(Problem(**fields))
+    return problems
+
+
+def _number(value: Any, field_name: str, *, allow_zero: bool = False, allow_null: bool = False) -> float | None:
+    if value is None and allow_null:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+        allowed = "a positive number" + (" or 0" if allow_zero else "") + (" or null" if allow_null else "")
+        raise BadInput([f"{field_name}={value!r}: must be {allowed}"])
+    return value
+
+
+def _flag(value: Any, field_name: str) -> bool:
+    if not isinstance(value, bool):
+        raise BadInput([f"{field_name}={value!r}: allowed values are true, false"])
+    return value
+
+
+def _settings(cfg: DictConfig) -> tuple[MeasureSettings, int | None]:
+    measure = cfg.measure
+    threads = _number(measure.threads, "measure.threads", allow_zero=True)
+    if threads != int(threads):
+        raise BadInput([f"measure.threads={threads!r}: must be 0 (all cores) or a positive integer"])
+    budget = _number(measure.point_budget_s, "measure.point_budget_s", allow_null=True)
+    cap_gib = _number(measure.memory_cap_gib, "measure.memory_cap_gib", allow_zero=True)
+    settings = MeasureSettings(
+        threads=int(threads) or torch.get_num_threads(),
+        min_run_time_s=float(_number(measure.min_run_time_s, "measure.min_run_time_s")),
+        point_budget_s=float(budget) if budget is not None else None,
+        memory=_flag(measure.memory, "measure.memory"),
+        flops=_flag(measure.flops, "measure.flops"),
+    )
+    return settings, int(cap_gib * 2**30) if cap_gib else None
+
+
+def plan_from_config(cfg: DictConfig) -> SweepPlan:
+    """Everything the sweep will do, checked; raises `BadInput` listing every problem found."""
+    layers = _layer_specs(cfg.layers)
+    windows = _positive_ints(cfg.windows, "windows")
+    modes = _modes(cfg.modes)
+    problems = _problems(cfg)
+    settings, cap = _settings(cfg)
+    resume = _flag(cfg.resume, "resume")
+    skip_invalid = _flag(cfg.skip_invalid, "skip_invalid")
+    plots = _flag(cfg.plots, "plots")
+    points = plan_sweep(layers, windows, modes, problems)
+    errors = sweep_errors(points)
+    skipped: list[str] = []
+    if errors:
+        if not skip_invalid:
+            raise BadInput(errors)
+        skipped = errors
+        points = [p for p in points if point_is_valid(p)]
+        if not points:
+            raise BadInput([*errors, "skip_invalid=true: no valid point is left to run"])
+    if not isinstance(cfg.results_dir, str) or not cfg.results_dir:
+        raise BadInput([f"results_dir={cfg.results_dir!r}: must be a folder path"])
+    results_path = Path(cfg.results_dir) / results.RESULTS_FILE
+    try:
+        results.check_writable(results_path)
+    except results.ResultsFileError as exc:
+        raise BadInput([str(exc)]) from None
+    return SweepPlan(points, skipped, settings, results_path, resume, cap, plots)
+
+
+def execute(plan: SweepPlan) -> SweepOutcome:
+    for message in plan.skipped_invalid:
+        print(f"skipped (skip_invalid=true): {message}", file=sys.stderr)
+    env = read_environment(plan.points[0].problem.device)
+    uses_cpu = any(p.problem.device == "cpu" for p in plan.points)
+    with address_space_cap(plan.memory_cap_bytes, enabled=uses_cpu) as cap:
+        if cap is not None:
+            print(f"memory cap: {cap / 2**30:.1f} GiB above the process's start (points beyond it become oom rows)", file=sys.stderr)
+        outcome = run_sweep(plan.points, plan.results_path, plan.settings, env, resume=plan.resume)
+    print(f"results: {plan.results_path} ({outcome.rows_written} rows written; {outcome.statuses})", file=sys.stderr)
+    if plan.plots and plan.results_path.exists():
+        from qna_bench.plots import draw_figures
+
+        for figure in draw_figures(plan.results_path):
+            print(f"figure: {figure}", file=sys.stderr)
+    return outcome
+
+
+def run_from_config(cfg: DictConfig) -> SweepOutcome:
+    """The CLI's whole job; exits 2 on bad input and 130 when interrupted."""
+    try:
+        plan = plan_from_config(cfg)
+    except BadInput as exc:
+        for message in exc.messages:
+            print(f"error: {message}", file=sys.stderr)
+        if len(exc.messages) > 1:
+            print(f"error: {len(exc.messages)} problems; nothing was measured", file=sys.stderr)
+        sys.stdout.flush()
+        sys.exit(EXIT_BAD_INPUT)
+    outcome = execute(plan)
+    if outcome.interrupted:
+        sys.exit(EXIT_INTERRUPTED)
+    return outcome
+

@@ -1,0 +1,29 @@
+"""Hydra entry point: compose the config and hand it to the sweep. See README.md for the CLI."""
+
+import sys
+
+import hydra
+
+from qna_bench.config import register_configs
+from qna_bench.sweep import EXIT_BAD_INPUT, run_from_config
+
+register_configs()
+_composed = False
+
+
+@hydra.main(version_base=None, config_path="configs", config_name="config")
+def main(cfg) -> None:
+    global _composed
+    _composed = True
+    run_from_config(cfg)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except SystemExit as exit_:
+        # Hydra exits 1 after printing why an override could not be composed (unknown key, bad syntax):
+        # that is bad input too.
+        if exit_.code == 1 and not _composed:
+            sys.exit(EXIT_BAD_INPUT)
+        raise
