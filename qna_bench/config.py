@@ -12,7 +12,6 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-
 # Values are typed Any on purpose: `qna_bench.sweep` validates every one before any work and names
 # the field and the allowed values in one line (exit 2), which Hydra's own conversion errors do not.
 

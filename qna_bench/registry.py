@@ -141,3 +141,20 @@ def resolve_layers(names: list[str]) -> list[LayerSpec]:
     if "all" in names:
         return list(_REGISTRY.values())
     return [get_layer(name) for name in names]
+
+
+def describe_layers() -> str:
+    """One line per registered layer: name, family, layout, modes, implementation."""
+    _ensure_loaded()
+    width = max(len(name) for name in _REGISTRY)
+    return "\n".join(
+        f"{spec.name:<{width}}  {spec.family:<10} {spec.layout}  {'/'.join(spec.modes):<13} {spec.implementation}"
+        for spec in _REGISTRY.values()
+    )
+
+
+if __name__ == "__main__":
+    # Run as a script this file is `__main__`; the layers register into the imported module.
+    from qna_bench.registry import describe_layers as describe_registered
+
+    print(describe_registered())

@@ -78,9 +78,7 @@ def sweep_errors(points: Iterable[SweepPoint]) -> list[str]:
     """Every distinct reason a point of the sweep is bad input, in first-seen order."""
     seen: dict[str, None] = {}
     for point in points:
-        errors = point.problem.errors()
-        if not any("must be a positive integer" in e for e in errors):
-            errors += point.layer.input_errors(point.problem)
+        errors = point.problem.errors() or point.layer.input_errors(point.problem)
         for message in errors:
             seen.setdefault(message, None)
     return list(seen)

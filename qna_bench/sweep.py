@@ -19,7 +19,15 @@ from qna_bench.environment import read_environment
 from qna_bench.memcap import address_space_cap
 from qna_bench.problem import MODES, Problem
 from qna_bench.registry import LayerSpec, list_layers, resolve_layers
-from qna_bench.runner import MeasureSettings, SweepOutcome, SweepPoint, plan_sweep, point_is_valid, run_sweep, sweep_errors
+from qna_bench.runner import (
+    MeasureSettings,
+    SweepOutcome,
+    SweepPoint,
+    plan_sweep,
+    point_is_valid,
+    run_sweep,
+    sweep_errors,
+)
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -137,14 +145,26 @@ def _settings(cfg: DictConfig) -> tuple[MeasureSettings, int | None]:
 
 def plan_from_config(cfg: DictConfig) -> SweepPlan:
     """Everything the sweep will do, checked; raises `BadInput` listing every problem found."""
-    layers = _layer_specs(cfg.layers)
-    windows = _positive_ints(cfg.windows, "windows")
-    modes = _modes(cfg.modes)
-    problems = _problems(cfg)
-    settings, cap = _settings(cfg)
-    resume = _flag(cfg.resume, "resume")
-    skip_invalid = _flag(cfg.skip_invalid, "skip_invalid")
-    plots = _flag(cfg.plots, "plots")
+    messages: list[str] = []
+
+    def checked(parse, *args):
+        try:
+            return parse(*args)
+        except BadInput as exc:
+            messages.extend(exc.messages)
+            return None
+
+    layers = checked(_layer_specs, cfg.layers)
+    windows = checked(_positive_ints, cfg.windows, "windows")
+    modes = checked(_modes, cfg.modes)
+    problems = checked(_problems, cfg)
+    settings_and_cap = checked(_settings, cfg)
+    resume = checked(_flag, cfg.resume, "resume")
+    skip_invalid = checked(_flag, cfg.skip_invalid, "skip_invalid")
+    plots = checked(_flag, cfg.plots, "plots")
+    if messages:
+        raise BadInput(messages)
+    settings, cap = settings_and_cap
     points = plan_sweep(layers, windows, modes, problems)
     errors = sweep_errors(points)
     skipped: list[str] = []
@@ -191,7 +211,7 @@ def run_from_config(cfg: DictConfig) -> SweepOutcome:
         for message in exc.messages:
             print(f"error: {message}", file=sys.stderr)
         if len(exc.messages) > 1:
-            print(f"error: {len(exc.messages)} problems; nothing was measured", file=sys.stderr)
+            print(f"{len(exc.messages)} problems; nothing was measured", file=sys.stderr)
         sys.stdout.flush()
         sys.exit(EXIT_BAD_INPUT)
     outcome = execute(plan)

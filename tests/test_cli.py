@@ -1,0 +1,114 @@
+"""The real CLI in a subprocess: a tiny sweep end to end, and bad input refused before any work."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qna_bench import results
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = ["problem=tiny", "measure.min_run_time_s=0.01"]
+
+
+def run_cli(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "run_bench.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_a_tiny_sweep_writes_every_row_and_its_figures(tmp_path):
+    done = run_cli("layers=[conv_dw,conv_dense]", "windows=[3,5]", *FAST, f"results_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr
+    frame = results.read_results(tmp_path / results.RESULTS_FILE)
+    assert len(frame) == 8
+    assert set(frame["status"]) == {"ok"}
+    assert set(zip(frame["layer"], frame["window"], frame["mode"])) == {
+        (layer, k, mode) for layer in ("conv_dw", "conv_dense") for k in (3, 5) for mode in ("forward", "train")
+    }
+    assert (frame["median_s"] > 0).all() and (frame["peak_bytes"] > 0).all() and (frame["flops"] > 0).all()
+    assert (frame["flops"] == frame["flops_analytic"]).all()
+    assert frame["threads"].notna().all() and frame["git_commit"].notna().all()
+    for figure in ("latency.png", "memory.png"):
+        assert (tmp_path / figure).stat().st_size > 10_000
+    assert "[8/8]" in done.stderr and "ETA" in done.stderr
+
+
+def test_rerunning_a_sweep_measures_nothing_new_and_resume_false_remeasures(tmp_path):
+    args = ("layers=conv_dw", "windows=3", "modes=forward", *FAST, f"results_dir={tmp_path}", "plots=false")
+    assert run_cli(*args).returncode == 0
+    first = results.read_results(tmp_path / results.RESULTS_FILE)
+    again = run_cli(*args)
+    assert again.returncode == 0 and "1 of 1 points already" in again.stderr
+    assert results.read_results(tmp_path / results.RESULTS_FILE).equals(first)
+    forced = run_cli(*args, "resume=false")
+    assert forced.returncode == 0
+    remeasured = results.read_results(tmp_path / results.RESULTS_FILE)
+    assert len(remeasured) == 1 and remeasured.loc[0, "run_id"] != first.loc[0, "run_id"]
+
+
+BAD_INPUTS = [
+    (["layers=nope"], "layers='nope': unknown layer; known layers are"),
+    (["layers=[conv_dw,42]"], "layers=42: unknown layer"),
+    (["layers=[]"], "layers=[]: the list is empty"),
+    (["windows=[3,x]"], "windows='x': must be a positive integer"),
+    (["windows=0"], "windows=0: must be a positive integer"),
+    (["layers=conv_dw", "windows=4"], "window=4: layer conv_dw needs an odd window"),
+    (["modes=backward"], "modes='backward': allowed values are forward, train"),
+    (["problem.batch=0"], "problem.batch=0: must be a positive integer"),
+    (["problem.height=-3"], "problem.height=-3: must be a positive integer"),
+    (["problem.channels=abc"], "problem.channels='abc': must be a positive integer"),
+    (["problem.heads=5"], "problem.heads=5: must divide problem.channels=128"),
+    (["problem.dtype=float8"], "problem.dtype='float8': allowed values are float32, float64, float16, bfloat16"),
+    (["problem.device=tpu"], "problem.device='tpu': allowed values are cpu, cuda"),
+    (["problem.size=big"], "problem.size='big': must be a positive integer"),
+    (["measure.point_budget_s=-1"], "measure.point_budget_s=-1: must be a positive number or null"),
+    (["measure.threads=1.5"], "measure.threads=1.5: must be 0 (all cores) or a positive integer"),
+    (["resume=maybe"], "resume='maybe': allowed values are true, false"),
+    (["results_dir=/proc/forbidden/place"], "results_dir=/proc/forbidden/place: cannot create it"),
+]
+if not __import__("torch").cuda.is_available():
+    BAD_INPUTS.append((["problem.device=cuda"], "problem.device='cuda': no CUDA device is available"))
+
+
+@pytest.mark.parametrize("overrides,message", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line_before_any_work(tmp_path, overrides, message):
+    results_dir = [] if any(o.startswith("results_dir=") for o in overrides) else [f"results_dir={tmp_path / 'out'}"]
+    done = run_cli(*overrides, *results_dir, cwd=tmp_path)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], done.stderr[-2000:]
+    assert "[1/" not in done.stderr
+    assert not (tmp_path / "out" / results.RESULTS_FILE).exists()
+
+
+def test_every_invalid_combination_is_reported_at_once_and_skip_invalid_runs_the_rest(tmp_path):
+    args = ("layers=[conv_dw,conv_dense]", "windows=[2,3,4]", "modes=forward", *FAST, f"results_dir={tmp_path}", "plots=false")
+    refused = run_cli(*args)
+    assert refused.returncode == 2
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert sum("needs an odd window" in e for e in errors) == 4  # k=2 and k=4 for both layers
+    assert not (tmp_path / results.RESULTS_FILE).exists()
+    done = run_cli(*args, "skip_invalid=true")
+    assert done.returncode == 0, done.stderr
+    frame = results.read_results(tmp_path / results.RESULTS_FILE)
+    assert sorted(frame["window"]) == [3, 3]
+
+
+def test_a_foreign_parquet_at_the_results_path_is_refused_and_kept(tmp_path):
+    target = tmp_path / results.RESULTS_FILE
+    target.write_bytes(b"PAR1 definitely not ours")
+    done = run_cli("layers=conv_dw", "windows=3", *FAST, f"results_dir={tmp_path}")
+    assert done.returncode == 2
+    assert "refusing to touch it" in done.stderr
+    assert target.read_bytes() == b"PAR1 definitely not ours"
+
+
+def test_unknown_config_keys_are_bad_input_too(tmp_path):
+    done = run_cli("problem.colour=blue", f"results_dir={tmp_path}")
+    assert done.returncode == 2

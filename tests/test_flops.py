@@ -1,0 +1,31 @@
+"""FlopCounterMode totals against closed-form counts for the convolutions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qna_bench.measure.flops import count_flops
+from qna_bench.registry import get_layer
+from qna_bench.runner import _make_step
+
+
+@pytest.mark.parametrize("name", ["conv_dense", "conv_dw"])
+@pytest.mark.parametrize("mode", ["forward", "train"])
+@pytest.mark.parametrize("window,stride", [(3, 1), (5, 2)])
+def test_counter_matches_analytic_convolution_flops(tiny_problem, name, mode, window, stride):
+    spec = get_layer(name)
+    problem = tiny_problem.replace(window=window, stride=stride, mode=mode)
+    module = spec.build(problem)
+    x = problem.make_input(spec.layout)
+    step, _, _ = _make_step(module, x, problem)
+    assert count_flops(step).flops == spec.analytic_flops(problem)
+
+
+def test_a_layer_formula_counts_an_op_the_counter_does_not_know():
+    def flops_of_add(*args, **kwargs) -> int:
+        return 7
+
+    result = count_flops(lambda: torch.ones(3) + torch.ones(3), {torch.ops.aten.add: flops_of_add})
+    assert result.flops == 7
+    assert result.method == "flop_counter+layer_formulas"

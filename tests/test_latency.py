@@ -1,0 +1,43 @@
+"""Latency statistics come from the raw replicates that torch.utils.benchmark produced."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import pytest
+
+from qna_bench.measure.latency import LatencyStats, PointTimeout, measure_latency
+
+
+def test_statistics_are_computed_from_the_raw_samples():
+    samples = [0.5, 0.1, 0.4, 0.2, 0.3, 0.9]
+    stats = LatencyStats.from_times(samples)
+    assert stats.times_s == tuple(samples)
+    assert stats.median_s == pytest.approx(statistics.median(samples))
+    assert stats.q25_s == pytest.approx(np.quantile(samples, 0.25))
+    assert stats.q75_s == pytest.approx(np.quantile(samples, 0.75))
+    assert stats.min_s == 0.1
+    assert stats.mean_s == pytest.approx(sum(samples) / 6)
+    assert stats.n == 6
+
+
+def test_no_samples_is_an_error():
+    with pytest.raises(ValueError, match="times_s"):
+        LatencyStats.from_times([])
+
+
+def test_measure_latency_keeps_every_replicate():
+    stats = measure_latency(lambda: sum(range(1000)), threads=1, min_run_time_s=0.05)
+    assert stats.n == len(stats.times_s) >= 1
+    assert stats.median_s == pytest.approx(float(np.median(stats.times_s)))
+    assert stats.number_per_run >= 1
+
+
+def test_a_point_over_its_budget_stops_with_what_it_measured():
+    with pytest.raises(PointTimeout) as caught:
+        measure_latency(lambda: time.sleep(0.2), threads=1, min_run_time_s=1.0, budget_s=0.5)
+    assert caught.value.partial.n == 1
+    assert caught.value.partial.median_s >= 0.2
+    assert "budget" in str(caught.value)

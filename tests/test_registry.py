@@ -1,0 +1,68 @@
+"""Every registered layer × both modes on a tiny problem: the right output, or an honest row."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qna_bench.environment import read_environment
+from qna_bench.problem import Problem
+from qna_bench.registry import get_layer, list_layers
+from qna_bench.runner import MeasureSettings, SweepPoint, run_point
+
+TINY = Problem(batch=2, height=10, width=9, channels=8, heads=2, window=3)
+SETTINGS = MeasureSettings(threads=1, min_run_time_s=0.01, point_budget_s=60.0)
+ENV = read_environment("cpu")
+
+
+def _output_shape(problem: Problem, layout: str) -> tuple[int, ...]:
+    out_h, out_w = problem.output_hw
+    if layout == "nhwc":
+        return (problem.batch, out_h, out_w, problem.channels)
+    return (problem.batch, problem.channels, out_h, out_w)
+
+
+@pytest.mark.parametrize("name", list_layers())
+def test_forward_gives_the_problem_shape_and_finite_values(name):
+    spec = get_layer(name)
+    problem = TINY.replace(mode="forward")
+    if spec.unsupported_reason(problem) is not None:
+        pytest.skip(spec.unsupported_reason(problem))
+    module = spec.build(problem)
+    with torch.inference_mode():
+        out = module(problem.make_input(spec.layout))
+    assert tuple(out.shape) == _output_shape(problem, spec.layout)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("mode", ["forward", "train"])
+@pytest.mark.parametrize("name", list_layers())
+def test_every_layer_and_mode_gives_a_full_row_or_an_honest_status(name, mode):
+    spec = get_layer(name)
+    problem = TINY.replace(mode=mode)
+    assert not spec.input_errors(problem)
+    row = run_point(SweepPoint(spec, problem), SETTINGS, ENV, run_id="test")
+    assert row["status"] in ("ok", "unsupported"), row["reason"]
+    assert row["layer"] == name and row["mode"] == mode and row["window"] == 3
+    if row["status"] == "unsupported":
+        assert row["reason"]
+        assert row["median_s"] is None and row["peak_bytes"] is None
+        return
+    assert row["median_s"] > 0 and row["n"] >= 1 and len(row["times_s"]) == row["n"]
+    assert row["params"] > 0
+    assert row["base_bytes"] >= problem.input_bytes()
+    if row["memory_method"] == "unavailable":
+        assert row["peak_bytes"] is None and row["memory_note"]
+    else:
+        assert row["peak_bytes"] > 0
+    assert row["flops"] is None or row["flops"] >= 0
+    if row["flops_analytic"] is not None and row["flops"]:
+        assert math.isclose(row["flops"], row["flops_analytic"], rel_tol=0.5), (row["flops"], row["flops_analytic"])
+
+
+def test_train_mode_unsupported_layers_say_why():
+    for name in list_layers():
+        reason = get_layer(name).unsupported_reason(TINY.replace(mode="train"))
+        assert reason is None or len(reason) > 10
