@@ -1,0 +1,432 @@
+"""Tests of the QnA layer: fast form against the reference form and the official algorithm, gradients,
+argument checks, output sizes, both kernel-gradient paths, torch.compile and CUDA half precision."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import qna_bench.qna as qna_module
+from qna_bench.qna import QnA, qna_attention, qna_attention_reference, qna_output_size
+
+PARAM_NAMES = ("query", "key_weight", "value_proj.weight", "rpe_bias", "query_mixing", "out_proj.weight")
+
+
+@pytest.fixture(params=["direct", "fft"])
+def weight_grad_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Force every kernel gradient through one path and check that path ran."""
+    calls = {"fft": 0}
+    original = qna_module._depthwise_weight_grad_fft
+
+    def counting(*args: object) -> torch.Tensor:
+        calls["fft"] += 1
+        return original(*args)
+
+    threshold = 1 if request.param == "fft" else 1 << 30
+    monkeypatch.setattr(qna_module, "FFT_WEIGHT_GRAD_MIN_WINDOW", {1: threshold, 2: threshold})
+    monkeypatch.setattr(qna_module, "_depthwise_weight_grad_fft", counting)
+    yield request.param
+    assert (calls["fft"] > 0) == (request.param == "fft")
+
+
+def make_qna(dtype: torch.dtype = torch.float64, seed: int = 0, **kwargs: object) -> QnA:
+    """A QnA with non-trivial bias and mixing weights (their zero / tiny initial values hide bugs)."""
+    torch.manual_seed(seed)
+    module = QnA(**kwargs).to(dtype)
+    with torch.no_grad():
+        module.rpe_bias.normal_(0.0, 0.5)
+        module.query_mixing.normal_(0.0, 1.0)
+    return module
+
+
+def run_with_grads(module: QnA, x: torch.Tensor, impl: str, grad_out: torch.Tensor | None = None):
+    """Output, and the gradients of <output, grad_out> w.r.t. x and every parameter."""
+    module.impl = impl
+    x = x.detach().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    out = module(x)
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    out.backward(grad_out)
+    grads = {"x": x.grad}
+    grads.update({name: p.grad for name, p in module.named_parameters()})
+    return out.detach(), grads
+
+
+def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
+    # the floor handles gradients that vanish exactly (query and key at window 1)
+    scale = expected.abs().max().clamp_min(1e-3)
+    err = (actual - expected).abs().max() / scale
+    assert torch.isfinite(actual).all(), f"{what}: not finite"
+    assert err <= rtol, f"{what}: max error {err:.2e} relative to scale {scale:.2e} (allowed {rtol:.0e})"
+
+
+def compare_forms(module: QnA, x: torch.Tensor, rtol: float) -> None:
+    out_ref, grads_ref = run_with_grads(module, x, "reference")
+    out_fast, grads_fast = run_with_grads(module, x, "fast")
+    assert_close_to_scale(out_fast, out_ref, rtol, "output")
+    for name, g in grads_ref.items():
+        assert_close_to_scale(grads_fast[name], g, rtol, f"grad {name}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fast form == reference form
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+@pytest.mark.parametrize("num_queries", [1, 2, 4])
+@pytest.mark.parametrize("window", [1, 3, 5, 7, 11])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_fast_matches_reference_fp64(stride: int, window: int, num_queries: int, heads: int) -> None:
+    module = make_qna(in_channels=6, features=8, heads=heads, window=window, stride=stride, num_queries=num_queries)
+    x = torch.randn(2, 9, 7, 6, dtype=torch.float64)
+    compare_forms(module, x, rtol=1e-10)
+
+
+@pytest.mark.parametrize("window", [3, 7, 11])
+@pytest.mark.parametrize(("stride", "size"), [(1, (56, 56)), (2, (56, 56)), (1, (57, 50)), (2, (57, 53))])
+def test_fast_matches_reference_fp32(stride: int, size: tuple[int, int], window: int) -> None:
+    module = make_qna(torch.float32, in_channels=16, features=16, heads=4, window=window, stride=stride)
+    x = torch.randn(1, *size, 16)
+    compare_forms(module, x, rtol=1e-5)
+
+
+def test_both_weight_grad_paths_match_reference(weight_grad_path: str) -> None:
+    for stride in (1, 2):
+        for window in (1, 5, 9):
+            module = make_qna(in_channels=5, features=8, heads=2, window=window, stride=stride)
+            compare_forms(module, torch.randn(2, 11, 8, 5, dtype=torch.float64), rtol=1e-10)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(13, 13), (14, 9), (5, 16)])
+@pytest.mark.parametrize("window", [1, 3, 7, 15])
+def test_fft_kernel_gradient_matches_convolution_backward(window: int, size: tuple[int, int], stride: int) -> None:
+    padding = (window - 1) // 2
+    x = torch.randn(3, *size, 7, dtype=torch.float64)
+    out_size = [qna_output_size(n, window, stride) for n in size]
+    grad_out = torch.randn(3, *out_size, 7, dtype=torch.float64)
+    kernel = torch.randn(7, 1, window, window, dtype=torch.float64)
+    expected = torch.ops.aten.convolution_backward(
+        grad_out.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), kernel, None, [stride] * 2, [padding] * 2,
+        [1, 1], False, [0, 0], 7, [False, True, False],
+    )[1]
+    actual = qna_module._depthwise_weight_grad_fft(x, grad_out, window, stride, padding)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_fft_kernel_gradient_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk budget of one channel gives the same kernel gradient."""
+    x = torch.randn(2, 12, 10, 5, dtype=torch.float64)
+    grad_out = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    whole = qna_module._depthwise_weight_grad_fft(x, grad_out, 5, 2, 2)
+    monkeypatch.setattr(qna_module, "_FFT_CHUNK_BYTES", 1)
+    torch.testing.assert_close(qna_module._depthwise_weight_grad_fft(x, grad_out, 5, 2, 2), whole)
+
+
+def with_large_logits(module: QnA, x: torch.Tensor, logit: float) -> torch.Tensor:
+    """``x`` shifted along the first query's key direction so that its logits sit near ``logit``.
+
+    The shift moves every logit of an image by the same amount: the softmax is unchanged in exact
+    arithmetic, but ``exp`` of the logits overflows without the max shift.
+    """
+    with torch.no_grad():
+        key_query = torch.einsum("chd,nhd->cnh", module.key_weight, module.scaled_queries())
+        direction = key_query.reshape(module.in_channels, -1)[:, 0].to(x.dtype)
+        return x + logit / direction.square().sum() * direction
+
+
+def compare_with_fp64_reference(module: QnA, x: torch.Tensor, rtol: float) -> None:
+    """The fp32 fast form against the reference form evaluated in fp64 on the same parameters."""
+    grad_out = torch.randn(module(x).shape, generator=torch.Generator().manual_seed(2))
+    module64 = QnA(
+        module.in_channels, module.features, module.heads, module.window, module.stride, module.num_queries
+    ).double()
+    module64.load_state_dict(module.state_dict())
+    out64, grads64 = run_with_grads(module64, x.double(), "reference", grad_out.double())
+    out, grads = run_with_grads(module, x, "fast", grad_out)
+    assert_close_to_scale(out.double(), out64, rtol, "output")
+    for name, g in grads64.items():
+        assert_close_to_scale(grads[name].double(), g, rtol, f"grad {name}")
+
+
+def test_large_logits_do_not_overflow() -> None:
+    """Logits near 120 overflow exp in fp32 without the max shift; the fast form stays finite and exact.
+
+    fp32 resolves such logits only to ~1e-5, and the gradients of the query and key weights cancel a
+    large common input component, so the comparison is with the reference form in fp64.
+    """
+    module = make_qna(torch.float32, in_channels=8, features=8, heads=2, window=5, num_queries=2)
+    x = with_large_logits(module, torch.randn(2, 23, 19, 8), 120.0)
+    with torch.no_grad():
+        assert torch.isinf(torch.exp(module.scores(x))).any(), "test needs logits that overflow exp in fp32"
+    compare_with_fp64_reference(module, x, rtol=1e-4)
+
+
+def test_large_rpe_bias_does_not_overflow() -> None:
+    module = make_qna(torch.float32, in_channels=4, features=4, heads=1, window=3)
+    with torch.no_grad():
+        module.rpe_bias.add_(150.0)
+        assert torch.isinf(torch.exp(module.rpe_bias)).all()
+    compare_with_fp64_reference(module, torch.randn(1, 8, 8, 4), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# gradcheck of the fast form in fp64
+
+
+@pytest.mark.parametrize(("stride", "window"), [(1, 1), (1, 3), (2, 3), (1, 5), (2, 5)])
+def test_gradcheck_core(stride: int, window: int, weight_grad_path: str) -> None:
+    torch.manual_seed(0)
+    num_queries, heads, features = 2, 2, 4
+    scores = torch.randn(1, 5, 4, num_queries * heads, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(1, 5, 4, features, dtype=torch.float64, requires_grad=True)
+    rpe = torch.randn(num_queries, heads, window, window, dtype=torch.float64, requires_grad=True)
+    mixing = torch.randn(num_queries, heads, window, window, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda s, v, b, w: qna_attention(s, v, b, w, stride), (scores, values, rpe, mixing), eps=1e-6, atol=1e-8
+    )
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gradcheck_module(stride: int) -> None:
+    module = make_qna(in_channels=3, features=4, heads=2, window=3, stride=stride, bias=True)
+    names = [name for name, _ in module.named_parameters()]
+    x = torch.randn(1, 6, 5, 3, dtype=torch.float64, requires_grad=True)
+    params = tuple(p.detach().clone().requires_grad_(True) for p in module.parameters())
+
+    def f(x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        return functional_call(module, dict(zip(names, params, strict=True)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The official algorithm and its parameter layout
+
+
+def official_fused_kqna(params: dict[str, np.ndarray], x: np.ndarray, heads: int, window: int, stride: int) -> torch.Tensor:
+    """The official FusedKQnA forward, written out in torch (fp64) on the official parameter layout."""
+    p = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in params.items()}
+    x = torch.as_tensor(x, dtype=torch.float64)
+    num_queries, features = p["query"].shape
+    d = features // heads
+    q = p["query"].reshape(num_queries, heads, d)
+    q = q / (q.norm(dim=-1, keepdim=True) + 1e-6) / math.sqrt(d)
+    wk = p["Wk"].reshape(-1, heads, d)
+    cost = torch.einsum("byxc,cqh->byxqh", x, torch.einsum("qhd,chd->cqh", q, wk))
+    v = x @ p["to_v/kernel"] + p["to_v/bias"]
+    batch, height, width, _ = v.shape
+    cost_exp = cost.exp()
+    v_cost_exp = (cost_exp[..., None] * v.reshape(batch, height, width, 1, heads, d)).reshape(batch, height, width, -1)
+    rpe_exp = p["rpe_bias"].reshape(window, window, 1, num_queries * heads).exp()
+    scale = p["attn_scale_weights"].reshape(window, window, 1, num_queries * heads)
+    padding = (window - 1) // 2
+
+    def conv_nhwc_hwio(inp: torch.Tensor, kernel_hwio: torch.Tensor) -> torch.Tensor:
+        out = F.conv2d(inp.permute(0, 3, 1, 2), kernel_hwio.permute(3, 2, 0, 1), stride=stride, padding=padding,
+                       groups=inp.shape[-1])
+        return out.permute(0, 2, 3, 1)
+
+    num = conv_nhwc_hwio(v_cost_exp, torch.repeat_interleave(rpe_exp * scale, d, dim=-1))
+    den = conv_nhwc_hwio(cost_exp.reshape(batch, height, width, -1), rpe_exp)
+    out_h, out_w = num.shape[1:3]
+    z = (num.reshape(batch, out_h, out_w, num_queries, heads, d) / den.reshape(batch, out_h, out_w, num_queries, heads, 1))
+    z = z.sum(3).reshape(batch, out_h, out_w, features)
+    return z @ p["to_out/kernel"] + p["to_out/bias"]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_load_official_params_matches_official_algorithm(stride: int) -> None:
+    rng = np.random.default_rng(0)
+    c_in, features, heads, window, nq, f_out = 5, 12, 3, 3, 2, 7
+    flat = {
+        "query": rng.normal(size=(nq, features)),
+        "Wk": rng.normal(size=(c_in, features)) * 0.5,
+        "Wk_b": rng.normal(size=(heads, features // heads)),
+        "to_v/kernel": rng.normal(size=(c_in, features)),
+        "to_v/bias": rng.normal(size=(features,)),
+        "rpe_bias": rng.normal(size=(window * window, nq * heads)),
+        "attn_scale_weights": rng.normal(size=(1, 1, window * window, nq * heads)),
+        "to_out/kernel": rng.normal(size=(features, f_out)),
+        "to_out/bias": rng.normal(size=(f_out,)),
+    }
+    nested = {k: v for k, v in flat.items() if "/" not in k}
+    nested["to_v"] = {"kernel": flat["to_v/kernel"], "bias": flat["to_v/bias"]}
+    nested["to_out"] = {"kernel": flat["to_out/kernel"], "bias": flat["to_out/bias"]}
+    module = QnA(c_in, features, heads, window=window, stride=stride, num_queries=nq, out_features=f_out, bias=True)
+    module.double().load_official_params(nested)
+    x = rng.normal(size=(2, 9, 8, c_in))
+    expected = official_fused_kqna(flat, x, heads, window, stride)
+    for impl in ("fast", "reference"):
+        module.impl = impl
+        with torch.no_grad():
+            torch.testing.assert_close(module(torch.as_tensor(x)), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_load_official_params_rejects_wrong_shapes() -> None:
+    module = QnA(4, 8, 2, window=3)
+    with pytest.raises(ValueError, match="query"):
+        module.load_official_params({"query": np.zeros((3, 8))})
+
+
+def test_initialisation_follows_official_code() -> None:
+    torch.manual_seed(0)
+    module = QnA(256, 256, 8, window=7, num_queries=4)
+    assert module.query.shape == (4, 8, 32)
+    assert module.key_weight.shape == (256, 8, 32)
+    assert module.rpe_bias.shape == module.query_mixing.shape == (4, 8, 7, 7)
+    assert module.value_proj.bias is None and module.out_proj.bias is None
+    assert torch.count_nonzero(module.rpe_bias) == 0
+    assert module.query_mixing.std().item() == pytest.approx(0.02, rel=0.1)
+    # truncated at 2 sigma: the query keeps a std of 0.88 / sqrt(d), lecun_normal reaches 1 / sqrt(fan_in)
+    assert module.query.std().item() == pytest.approx(0.8796 / math.sqrt(32), rel=0.1)
+    assert module.query.abs().max().item() <= 2 / math.sqrt(32)
+    assert module.key_weight.std().item() == pytest.approx(1 / math.sqrt(256), rel=0.05)
+    assert module.value_proj.weight.std().item() == pytest.approx(1 / math.sqrt(256), rel=0.05)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shapes, arguments, modes
+
+
+@pytest.mark.parametrize("window", [1, 3, 5, 7])
+@pytest.mark.parametrize("size", [(8, 8), (9, 7), (15, 4), (1, 2)])
+def test_output_size_stride_2(size: tuple[int, int], window: int) -> None:
+    module = QnA(4, 8, 2, window=window, stride=2, out_features=6)
+    out = module(torch.randn(2, *size, 4))
+    expected = tuple((n + 2 * ((window - 1) // 2) - window) // 2 + 1 for n in size)
+    assert out.shape == (2, *expected, 6)
+    assert tuple(qna_output_size(n, window, 2) for n in size) == expected
+    assert out.is_contiguous()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"window": 4}, "window"),
+        ({"window": 0}, "window"),
+        ({"window": -3}, "window"),
+        ({"stride": 3}, "stride"),
+        ({"stride": 0}, "stride"),
+        ({"heads": 3}, "heads"),
+        ({"heads": 0}, "heads"),
+        ({"num_queries": 0}, "num_queries"),
+        ({"features": 0}, "features"),
+        ({"in_channels": 0}, "in_channels"),
+        ({"out_features": 0}, "out_features"),
+        ({"impl": "slow"}, "impl"),
+    ],
+)
+def test_bad_arguments_raise(kwargs: dict[str, object], name: str) -> None:
+    args: dict[str, object] = {"in_channels": 4, "features": 8, "heads": 2} | kwargs
+    with pytest.raises(ValueError, match=rf"^{name}=") as info:
+        QnA(**args)
+    assert str(kwargs[name]) in str(info.value)
+
+
+def test_bad_window_message() -> None:
+    with pytest.raises(ValueError, match=r"window=4: QnA needs an odd window \(1, 3, 5, \.\.\.\)"):
+        QnA(4, 8, 2, window=4)
+
+
+@pytest.mark.parametrize(
+    ("shape", "name"), [((4, 4, 4), "x.dim()"), ((1, 1, 4, 4, 4), "x.dim()"), ((1, 4, 4, 5), "x.shape[-1]")]
+)
+def test_bad_input_raises(shape: tuple[int, ...], name: str) -> None:
+    module = QnA(4, 8, 2)
+    with pytest.raises(ValueError, match=re.escape(name)):
+        module(torch.randn(shape))
+
+
+def test_bad_impl_attribute_raises_at_forward() -> None:
+    module = QnA(4, 8, 2)
+    module.impl = "fused"  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="impl="):
+        module(torch.randn(1, 4, 4, 4))
+
+
+def test_inference_mode_matches_grad_mode() -> None:
+    module = make_qna(torch.float32, in_channels=8, features=8, heads=2, window=5, stride=2)
+    x = torch.randn(2, 11, 10, 8)
+    with_graph = module(x)
+    assert with_graph.grad_fn is not None
+    with torch.inference_mode():
+        inference = module(x)
+    torch.testing.assert_close(inference, with_graph.detach(), rtol=0, atol=0)
+
+
+def test_functional_forms_agree_without_module() -> None:
+    torch.manual_seed(0)
+    scores, values = torch.randn(2, 10, 9, 6, dtype=torch.float64), torch.randn(2, 10, 9, 12, dtype=torch.float64)
+    rpe, mixing = torch.randn(2, 3, 5, 5, dtype=torch.float64), torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    for stride in (1, 2):
+        torch.testing.assert_close(
+            qna_attention(scores, values, rpe, mixing, stride), qna_attention_reference(scores, values, rpe, mixing, stride)
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compilers and devices
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager() -> None:
+    module = make_qna(torch.float32, in_channels=8, features=8, heads=2, window=3, stride=1)
+    x = torch.randn(1, 6, 5, 8)
+    grad_out = torch.randn(1, 6, 5, 8)
+    out_eager, grads_eager = run_with_grads(module, x, "fast", grad_out)
+    compiled = torch.compile(module, fullgraph=True)
+    x = x.requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    out_compiled = compiled(x)
+    out_compiled.backward(grad_out)
+    grads_compiled = {"x": x.grad} | {name: p.grad for name, p in module.named_parameters()}
+    torch.testing.assert_close(out_compiled, out_eager, rtol=1e-5, atol=1e-6)
+    for name, g in grads_eager.items():
+        torch.testing.assert_close(grads_compiled[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _cuda_half_case(dtype: torch.dtype, stride: int) -> None:
+    module = make_qna(torch.float32, in_channels=16, features=16, heads=4, window=5, stride=stride).cuda()
+    x = torch.randn(2, 21, 17, 16, device="cuda")
+    out_ref, grads_ref = run_with_grads(module, x, "reference", None)
+    half = make_qna(dtype, in_channels=16, features=16, heads=4, window=5, stride=stride).cuda()
+    half.load_state_dict({k: v.to(dtype) for k, v in module.state_dict().items()})
+    out, grads = run_with_grads(half, x.to(dtype), "fast", None)
+    assert out.dtype == dtype
+    tol = 2e-2 if dtype == torch.float16 else 6e-2
+    assert_close_to_scale(out.float(), out_ref, tol, f"{dtype} output")
+    for name, g in grads_ref.items():
+        assert grads[name].dtype == dtype
+        assert_close_to_scale(grads[name].float(), g, tol * 2, f"{dtype} grad {name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision_matches_fp32_reference(dtype: torch.dtype, stride: int) -> None:
+    _cuda_half_case(dtype, stride)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_half_large_logits_stay_finite() -> None:
+    module = make_qna(torch.float16, in_channels=8, features=8, heads=2, window=3).cuda()
+    x = with_large_logits(module, torch.randn(1, 12, 12, 8, device="cuda", dtype=torch.float16), 30.0)
+    with torch.no_grad():
+        assert torch.isinf(torch.exp(module.scores(x))).any()  # exp(12) > 65504 already
+        out = module(x)
+        module.float()
+        expected = module(x.float())
+    assert_close_to_scale(out.float(), expected, 3e-2, "fp16 output with large logits")
+
+
