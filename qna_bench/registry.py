@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -36,6 +36,9 @@ class LayerSpec:
     factory: LayerFactory
     family: str
     implementation: str
+    # "layer": a token mixer taking the problem's feature map; "model": a whole backbone taking images
+    # (B, 3, size, size) through the same harness (problem.channels=3, window ignored).
+    kind: Literal["layer", "model"] = "layer"
     layout: Layout = "nhwc"
     modes: tuple[str, ...] = MODES
     devices: tuple[str, ...] = DEVICES
@@ -122,9 +125,14 @@ def _ensure_loaded() -> None:
             importlib.import_module(module)
 
 
-def list_layers(family: str | None = None) -> list[str]:
+def list_layers(family: str | None = None, kind: str | None = "layer") -> list[str]:
+    """Registered names, by family and kind (``kind=None``: layers and models)."""
     _ensure_loaded()
-    return [name for name, spec in _REGISTRY.items() if family is None or spec.family == family]
+    return [
+        name
+        for name, spec in _REGISTRY.items()
+        if (family is None or spec.family == family) and (kind is None or spec.kind == kind)
+    ]
 
 
 def get_layer(name: str) -> LayerSpec:
@@ -132,14 +140,14 @@ def get_layer(name: str) -> LayerSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"layers: unknown layer {name!r}; known layers are {', '.join(_REGISTRY)} (or all)") from None
+        raise ValueError(f"layers: unknown layer {name!r}; known are {', '.join(_REGISTRY)} (or all)") from None
 
 
 def resolve_layers(names: list[str]) -> list[LayerSpec]:
-    """Registry entries for a list of names; ``all`` expands to every registered layer."""
+    """Registry entries for a list of names; ``all`` expands to every registered layer (not the models)."""
     _ensure_loaded()
     if "all" in names:
-        return list(_REGISTRY.values())
+        return [spec for spec in _REGISTRY.values() if spec.kind == "layer"]
     return [get_layer(name) for name in names]
 
 

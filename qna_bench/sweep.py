@@ -75,11 +75,10 @@ def _positive_ints(value: Any, field_name: str) -> list[int]:
 
 def _layer_specs(value: Any) -> list[LayerSpec]:
     names = _as_list(value, "layers")
-    unknown = [n for n in names if n != "all" and (not isinstance(n, str) or n not in list_layers())]
+    known = list_layers(kind=None)
+    unknown = [n for n in names if n != "all" and (not isinstance(n, str) or n not in known)]
     if unknown:
-        raise BadInput(
-            [f"layers={unknown[0]!r}: unknown layer; known layers are {', '.join(list_layers())} (or all)"]
-        )
+        raise BadInput([f"layers={unknown[0]!r}: unknown layer; known layers are {', '.join(known)} (or all)"])
     return resolve_layers(names)
 
 
