@@ -49,6 +49,8 @@ class MeasureConfig:
 @dataclass
 class BenchConfig:
     layers: Any = field(default_factory=lambda: ["qna", "conv_dw", "conv_dense"])
+    # Extra modules imported before the sweep; they register their own layers with `register_layer`.
+    plugins: Any = field(default_factory=list)
     windows: Any = field(default_factory=lambda: [3, 7, 11])
     modes: Any = field(default_factory=lambda: ["forward", "train"])
     problem: ProblemConfig = field(default_factory=ProblemConfig)

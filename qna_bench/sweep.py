@@ -5,6 +5,7 @@ Bad input is refused before any measurement with one line per problem and exit s
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,6 +72,17 @@ def _positive_ints(value: Any, field_name: str) -> list[int]:
     if bad:
         raise BadInput([f"{field_name}={bad[0]!r}: must be a positive integer or a list of them, e.g. {field_name}=[3,5,7]"])
     return items
+
+
+def _import_plugins(value: Any) -> None:
+    modules = list(value) if isinstance(value, (ListConfig, list, tuple)) else [value]
+    for module in modules:
+        if not isinstance(module, str):
+            raise BadInput([f"plugins={module!r}: must be an importable module name, e.g. plugins=[my_layers]"])
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise BadInput([f"plugins={module!r}: cannot import it ({exc})"]) from None
 
 
 def _layer_specs(value: Any) -> list[LayerSpec]:
@@ -153,6 +165,7 @@ def plan_from_config(cfg: DictConfig) -> SweepPlan:
             messages.extend(exc.messages)
             return None
 
+    checked(_import_plugins, cfg.plugins)
     layers = checked(_layer_specs, cfg.layers)
     windows = checked(_positive_ints, cfg.windows, "windows")
     modes = checked(_modes, cfg.modes)

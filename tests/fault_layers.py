@@ -1,0 +1,63 @@
+"""Layers that misbehave on purpose, loaded into the CLI with ``plugins=[fault_layers]``."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from qna_bench.problem import Problem
+from qna_bench.registry import register_layer
+
+
+class Raises(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("injected failure inside the layer")
+
+
+class Hog(nn.Module):
+    """Asks for 8 GiB per call: more than any memory cap the tests set."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        big = torch.ones(2**31, dtype=torch.float32)
+        return x * self.weight + big[0]
+
+
+class Sleeps(nn.Module):
+    """Takes ``seconds`` per call (window tenths of a second) and otherwise scales its input."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+        self.weight = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return x * self.weight
+
+
+_FAULT = dict(family="fault", implementation="tests/fault_layers.py", layout="nhwc")
+
+
+@register_layer("fault_raises", **_FAULT)
+def build_raises(problem: Problem) -> nn.Module:
+    return Raises()
+
+
+@register_layer("fault_hog", **_FAULT)
+def build_hog(problem: Problem) -> nn.Module:
+    return Hog()
+
+
+@register_layer("fault_sleeps", **_FAULT)
+def build_sleeps(problem: Problem) -> nn.Module:
+    return Sleeps(problem.window / 10)

@@ -1,0 +1,97 @@
+"""Faults during a sweep: each becomes a row, the sweep goes on, finished rows survive kills."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from qna_bench import results
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+TINY = ["problem=tiny", "plots=false", "plugins=[fault_layers]"]
+FAST = [*TINY, "measure.min_run_time_s=0.01"]
+
+
+def _command(*args: str) -> list[str]:
+    return [sys.executable, str(REPO / "run_bench.py"), *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), "PYTHONUNBUFFERED": "1"}
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(*args), capture_output=True, text=True, timeout=300, env=_env(), cwd=REPO)
+
+
+def test_a_raising_layer_and_an_oversized_point_become_rows_and_the_sweep_completes(tmp_path):
+    done = _run("layers=[conv_dw,fault_raises,fault_hog,conv_dense]", "windows=3", "modes=forward",
+                "measure.memory_cap_gib=2", *FAST, f"results_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    frame = results.read_results(tmp_path / results.RESULTS_FILE).set_index("layer")
+    assert frame.loc["conv_dw", "status"] == "ok" and frame.loc["conv_dense", "status"] == "ok"
+    assert frame.loc["fault_raises", "status"] == "error"
+    assert frame.loc["fault_raises", "reason"] == "RuntimeError: injected failure inside the layer"
+    assert frame.loc["fault_hog", "status"] == "oom"
+    assert "can't allocate memory" in frame.loc["fault_hog", "reason"]
+
+
+def test_a_point_over_its_time_budget_becomes_a_timeout_row(tmp_path):
+    # 0.5 s per call: the first call alone shows the point cannot finish inside a 0.6 s budget.
+    done = _run("layers=fault_sleeps", "windows=5", "modes=forward", "measure.point_budget_s=0.6",
+                "measure.min_run_time_s=1", *TINY, f"results_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = results.read_results(tmp_path / results.RESULTS_FILE).iloc[0]
+    assert row["status"] == "timeout"
+    assert "budget" in row["reason"] and row["n"] == 1 and row["median_s"] >= 0.5
+
+
+def _wait_for_rows(path: Path, count: int, process: subprocess.Popen, limit_s: float = 120) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if path.exists() and len(results.read_results(path)) >= count:
+            return
+        assert process.poll() is None, "the sweep ended before the kill"
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {count} rows after {limit_s} s")
+
+
+SLOW_SWEEP = ("layers=fault_sleeps", "windows=[1,2,3,4,5,6]", "modes=forward", "measure.point_budget_s=null")
+
+
+def test_sigkill_loses_at_most_the_point_in_flight_and_a_rerun_completes(tmp_path):
+    path = tmp_path / results.RESULTS_FILE
+    process = subprocess.Popen(_command(*SLOW_SWEEP, *FAST, f"results_dir={tmp_path}"), env=_env(), cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_rows(path, 2, process)
+    finally:
+        process.kill()
+        process.wait()
+    before = results.read_results(path)
+    assert len(before) >= 2
+    done = _run(*SLOW_SWEEP, *FAST, f"results_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{len(before)} of 6 points already" in done.stderr
+    after = results.read_results(path)
+    assert sorted(after["window"]) == [1, 2, 3, 4, 5, 6]
+    kept = after.set_index("point_key").loc[before["point_key"]]
+    assert (kept["run_id"].to_numpy() == before["run_id"].to_numpy()).all()
+
+
+def test_sigint_stops_cleanly_with_every_finished_row_written(tmp_path):
+    path = tmp_path / results.RESULTS_FILE
+    process = subprocess.Popen(_command(*SLOW_SWEEP, *FAST, f"results_dir={tmp_path}"), env=_env(), cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_rows(path, 1, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-3000:]
+    written = len(results.read_results(path))
+    assert 1 <= written < 6
+    assert f"interrupted: {written} of 6 points written" in stderr
