@@ -1,0 +1,474 @@
+"""Two result sets side by side, point by point (e.g. two library versions or two commits), with a
+regression exit code.
+
+    python -m qna_bench.compare BASE NEW [--fail-over 5%] [--min-rel 5%] [--min-abs-ms 0.01]
+                                [--memory-rel 1%] [--metric median_s|peak_bytes ...] [--by COLUMN ...]
+
+BASE and NEW are results parquets (or run folders holding a ``results.parquet``). Points match on the
+layer and the whole problem (`MATCH_COLUMNS`), never on the environment, which is what is being
+compared; ``--by device_name`` (or another environment column) adds a column to the match when a file
+holds the same problem several times. A file with several rows for one point is refused, naming it.
+
+Metrics are compared where both sides are ``ok``. A latency change is *significant* only when all three
+hold: |new − base| of the medians exceeds ``--min-rel`` of the base median (default 5%), it exceeds
+``--min-abs-ms`` (default 0.01 ms), and the IQR bands q25..q75 of the two sides do not overlap (touching
+bands overlap; a side without q25/q75 counts as its median alone). Peak memory (``peak_bytes``) is
+deterministic, so any change beyond ``--memory-rel`` of the base (default 1%) is reported.
+
+Exit status: 1 when a point regressed — significantly slower by more than ``--fail-over``, memory grown
+by more than ``--fail-over`` (and ``--memory-rel``), or ``ok`` in BASE and not ``ok`` in NEW;
+2 on bad arguments (one line on stderr); 0 otherwise. Points present on one side only are listed but
+do not fail the comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import pandas as pd
+
+from qna_bench import results
+
+# What makes two rows the same point: the layer and its whole problem. Not the environment columns.
+MATCH_COLUMNS: tuple[str, ...] = ("layer", *results.PROBLEM_COLUMNS)
+# Environment columns that ``--by`` may add to the match (when one file holds a problem several times).
+BY_COLUMNS: tuple[str, ...] = (
+    "device_name", "threads", "torch_version", "timm_version", "natten_version", "python_version",
+    "implementation", "layer_flags", "cpu_model", "hostname", "git_commit", "run_id",
+)
+Metric = Literal["median_s", "peak_bytes"]
+METRICS: tuple[str, ...] = ("median_s", "peak_bytes")
+Change = Literal["worse", "better", "same"]
+Outcome = Literal["slower", "faster", "same", "status_changed", "not_timed", "only_in_base", "only_in_new"]
+
+EXIT_OK, EXIT_REGRESSION, EXIT_BAD_ARGUMENTS = 0, 1, 2
+_OBSERVED = ("status", "reason", "median_s", "q25_s", "q75_s", "peak_bytes")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a difference counts. Relative values are fractions (0.05 = 5%); times are in seconds."""
+
+    min_rel: float = 0.05  # a latency change must exceed this fraction of the base median ...
+    min_abs_s: float = 1e-5  # ... and this many seconds, and the IQR bands must not overlap
+    fail_over: float = 0.05  # a significant slowdown (or memory growth) beyond this fraction fails
+    memory_rel: float = 0.01  # a memory change beyond this fraction of the base is reported
+
+    def __post_init__(self) -> None:
+        for name in ("min_rel", "min_abs_s", "fail_over", "memory_rel"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value!r}: must be a finite number >= 0")
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one side measured at a point."""
+
+    status: str
+    reason: str | None
+    median_s: float | None
+    q25_s: float | None
+    q75_s: float | None
+    peak_bytes: int | None
+
+
+@dataclass(frozen=True)
+class MetricComparison:
+    """One metric at one point, both sides ``ok`` and measured."""
+
+    metric: str
+    base: float
+    new: float
+    ratio: float | None  # new / base; None when base is 0
+    change: Change  # "same" unless significant (latency) or beyond memory_rel (memory)
+    regression: bool  # worse by more than fail_over, and significant
+    why_same: str = ""  # which criterion held it back, when change is "same" and values differ
+
+
+@dataclass(frozen=True)
+class PointComparison:
+    """One point: its identity, what each side observed (None: absent there), and the verdicts."""
+
+    key: tuple[tuple[str, Any], ...]  # (column, value) for MATCH_COLUMNS and any --by columns
+    base: Observation | None
+    new: Observation | None
+    latency: MetricComparison | None = None
+    memory: MetricComparison | None = None
+
+    def get(self, column: str) -> Any:
+        return dict(self.key)[column]
+
+    @property
+    def status_change(self) -> tuple[str, str] | None:
+        if self.base is None or self.new is None or self.base.status == self.new.status:
+            return None
+        return (self.base.status, self.new.status)
+
+    @property
+    def lost_ok(self) -> bool:
+        """``ok`` in BASE and present but not ``ok`` in NEW."""
+        return self.status_change is not None and self.status_change[0] == "ok"
+
+    @property
+    def regression(self) -> bool:
+        return self.lost_ok or any(m is not None and m.regression for m in (self.latency, self.memory))
+
+    @property
+    def outcome(self) -> Outcome:
+        if self.new is None:
+            return "only_in_base"
+        if self.base is None:
+            return "only_in_new"
+        if self.status_change is not None:
+            return "status_changed"
+        if self.latency is None:
+            return "not_timed"
+        return {"worse": "slower", "better": "faster", "same": "same"}[self.latency.change]
+
+
+class DuplicatePointError(ValueError):
+    """One side holds several rows for the same point, so there is nothing unique to compare."""
+
+
+def _value(value: Any) -> Any:
+    return None if value is pd.NA or value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _observation(row: dict[str, Any]) -> Observation:
+    return Observation(**{c: _value(row[c]) for c in _OBSERVED})
+
+
+def describe_point(key: Iterable[tuple[str, Any]]) -> str:
+    """A point in one line, e.g. ``qna window=3 forward B=8 56×56 C=128 h=4 float32 cpu``."""
+    k = dict(key)
+    extra = [f"{c}={k[c]}" for c in k if c not in MATCH_COLUMNS]
+    return " ".join([str(k["layer"]), f"window={k['window']}", str(k["mode"]), shape_summary(k), *extra])
+
+
+def shape_summary(key: dict[str, Any]) -> str:
+    """Batch, size, channels, heads, dtype, device; stride, dilation and seed only when not the default."""
+    parts = [f"B={key['batch']}", f"{key['height']}×{key['width']}", f"C={key['channels']}", f"h={key['heads']}"]
+    parts += [str(key["dtype"]), str(key["device"])]
+    for column, default in (("stride", 1), ("dilation", 1), ("seed", 0)):
+        if key[column] != default:
+            parts.append(f"{column}={key[column]}")
+    return " ".join(parts)
+
+
+def _index(frame: pd.DataFrame, columns: tuple[str, ...], side: str) -> dict[tuple, Observation]:
+    missing = sorted((set(columns) | set(_OBSERVED)) - set(frame.columns))
+    if missing:
+        raise ValueError(f"{side}: not a results frame (missing columns {missing})")
+    points: dict[tuple, Observation] = {}
+    rows_of: dict[tuple, list[dict[str, Any]]] = {}
+    for row in frame.to_dict("records"):
+        key = tuple((c, _value(row[c])) for c in columns)
+        rows_of.setdefault(key, []).append(row)
+        points[key] = _observation(row)
+    for key, rows in rows_of.items():
+        if len(rows) > 1:
+            differ = [c for c in BY_COLUMNS if c in frame.columns and c not in columns
+                      and len({_value(r[c]) for r in rows}) > 1]
+            hint = (f"they differ in {', '.join(differ)}: add --by {differ[0]} to the match"
+                    if differ else "they do not differ in any --by column")
+            raise DuplicatePointError(f"{side}: {len(rows)} rows for the point {describe_point(key)}; {hint}")
+    return points
+
+
+def _latency(base: Observation, new: Observation, t: Thresholds) -> MetricComparison | None:
+    if base.median_s is None or new.median_s is None:
+        return None
+    b, n = float(base.median_s), float(new.median_s)
+    delta = n - b
+    # A side without an IQR counts as the single value [median, median].
+    b_lo, b_hi = _band(base)
+    n_lo, n_hi = _band(new)
+    overlap = n_lo <= b_hi and b_lo <= n_hi
+    why_same = ""
+    if abs(delta) <= t.min_rel * b:
+        why_same = f"|Δ| ≤ {t.min_rel:.1%}"
+    elif abs(delta) <= t.min_abs_s:
+        why_same = f"|Δ| ≤ {t.min_abs_s * 1e3:g} ms"
+    elif overlap:
+        why_same = "IQR bands overlap"
+    change: Change = "same" if why_same else ("worse" if delta > 0 else "better")
+    regression = change == "worse" and delta > t.fail_over * b
+    return MetricComparison("median_s", b, n, n / b if b else None, change, regression,
+                            why_same if delta else "")
+
+
+def _band(obs: Observation) -> tuple[float, float]:
+    lo = obs.q25_s if obs.q25_s is not None else obs.median_s
+    hi = obs.q75_s if obs.q75_s is not None else obs.median_s
+    return float(lo), float(hi)
+
+
+def _memory(base: Observation, new: Observation, t: Thresholds) -> MetricComparison | None:
+    if base.peak_bytes is None or new.peak_bytes is None:
+        return None
+    b, n = int(base.peak_bytes), int(new.peak_bytes)
+    delta = n - b
+    # Deterministic, so no noise band: any change beyond memory_rel of the base (base 0: any change).
+    changed = abs(delta) > t.memory_rel * b if b else delta != 0
+    change: Change = "same" if not changed else ("worse" if delta > 0 else "better")
+    regression = change == "worse" and (delta > t.fail_over * b if b else True)
+    return MetricComparison("peak_bytes", b, n, n / b if b else None, change, regression,
+                            f"|Δ| ≤ {t.memory_rel:.1%}" if delta and not changed else "")
+
+
+def _sort_key(key: tuple[tuple[str, Any], ...]) -> tuple:
+    k = dict(key)
+    first = ["layer", "dtype", "device", "batch", "height", "width", "channels", "heads", "stride", "dilation", "seed"]
+    order = first + [c for c in k if c not in first and c not in ("mode", "window")] + ["mode", "window"]
+    return tuple((k[c] is None, "" if k[c] is None else k[c]) for c in order)
+
+
+def compare_results(
+    base: pd.DataFrame,
+    new: pd.DataFrame,
+    thresholds: Thresholds,
+    *,
+    by: Sequence[str] = (),
+    metrics: Sequence[str] = METRICS,
+) -> list[PointComparison]:
+    """Every point of either side, sorted by layer, shape, mode and window.
+
+    Points match on `MATCH_COLUMNS` plus ``by``. Metrics are compared where both sides are ``ok`` and
+    have a value. Raises `DuplicatePointError` when a side has several rows for one point, and
+    ValueError for an unknown ``by`` column or metric.
+    """
+    unknown_by = [c for c in by if c not in BY_COLUMNS]
+    if unknown_by:
+        raise ValueError(f"by={unknown_by}: allowed columns are {', '.join(BY_COLUMNS)}")
+    unknown_metrics = [m for m in metrics if m not in METRICS]
+    if unknown_metrics:
+        raise ValueError(f"metrics={unknown_metrics}: allowed metrics are {', '.join(METRICS)}")
+    columns = MATCH_COLUMNS + tuple(dict.fromkeys(by))
+    base_points = _index(base, columns, "BASE")
+    new_points = _index(new, columns, "NEW")
+    comparisons = []
+    for key in sorted(base_points.keys() | new_points.keys(), key=_sort_key):
+        b, n = base_points.get(key), new_points.get(key)
+        latency = memory = None
+        if b is not None and n is not None and b.status == n.status == "ok":
+            latency = _latency(b, n, thresholds) if "median_s" in metrics else None
+            memory = _memory(b, n, thresholds) if "peak_bytes" in metrics else None
+        comparisons.append(PointComparison(key, b, n, latency, memory))
+    return comparisons
+
+
+# ---------------------------------------------------------------------------------------- formatting
+
+_LATENCY_LABELS = {"worse": "slower", "better": "faster", "same": "same (within noise)"}
+_MEMORY_LABELS = {"worse": "grew", "better": "shrank", "same": "same"}
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 1000 else f"{ms:#.4g}"
+
+
+def _bytes(value: float | None) -> str:
+    if value is None:
+        return ""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(value) >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{int(value)} B"
+
+
+def _ratio(metric: MetricComparison | None) -> str:
+    if metric is None:
+        return ""
+    return "—" if metric.ratio is None else f"{metric.ratio:.3f}×"
+
+
+def _row(point: PointComparison, metrics: Sequence[str], by: Sequence[str]) -> list[str]:
+    b, n = point.base, point.new
+    only = {"only_in_base": "only in BASE", "only_in_new": "only in NEW"}.get(point.outcome)
+    status = " → ".join(point.status_change) if point.status_change else (b or n).status
+    cells = [str(point.get("layer")), str(point.get("window")), str(point.get("mode")), shape_summary(dict(point.key))]
+    cells += [str(point.get(c)) for c in by]
+    cells.append(status)
+    if "median_s" in metrics:
+        lat = point.latency
+        label = only or ("status changed" if point.status_change else
+                         _LATENCY_LABELS[lat.change] if lat else "not timed")
+        cells += [_ms(b.median_s if b else None), _ms(n.median_s if n else None), _ratio(lat), label]
+    if "peak_bytes" in metrics:
+        mem = point.memory
+        if only:  # said once, in the latency column when there is one
+            label = "" if "median_s" in metrics else only
+        else:
+            label = _MEMORY_LABELS[mem.change] if mem else ""
+        cells += [_bytes(b.peak_bytes if b else None), _bytes(n.peak_bytes if n else None), _ratio(mem), label]
+    cells.append("REGRESSION" if point.regression else "")
+    return cells
+
+
+def _align(rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for r in rows:
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def format_table(points: Sequence[PointComparison], metrics: Sequence[str] = METRICS, by: Sequence[str] = ()) -> str:
+    """The comparison as an aligned table, one line per point."""
+    header = ["layer", "window", "mode", "shape", *by, "status"]
+    right = {1}
+    if "median_s" in metrics:
+        right |= {len(header), len(header) + 1, len(header) + 2}
+        header += ["base ms", "new ms", "new/base", "latency"]
+    if "peak_bytes" in metrics:
+        right |= {len(header), len(header) + 1, len(header) + 2}
+        header += ["base peak", "new peak", "new/base", "memory"]
+    header.append("")
+    return "\n".join(_align([header] + [_row(p, metrics, by) for p in points], right))
+
+
+def format_summary(points: Sequence[PointComparison], thresholds: Thresholds, metrics: Sequence[str] = METRICS) -> str:
+    """One line: how many points compared, slower, faster, unchanged, on one side only, regressions."""
+    count = {o: sum(p.outcome == o for p in points) for o in get_args(Outcome)}
+    both = len(points) - count["only_in_base"] - count["only_in_new"]
+    parts = [f"{both} compared"]
+    if "median_s" in metrics:
+        parts += [f"{count['slower']} slower", f"{count['faster']} faster", f"{count['same']} unchanged"]
+    parts += [f"{count['status_changed']} status changed"]
+    if "median_s" in metrics and count["not_timed"]:
+        parts.append(f"{count['not_timed']} not timed on both sides")
+    parts += [f"only-in-base {count['only_in_base']}", f"only-in-new {count['only_in_new']}"]
+    line = ", ".join(parts)
+    if "peak_bytes" in metrics:
+        mems = [p.memory.change for p in points if p.memory is not None]
+        line += (f"; memory: {mems.count('worse')} grew, {mems.count('better')} shrank, "
+                 f"{mems.count('same')} unchanged")
+    regressions = sum(p.regression for p in points)
+    line += f"; {regressions} regression{'s' if regressions != 1 else ''} (fail over {thresholds.fail_over:.1%})"
+    return line
+
+
+def format_rule(thresholds: Thresholds) -> str:
+    return (f"significant: |Δ median| > {thresholds.min_rel:.1%} and > {thresholds.min_abs_s * 1e3:g} ms and IQR bands "
+            f"(q25..q75) apart; memory reported beyond {thresholds.memory_rel:.1%}; "
+            f"fails over {thresholds.fail_over:.1%} or when ok becomes not ok")
+
+
+def describe_side(name: str, path: Path, frame: pd.DataFrame) -> str:
+    """Where a side comes from: its row count and the environment values it holds."""
+    def values(column: str) -> str:
+        found = sorted({str(v) for v in frame[column].dropna().unique()})
+        return ",".join(found[:3]) + (f",+{len(found) - 3}" if len(found) > 3 else "") if found else "?"
+
+    return (f"{name}: {path} ({len(frame)} rows; torch {values('torch_version')}, git {values('git_commit')}, "
+            f"{values('device_name')}, threads {values('threads')})")
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+class BadArguments(Exception):
+    """What was wrong with the command line, in one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise BadArguments(message)
+
+
+def parse_fraction(text: str) -> float:
+    """``5%`` or ``0.05`` → 0.05. A bare number of 1 or more is refused as ambiguous (5 % or 500 %?)."""
+    raw = text.strip()
+    percent = raw.endswith("%")
+    try:
+        value = float(raw[:-1] if percent else raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write a percentage (5%) or a fraction (0.05)") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite amount >= 0, e.g. 5% or 0.05")
+    if not percent and value >= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: ambiguous; write a percentage ({text}%) or a fraction below 1")
+    return value / 100 if percent else value
+
+
+def _milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of milliseconds, e.g. 0.01") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number of milliseconds >= 0")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = Thresholds()
+    parser = _Parser(prog="python -m qna_bench.compare", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("base", type=Path, help="BASE results parquet (or a run folder holding results.parquet)")
+    parser.add_argument("new", type=Path, help="NEW results parquet (or a run folder holding results.parquet)")
+    parser.add_argument("--fail-over", type=parse_fraction, default=defaults.fail_over, metavar="FRACTION",
+                        help="exit 1 when a point is significantly slower (or uses more memory) by more than this "
+                             "(5%% or 0.05; default %(default)s)")
+    parser.add_argument("--min-rel", type=parse_fraction, default=defaults.min_rel, metavar="FRACTION",
+                        help="a latency change smaller than this fraction of the base median is noise (default %(default)s)")
+    parser.add_argument("--min-abs-ms", type=_milliseconds, default=defaults.min_abs_s * 1e3, metavar="MS",
+                        help="a latency change smaller than this many ms is noise (default %(default)s)")
+    parser.add_argument("--memory-rel", type=parse_fraction, default=defaults.memory_rel, metavar="FRACTION",
+                        help="a peak-memory change smaller than this fraction is not reported (default %(default)s)")
+    parser.add_argument("--metric", action="append", choices=METRICS, default=None,
+                        help="compare only this metric (repeatable; default: both)")
+    parser.add_argument("--by", action="append", choices=BY_COLUMNS, default=None, metavar="COLUMN",
+                        help="also match on this environment column, when a file holds a problem several times "
+                             f"({', '.join(BY_COLUMNS)})")
+    return parser
+
+
+def _read(path: Path, side: str) -> pd.DataFrame:
+    if path.is_dir() and (path / results.RESULTS_FILE).is_file():
+        path = path / results.RESULTS_FILE
+    if not path.exists():
+        raise BadArguments(f"{side} {path}: no such file")
+    if path.is_dir():
+        raise BadArguments(f"{side} {path}: a folder without a {results.RESULTS_FILE}")
+    try:
+        return results.read_results(path)
+    except results.ResultsFileError as exc:
+        raise BadArguments(f"{side} {exc}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the comparison; return 0, 1 (a regression) or 2 (bad arguments)."""
+    try:
+        args = _parser().parse_args(argv)
+        thresholds = Thresholds(args.min_rel, args.min_abs_ms / 1e3, args.fail_over, args.memory_rel)
+        metrics = tuple(dict.fromkeys(args.metric or METRICS))
+        by = tuple(dict.fromkeys(args.by or ()))
+        base, new = _read(args.base, "BASE"), _read(args.new, "NEW")
+        points = compare_results(base, new, thresholds, by=by, metrics=metrics)
+    except (BadArguments, ValueError) as exc:
+        print(f"compare: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_ARGUMENTS
+    print(describe_side("BASE", args.base, base))
+    print(describe_side("NEW ", args.new, new))
+    print(format_rule(thresholds))
+    print()
+    if points:
+        print(format_table(points, metrics, by))
+        print()
+    print(format_summary(points, thresholds, metrics))
+    return EXIT_REGRESSION if any(p.regression for p in points) else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

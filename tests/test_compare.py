@@ -1,0 +1,230 @@
+"""Comparing two result sets: matching, the noise rule, status changes, one-sided points, exit codes.
+
+Synthetic rows only; nothing is measured.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from qna_bench import compare, results
+from qna_bench.compare import Thresholds, compare_results
+
+MIB = 2**20
+
+
+def _row(layer="qna", window=3, mode="forward", ms=1.0, spread=0.02, status="ok", peak=MIB, **extra):
+    """A row with median ``ms`` milliseconds and an IQR of ±``spread`` around it."""
+    ok = status == "ok"
+    s = ms / 1e3
+    values = dict(
+        run_id="r1", timestamp="2026-01-01T00:00:00+00:00", layer=layer, family="attention", implementation="x",
+        layout="nchw", uses_window=True, layer_flags={}, batch=2, height=16, width=16, channels=32, heads=4,
+        window=window, stride=1, dilation=1, dtype="float32", device="cpu", mode=mode, seed=0,
+        status=status, reason=None if ok else "synthetic",
+        median_s=s if ok else None, q25_s=s * (1 - spread) if ok else None, q75_s=s * (1 + spread) if ok else None,
+        min_s=s * (1 - 2 * spread) if ok else None, mean_s=s if ok else None, n=5 if ok else None,
+        number_per_run=10, times_s=[s * (1 + spread * d) for d in (-2, -1, 0, 1, 2)] if ok else None, threads=2,
+        first_call_s=0.01, peak_bytes=peak if ok else None, base_bytes=MIB, memory_method="cpu_live_storages",
+        memory_note="", flops=100, flops_method="flop_counter", flops_analytic=None, params=40, torch_version="2.4",
+        timm_version="1", natten_version="0", python_version="3.11", device_name="cpu: test", cpu_model="test",
+        hostname="h", git_commit="abc", point_seconds=1.0,
+    )
+    values.update(extra)
+    return results.make_row(**values)
+
+
+def _sweep(changes=None):
+    """Six points (windows 3, 5, 7 × both modes); ``changes[(window, mode)]`` overrides one point's fields."""
+    changes = changes or {}
+    return [_row(window=w, mode=m, **changes.get((w, m), {})) for w in (3, 5, 7) for m in ("forward", "train")]
+
+
+def _write(path, rows):
+    results.append_rows(path, rows)
+    return str(path)
+
+
+def _frame(rows):
+    return results.rows_to_table(rows).to_pandas()  # plain dtypes (NaN, not NA): the CLI tests cover read_results
+
+
+def _one(base_row, new_row, thresholds=None, **kwargs):
+    (point,) = compare_results(_frame([base_row]), _frame([new_row]), thresholds or Thresholds(), **kwargs)
+    return point
+
+
+def _run(tmp_path, capsys, base_rows, new_rows, *args):
+    code = compare.main([_write(tmp_path / "base.parquet", base_rows), _write(tmp_path / "new.parquet", new_rows), *args])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def _line(out, window, mode):
+    (line,) = [x for x in out.splitlines() if x.startswith("qna ") and f" {window}  {mode} " in x]
+    return line
+
+
+def test_identical_inputs_are_all_same_and_pass(tmp_path, capsys):
+    rows = _sweep()
+    code, out = _run(tmp_path, capsys, rows, rows, "--fail-over", "5%")
+    assert code == 0
+    assert out.count("same (within noise)") == 6
+    assert "6 compared, 0 slower, 0 faster, 6 unchanged, 0 status changed, only-in-base 0, only-in-new 0" in out
+    assert "memory: 0 grew, 0 shrank, 6 unchanged; 0 regressions" in out
+
+
+def test_a_run_folder_is_read_as_its_results_parquet(tmp_path, capsys):
+    _write(tmp_path / results.RESULTS_FILE, _sweep())
+    assert compare.main([str(tmp_path), str(tmp_path)]) == 0
+    assert "6 compared" in capsys.readouterr().out
+
+
+def test_a_2x_slowdown_is_flagged_and_the_process_exits_1(tmp_path):
+    base = _write(tmp_path / "base.parquet", _sweep())
+    new = _write(tmp_path / "new.parquet", _sweep({(5, "train"): dict(ms=2.0)}))
+    done = subprocess.run([sys.executable, "-m", "qna_bench.compare", base, new, "--fail-over", "5%"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    line = _line(done.stdout, 5, "train")
+    assert "2.000×" in line and "slower" in line and line.endswith("REGRESSION")
+    assert done.stdout.count("REGRESSION") == 1
+    assert "6 compared, 1 slower, 0 faster, 5 unchanged" in done.stdout
+
+
+def test_a_change_inside_the_noise_is_not_flagged(tmp_path, capsys):
+    # 8% slower, beyond 5% and the absolute threshold, but the IQR bands (±5%) overlap.
+    point = _one(_row(spread=0.05), _row(ms=1.08, spread=0.05))
+    assert point.latency.change == "same" and point.latency.why_same == "IQR bands overlap"
+    assert not point.regression
+    code, out = _run(tmp_path, capsys, _sweep({(3, "forward"): dict(spread=0.05)}),
+                     _sweep({(3, "forward"): dict(ms=1.08, spread=0.05)}))
+    assert code == 0
+    assert "same (within noise)" in _line(out, 3, "forward")
+
+
+@pytest.mark.parametrize(
+    ("base", "new", "why"),
+    [
+        (dict(ms=1.0, spread=0.001), dict(ms=1.04, spread=0.001), "|Δ| ≤ 5.0%"),  # bands apart, too small
+        (dict(ms=0.004, spread=0.01), dict(ms=0.008, spread=0.01), "|Δ| ≤ 0.01 ms"),  # 2× but 4 µs
+        (dict(ms=1.0, spread=0.3), dict(ms=1.5, spread=0.3), "IQR bands overlap"),
+    ],
+)
+def test_each_part_of_the_noise_rule_can_hold_a_change_back(base, new, why):
+    latency = _one(_row(**base), _row(**new)).latency
+    assert (latency.change, latency.why_same) == ("same", why)
+
+
+def test_significant_changes_below_fail_over_are_reported_but_pass():
+    slower = _one(_row(), _row(ms=1.10), Thresholds(fail_over=0.2))
+    assert (slower.outcome, slower.regression) == ("slower", False)
+    faster = _one(_row(), _row(ms=0.5))
+    assert (faster.outcome, faster.latency.ratio, faster.regression) == ("faster", 0.5, False)
+
+
+def test_points_on_one_side_only_are_listed(tmp_path, capsys):
+    base = _sweep() + [_row(layer="conv_dw")]
+    new = [r for r in _sweep() if r["window"] != 7] + [_row(window=9)]
+    code, out = _run(tmp_path, capsys, base, new)
+    assert code == 0
+    assert "only in NEW" in _line(out, 9, "forward")
+    assert "only in BASE" in _line(out, 7, "train")
+    assert any(x.startswith("conv_dw ") and "only in BASE" in x for x in out.splitlines())
+    assert "4 compared, 0 slower, 0 faster, 4 unchanged, 0 status changed, only-in-base 3, only-in-new 1" in out
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "fails"),
+    [("ok", "oom", True), ("ok", "timeout", True), ("oom", "ok", False), ("oom", "error", False), ("oom", "oom", False)],
+)
+def test_status_changes_are_listed_and_losing_ok_fails(tmp_path, capsys, before, after, fails):
+    code, out = _run(tmp_path, capsys, _sweep({(3, "train"): dict(status=before)}),
+                     _sweep({(3, "train"): dict(status=after)}))
+    assert code == (1 if fails else 0)
+    line = _line(out, 3, "train")
+    if before != after:
+        assert f"{before} → {after}" in line and "status changed" in line
+        assert "1 status changed" in out
+    else:
+        assert "not timed" in line and "1 not timed on both sides" in out
+    assert line.endswith("REGRESSION") == fails
+
+
+def test_peak_memory_changes_are_reported_and_growth_over_fail_over_fails(tmp_path, capsys):
+    assert _one(_row(), _row(peak=int(MIB * 1.005))).memory.change == "same"
+    shrank = _one(_row(), _row(peak=MIB // 2))
+    assert (shrank.memory.change, shrank.regression) == ("better", False)
+    grew_a_little = _one(_row(), _row(peak=int(MIB * 1.03)))
+    assert (grew_a_little.memory.change, grew_a_little.regression) == ("worse", False)
+    assert _one(_row(peak=0), _row(peak=1024)).regression
+
+    new = _sweep({(7, "forward"): dict(peak=2 * MIB)})
+    code, out = _run(tmp_path, capsys, _sweep(), new)
+    assert code == 1
+    line = _line(out, 7, "forward")
+    assert "2.00 MiB" in line and "grew" in line and line.endswith("REGRESSION")
+    assert "memory: 1 grew" in out
+    code, out = _run(tmp_path, capsys, _sweep(), new, "--metric", "median_s")
+    assert code == 0 and "grew" not in out and "MiB" not in out
+
+
+def test_environment_columns_do_not_affect_matching():
+    point = _one(_row(), _row(torch_version="2.5", git_commit="def", device_name="cpu: other", threads=4,
+                              hostname="elsewhere", implementation="y"))
+    assert point.outcome == "same"
+    assert point.key == tuple((c, _row()[c]) for c in compare.MATCH_COLUMNS)
+
+
+def test_several_rows_for_one_point_are_refused_unless_matched_by_a_column(tmp_path, capsys):
+    rows = [_row(device_name="cpu: a"), _row(device_name="cpu: b", ms=3.0)]
+    with pytest.raises(compare.DuplicatePointError, match=r"BASE: 2 rows for the point qna window=3 forward .*--by device_name"):
+        compare_results(_frame(rows), _frame(rows[:1]), Thresholds())
+    code, out = _run(tmp_path, capsys, rows, rows)
+    assert code == 2
+    assert out.startswith("compare: error: BASE: 2 rows") and "--by device_name" in out
+    points = compare_results(_frame(rows), _frame(rows), Thresholds(), by=["device_name"])
+    assert [p.get("device_name") for p in points] == ["cpu: a", "cpu: b"]
+    assert all(p.outcome == "same" for p in points)
+
+
+@pytest.mark.parametrize(("text", "value"), [("5%", 0.05), ("0.05", 0.05), ("12.5%", 0.125), ("0", 0.0)])
+def test_fail_over_takes_a_percentage_or_a_fraction(text, value):
+    assert compare.parse_fraction(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["{missing}", "{good}"], "no such file"),
+        (["{good}", "{foreign}"], "not a qna-bench results file"),
+        (["{good}", "{garbage}"], "not a readable parquet"),
+        (["{good}", "{good}", "--fail-over", "five"], "--fail-over: 'five'"),
+        (["{good}", "{good}", "--fail-over", "5"], "ambiguous"),
+        (["{good}", "{good}", "--fail-over=-5%"], ">= 0"),
+        (["{good}", "{good}", "--metric", "flops"], "invalid choice"),
+        (["{good}"], "required"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, args, message):
+    paths = dict(good=_write(tmp_path / "good.parquet", _sweep()), missing=str(tmp_path / "missing.parquet"),
+                 foreign=str(tmp_path / "foreign.parquet"), garbage=str(tmp_path / "garbage.parquet"))
+    pq.write_table(pa.table({"a": [1]}), paths["foreign"])
+    (tmp_path / "garbage.parquet").write_bytes(b"not a parquet")
+    assert compare.main([a.format(**paths) for a in args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.splitlines()) == 1 and message in captured.err
+
+
+def test_the_cli_process_exits_2_on_a_missing_file(tmp_path):
+    good = _write(tmp_path / "good.parquet", _sweep())
+    done = subprocess.run([sys.executable, "-m", "qna_bench.compare", good, str(tmp_path / "nope.parquet")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stdout == "" and done.stderr.splitlines() == [f"compare: error: NEW {tmp_path}/nope.parquet: no such file"]
