@@ -1,0 +1,186 @@
+"""Pieces the attention peers share: the qkv/output-projection shell, NATTEN's neighbourhood rule,
+capability reasons, and closed-form FLOP counts in `FlopCounterMode`'s conventions."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+from qna_bench.problem import Problem
+
+# --------------------------------------------------------------------------------------------------
+# The attention shell: every attention peer projects x to q, k, v and back with the same two Linears.
+
+
+class ProjectedAttention(nn.Module):
+    """``proj(attend(qkv(x)))`` on channels-last input (B, H, W, C), heads laid out head-major.
+
+    The parameter names (``qkv``, ``proj``) match `natten.NeighborhoodAttention2D`, so weights load
+    across the neighbourhood-attention peers unchanged.
+    """
+
+    def __init__(self, channels: int, heads: int):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"heads={heads}: must divide channels={channels}")
+        self.heads = heads
+        self.head_dim = channels // heads
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, heads, d) ×3 → (B, H', W', heads, d)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, channels = x.shape
+        qkv = self.qkv(x).view(batch, height, width, 3, self.heads, self.head_dim)
+        out = self.attend(*qkv.unbind(3))
+        return self.proj(out.flatten(-2))
+
+
+def to_sequence(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, heads, d) → (B, heads, H·W, d), the layout SDPA and flex attention take."""
+    return t.flatten(1, 2).transpose(1, 2)
+
+
+def from_sequence(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, heads, H·W, d) → (B, H, W, heads, d)."""
+    return t.transpose(1, 2).unflatten(1, (height, width))
+
+
+# --------------------------------------------------------------------------------------------------
+# NATTEN's neighbourhood rule, per axis. Dilation d splits an axis into d interleaved groups
+# (coordinate mod d); inside its group a query's k neighbours are a window centred on it, shifted
+# (clamped) to stay inside the group at the borders, so every query has exactly k neighbours per axis.
+
+
+def na_axis_allowed(query, key, length: int, window: int, dilation: int):
+    """Whether ``key`` is among ``query``'s neighbours along one axis (integer tensors, broadcast).
+
+    Closed form on purpose: it is also the body of the flex-attention ``mask_mod``, which must not
+    index captured tensors to compile on CPU.
+    """
+    radius = window // 2
+    group = query % dilation
+    group_length = (length - group + dilation - 1) // dilation
+    centre = torch.minimum(torch.clamp(query // dilation, min=radius), group_length - 1 - radius)
+    return ((key % dilation) == group) & ((key // dilation - centre).abs() <= radius)
+
+
+def na_mask(height: int, width: int, window: int, dilation: int, device=None) -> torch.Tensor:
+    """(H·W, H·W) boolean mask, True where the query (row) attends to the key (column)."""
+    rows = torch.arange(height, device=device)
+    cols = torch.arange(width, device=device)
+    along_h = na_axis_allowed(rows[:, None], rows[None, :], height, window, dilation)
+    along_w = na_axis_allowed(cols[:, None], cols[None, :], width, window, dilation)
+    return (along_h[:, None, :, None] & along_w[None, :, None, :]).reshape(height * width, height * width)
+
+
+def na_constraints(problem: Problem) -> list[str]:
+    """NATTEN's own input rule (stricter than the registry's reach check): window·dilation ≤ H and W."""
+    span = problem.window * problem.dilation
+    if span > min(problem.height, problem.width):
+        return [
+            f"window={problem.window}: neighbourhood attention needs window*dilation={span} "
+            f"<= min(problem.height, problem.width)={min(problem.height, problem.width)}"
+        ]
+    return []
+
+
+# --------------------------------------------------------------------------------------------------
+# Capability gaps, worded once.
+
+# torch's own message (torch.nn.attention.flex_attention._validate_device, torch 2.14), raised for
+# eager and compiled flex attention alike; tests check that both flex-based layers really raise it.
+FLEX_CPU_BACKWARD = "FlexAttention does not support backward on CPU"
+
+
+# Why the neighbourhood-attention peers have no strided row: NATTEN's stride is another operation.
+NA_STRIDE_WHY = "NATTEN's stride makes groups of queries share a window but keeps all H×W outputs"
+
+
+def no_stride_reason(problem: Problem, layer: str, why: str) -> str | None:
+    return (
+        f"{layer} has no strided form ({why}); problem.stride={problem.stride}"
+        if problem.stride != 1
+        else None
+    )
+
+
+def no_dilation_reason(problem: Problem, layer: str) -> str | None:
+    if problem.dilation != 1:
+        return f"{layer} has no dilated form; problem.dilation={problem.dilation}"
+    return None
+
+
+def first_reason(*reasons: str | None) -> str | None:
+    return next((reason for reason in reasons if reason), None)
+
+
+@contextlib.contextmanager
+def flex_dispatch_mode_guard() -> Iterator[None]:
+    """Under a TorchDispatchMode (FlopCounterMode, a live-storage tracker) torch 2.14's flex attention
+    fails with a TypeError or RuntimeError that varies with the grad mode (pytorch/pytorch#134385:
+    FlopCounterMode does not support higher-order ops). Re-raise it as a NotImplementedError naming
+    the gap, which the measuring code reports as "unavailable" rather than failing the row."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_in_torch_dispatch_mode(include_infra_modes=False):
+            raise
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise NotImplementedError(
+            "flex attention cannot run under a TorchDispatchMode in this torch (pytorch/pytorch#134385); "
+            f"FLOPs come from the analytic count. Original error: {type(exc).__name__}: {first_line[:200]}"
+        ) from exc
+
+
+# --------------------------------------------------------------------------------------------------
+# FLOPs (2 × multiply-adds), in FlopCounterMode's conventions so the analytic count cross-checks it:
+# a matmul's backward is two matmuls of its size (input and weight/other-operand gradients), and a
+# fused SDPA backward counts five (the scores are recomputed), i.e. 2.5× its forward.
+
+MATMUL_BACKWARD = 2.0
+FUSED_SDPA_BACKWARD = 2.5
+
+
+def attention_flops(
+    problem: Problem,
+    *,
+    qkv_tokens: int,
+    out_tokens: int,
+    pairs: int,
+    attention_backward: float = MATMUL_BACKWARD,
+) -> int:
+    """Projections (qkv on ``qkv_tokens``, output on ``out_tokens``) plus QKᵀ and AV over ``pairs``
+    (query, key) pairs actually computed, summed over the batch and with d·heads = C."""
+    c = problem.channels
+    projections = 2 * qkv_tokens * c * 3 * c + 2 * out_tokens * c * c
+    scores = 2 * 2 * pairs * c
+    if problem.mode != "train":
+        return projections + scores
+    return int(projections * (1 + MATMUL_BACKWARD) + scores * (1 + attention_backward))
+
+
+def _cpu_flash_forward_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_flash_backward_flop(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# torch 2.14 registers FLOP formulas for the CUDA SDPA kernels only: on CPU, SDPA runs
+# `_scaled_dot_product_flash_attention_for_cpu`, which FlopCounterMode would count as zero.
+CPU_SDPA_FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_forward_flop,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flop,
+}

@@ -1,0 +1,111 @@
+"""NATTEN's own `NeighborhoodAttention2D` (NA; DiNA when dilation > 1), with the backend NATTEN picks.
+
+Without libnatten (no CUDA build) NATTEN's only backend is ``flex-fna``: torch's *eager* flex attention,
+which builds the full (H·W)² score matrix and a fresh block mask on every call, forward only on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from natten import NeighborhoodAttention2D
+from natten.backends import choose_backend, choose_fmha_backend
+from natten.utils.checks import is_self_attention
+from torch import nn
+
+from baselines._common import (
+    FLEX_CPU_BACKWARD,
+    NA_STRIDE_WHY,
+    attention_flops,
+    first_reason,
+    flex_dispatch_mode_guard,
+    na_constraints,
+    no_stride_reason,
+)
+from qna_bench.problem import Problem
+from qna_bench.registry import register_layer
+
+# What each backend NATTEN may pick means for the numbers in a row.
+BACKEND_NOTES = {
+    "flex-fna": "eager flex attention: forward only on CPU, builds the full (HW)^2 score matrix",
+    "flex-fmha": "window covers the map: NATTEN runs plain self-attention on eager flex (full score matrix)",
+}
+
+
+class NattenNeighborhoodAttention(nn.Module):
+    """`natten.NeighborhoodAttention2D` as is (its qkv and proj, its kernel choice), channels-last input."""
+
+    def __init__(self, channels: int, heads: int, window: int, dilation: int):
+        super().__init__()
+        self.attn = NeighborhoodAttention2D(channels, heads, kernel_size=window, dilation=dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with flex_dispatch_mode_guard():
+            return self.attn(x)
+
+    def backend(self, x: torch.Tensor) -> str:
+        """The backend NATTEN's dispatcher picks for input ``x``, by NATTEN's own rules
+        (`natten.functional.neighborhood_attention_generic`): self-attention when the window covers
+        the map, else the first runnable of blackwell/hopper/cutlass/flex FNA."""
+        attn = self.attn
+        batch, height, width, _ = x.shape
+        q = x.new_empty(batch, height, width, attn.num_heads, attn.head_dim)
+        if is_self_attention(q, attn.kernel_size, attn.is_causal, has_additional_attention=False):
+            q = q.flatten(1, 2)
+            return choose_fmha_backend(q, q, q, is_causal=False, is_varlen=False, torch_compile=False)
+        return choose_backend(q, q, q, torch_compile=False)
+
+
+def _unsupported(problem: Problem) -> str | None:
+    return first_reason(
+        no_stride_reason(problem, "na", NA_STRIDE_WHY),
+        f"na on CPU: {FLEX_CPU_BACKWARD} (NATTEN's only CPU backend is torch's flex attention)"
+        if problem.mode == "train" and problem.device == "cpu"
+        else None,
+    )
+
+
+def _flags(module: NattenNeighborhoodAttention, problem: Problem) -> dict:
+    probe = torch.empty(
+        problem.batch,
+        problem.height,
+        problem.width,
+        problem.channels,
+        dtype=problem.torch_dtype,
+        device=problem.device,
+    )
+    backend = module.backend(probe)
+    return {
+        "natten_backend": backend,
+        "natten_backend_note": BACKEND_NOTES.get(backend, ""),
+        "natten_torch_compile": False,
+    }
+
+
+def _flops(problem: Problem) -> int:
+    tokens = problem.batch * problem.height * problem.width
+    pixels = problem.height * problem.width
+    # Eager flex computes every score and masks afterwards (NATTEN's fused CUDA kernels would not).
+    return attention_flops(
+        problem, qkv_tokens=tokens, out_tokens=tokens, pairs=problem.batch * pixels * pixels
+    )
+
+
+@register_layer(
+    "na",
+    family="neighborhood",
+    implementation="natten.NeighborhoodAttention2D (backend chosen by NATTEN; flex-fna eager on CPU)",
+    layout="nhwc",
+    odd_window=True,
+    window_within_map=True,
+    dtypes=("float32", "bfloat16", "float16"),  # NATTEN's flex backend refuses float64
+    description=(
+        "NATTEN neighbourhood attention (DiNA when dilation > 1); on CPU eager flex attention, "
+        "full score matrix, forward only; FLOPs counted analytically (dense, as executed)"
+    ),
+    constraints=na_constraints,
+    unsupported=_unsupported,
+    flags=_flags,
+    analytic_flops=_flops,
+)
+def build_na(problem: Problem) -> nn.Module:
+    return NattenNeighborhoodAttention(problem.channels, problem.heads, problem.window, problem.dilation)
