@@ -137,7 +137,7 @@ def flex_dispatch_mode_guard() -> Iterator[None]:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise NotImplementedError(
             "flex attention cannot run under a TorchDispatchMode in this torch (pytorch/pytorch#134385); "
-            f"FLOPs come from the analytic count. Original error: {type(exc).__name__}: {first_line[:200]}"
+            f"original error: {type(exc).__name__}: {first_line[:200]}"
         ) from exc
 
 

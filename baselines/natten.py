@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 from natten import NeighborhoodAttention2D
-from natten.backends import choose_backend, choose_fmha_backend
+from natten.backends import can_run_flex_attention, get_compatible_backends, get_compatible_fmha_backends
 from natten.utils.checks import is_self_attention
 from torch import nn
 
@@ -42,38 +42,53 @@ class NattenNeighborhoodAttention(nn.Module):
         with flex_dispatch_mode_guard():
             return self.attn(x)
 
-    def backend(self, x: torch.Tensor) -> str:
-        """The backend NATTEN's dispatcher picks for input ``x``, by NATTEN's own rules
-        (`natten.functional.neighborhood_attention_generic`): self-attention when the window covers
-        the map, else the first runnable of blackwell/hopper/cutlass/flex FNA."""
-        attn = self.attn
-        batch, height, width, _ = x.shape
-        q = x.new_empty(batch, height, width, attn.num_heads, attn.head_dim)
-        if is_self_attention(q, attn.kernel_size, attn.is_causal, has_additional_attention=False):
-            q = q.flatten(1, 2)
-            return choose_fmha_backend(q, q, q, is_causal=False, is_varlen=False, torch_compile=False)
-        return choose_backend(q, q, q, torch_compile=False)
+
+def natten_backend(problem: Problem) -> str:
+    """The backend NATTEN picks for this problem, by its own rules
+    (`natten.functional.neighborhood_attention_generic`): an FMHA backend when the window covers the
+    map (plain self-attention), else the first runnable of blackwell/hopper/cutlass/flex FNA.
+
+    Raises NATTEN's own reason when no backend runs it (without libnatten, flex's: e.g. its head_dim rule).
+    """
+    q = torch.empty(
+        problem.batch,
+        problem.height,
+        problem.width,
+        problem.heads,
+        problem.channels // problem.heads,
+        dtype=problem.torch_dtype,
+        device=problem.device,
+    )  # never filled: the dispatcher looks at shape, dtype and device only
+    if is_self_attention(q, (problem.window,) * 2, (False, False), has_additional_attention=False):
+        q = q.flatten(1, 2)
+        backends = get_compatible_fmha_backends(
+            q, q, q, is_causal=False, is_varlen=False, torch_compile=False
+        )
+    else:
+        backends = get_compatible_backends(q, q, q, torch_compile=False)
+    if backends:
+        return backends[0]
+    can_run_flex_attention(q, q, q, torch_compile=False, raise_error=True)
+    raise NotImplementedError("NATTEN found no backend for this problem")
 
 
 def _unsupported(problem: Problem) -> str | None:
-    return first_reason(
+    reason = first_reason(
         no_stride_reason(problem, "na", NA_STRIDE_WHY),
         f"na on CPU: {FLEX_CPU_BACKWARD} (NATTEN's only CPU backend is torch's flex attention)"
         if problem.mode == "train" and problem.device == "cpu"
         else None,
     )
+    if reason is None:
+        try:
+            natten_backend(problem)
+        except (NotImplementedError, ValueError, RuntimeError) as exc:
+            reason = f"na: no NATTEN backend runs this problem here: {exc}"
+    return reason
 
 
 def _flags(module: NattenNeighborhoodAttention, problem: Problem) -> dict:
-    probe = torch.empty(
-        problem.batch,
-        problem.height,
-        problem.width,
-        problem.channels,
-        dtype=problem.torch_dtype,
-        device=problem.device,
-    )
-    backend = module.backend(probe)
+    backend = natten_backend(problem)
     return {
         "natten_backend": backend,
         "natten_backend_note": BACKEND_NOTES.get(backend, ""),

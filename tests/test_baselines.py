@@ -29,8 +29,12 @@ from qna_bench.problem import Problem
 from qna_bench.registry import get_layer
 from qna_bench.runner import is_out_of_memory
 
-# Eager flex attention warns on every call that it is not compiled; that is the point of the natten row.
-pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+# Eager flex attention warns that it is not compiled (the point of the natten row), and NATTEN 0.21
+# still passes flex attention's deprecated return_lse.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
+    pytest.mark.filterwarnings("ignore:return_lse is deprecated"),
+]
 
 CHANNELS, HEADS = 16, 2
 
@@ -155,6 +159,15 @@ def test_natten_flag_names_the_backend_that_runs(monkeypatch, height, width, win
         module(problem.make_input(spec.layout))
     assert calls == [runner]
     assert spec.layer_flags(module, problem)["natten_backend"] == backend
+
+
+def test_natten_head_dim_gap_is_unsupported_with_nattens_reason():
+    problem = Problem(batch=1, height=9, width=11, channels=8, heads=2, window=3)  # head_dim 4
+    reason = get_layer("na").unsupported_reason(problem)
+    assert reason is not None and "8 <= head_dim <= 512" in reason
+    with pytest.raises(NotImplementedError, match="could not find a suitable backend"):
+        NattenNeighborhoodAttention(8, 2, 3, 1)(problem.make_input("nhwc"))
+    assert get_layer("na").unsupported_reason(problem.replace(channels=16)) is None
 
 
 def test_natten_train_on_cpu_raises_the_recorded_reason():
