@@ -90,6 +90,8 @@ SCHEMA = pa.schema(
         ("hostname", pa.string()),
         ("git_commit", pa.string()),
         ("point_seconds", pa.float64()),
+    # 1-minute system load average when the point started: other work on the cores spoils timings.
+    ("load_avg", pa.float64()),
     ]
 )
 COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
 import sys
 import time
 import uuid
@@ -114,6 +115,7 @@ def base_row(point: SweepPoint, env: Environment, settings: MeasureSettings, run
         layout=layer.layout,
         uses_window=layer.uses_window,
         threads=settings.threads,
+        load_avg=os.getloadavg()[0],
         **point.problem.as_dict(),
         **env.as_dict(),
     )

@@ -6,6 +6,7 @@ Bad input is refused before any measurement with one line per problem and exit s
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,11 +25,13 @@ from qna_bench.runner import (
     MeasureSettings,
     SweepOutcome,
     SweepPoint,
+    base_row,
     plan_sweep,
     point_is_valid,
     run_sweep,
     sweep_errors,
 )
+from qna_bench.summary import summary_table
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -197,16 +200,31 @@ def plan_from_config(cfg: DictConfig) -> SweepPlan:
     return SweepPlan(points, skipped, settings, results_path, resume, cap, plots)
 
 
+def plan_keys(plan: SweepPlan, env) -> set[str]:
+    """The point keys of this plan's points (its rows in a results file that may hold others too)."""
+    return {base_row(p, env, plan.settings, run_id="")["point_key"] for p in plan.points}
+
+
 def execute(plan: SweepPlan) -> SweepOutcome:
     for message in plan.skipped_invalid:
         print(f"skipped (skip_invalid=true): {message}", file=sys.stderr)
     env = read_environment(plan.points[0].problem.device)
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5 * cores:
+        print(
+            f"warning: system load {load:.1f} on {cores} cores: other work competes for the cores being timed "
+            "(each row records load_avg)",
+            file=sys.stderr,
+        )
     uses_cpu = any(p.problem.device == "cpu" for p in plan.points)
     with address_space_cap(plan.memory_cap_bytes, enabled=uses_cpu) as cap:
         if cap is not None:
             print(f"memory cap: {cap / 2**30:.1f} GiB above the process's start (points beyond it become oom rows)", file=sys.stderr)
         outcome = run_sweep(plan.points, plan.results_path, plan.settings, env, resume=plan.resume)
     print(f"results: {plan.results_path} ({outcome.rows_written} rows written; {outcome.statuses})", file=sys.stderr)
+    if plan.results_path.exists():
+        frame = results.read_results(plan.results_path)
+        print(summary_table(frame[frame["point_key"].isin(plan_keys(plan, env))]))
     if plan.plots and plan.results_path.exists():
         from qna_bench.plots import draw_figures
 

@@ -21,7 +21,7 @@ def _row(layer="conv_dw", window=3, status="ok", **extra):
         number_per_run=10, times_s=[0.001, 0.0009, 0.0011], threads=2, first_call_s=0.01, peak_bytes=1024,
         base_bytes=2048, memory_method="cpu_live_storages", memory_note="", flops=100, flops_method="flop_counter",
         flops_analytic=None, params=40, torch_version="2", timm_version="1", natten_version="0", python_version="3",
-        device_name="cpu: test", cpu_model="test", hostname="h", git_commit="abc", point_seconds=1.5,
+        device_name="cpu: test", cpu_model="test", hostname="h", git_commit="abc", point_seconds=1.5, load_avg=0.5,
     )
     values.update(extra)
     return results.make_row(**values)
