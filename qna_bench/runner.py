@@ -7,6 +7,7 @@ starting the next.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import itertools
 import os
@@ -21,14 +22,20 @@ from typing import Any, TextIO
 import torch
 
 from qna_bench import results
+from qna_bench.budget import PointBudget, PointTimeout
 from qna_bench.environment import Environment, utc_now
 from qna_bench.measure.flops import count_flops
-from qna_bench.measure.latency import LatencyStats, PointTimeout, measure_latency
+from qna_bench.measure.latency import LatencyStats, measure_latency
 from qna_bench.measure.memory import measure_peak_memory
 from qna_bench.measure.params import count_parameters, parameter_bytes
 from qna_bench.problem import Problem
 from qna_bench.progress import Progress
 from qna_bench.registry import LayerSpec, UnsupportedProblem
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc: nothing to trim
+    _LIBC = None
 
 # Statuses a resumed sweep does not measure again (an `error` is retried).
 FINAL_STATUSES = ("ok", "unsupported", "oom", "timeout")
@@ -161,45 +168,61 @@ def run_point(point: SweepPoint, settings: MeasureSettings, env: Environment, ru
     reason = layer.unsupported_reason(problem)
     if reason is not None:
         return results.make_row(**row, status="unsupported", reason=reason, point_seconds=0.0)
+    budget = PointBudget(settings.point_budget_s)
     module = x = step = None
     try:
-        torch.set_num_threads(settings.threads)
-        module = layer.build(problem)
-        row["params"] = count_parameters(module)
-        if layer.analytic_flops is not None:
-            row["flops_analytic"] = int(layer.analytic_flops(problem))
-        x = problem.make_input(layer.layout)
-        step, row["base_bytes"], row["first_call_s"] = _make_step(module, x, problem)
-        row["layer_flags"] = layer.layer_flags(module, problem)
-        if settings.memory:
-            memory = measure_peak_memory(step, problem.torch_device, row["base_bytes"])
-            row.update(peak_bytes=memory.peak_bytes, memory_method=memory.method, memory_note=memory.note)
-        if settings.flops:
-            flops = count_flops(step, layer.flop_formulas)
-            row.update(flops=flops.flops, flops_method=flops.method)
-            if flops.note:
-                row["reason"] = flops.note
-        stats = measure_latency(
-            step,
-            threads=settings.threads,
-            min_run_time_s=settings.min_run_time_s,
-            budget_s=settings.point_budget_s,
-            label=point.label,
-        )
+        with budget.alarm():
+            torch.set_num_threads(settings.threads)
+            module = layer.build(problem)
+            row["params"] = count_parameters(module)
+            if layer.analytic_flops is not None:
+                row["flops_analytic"] = int(layer.analytic_flops(problem))
+            x = problem.make_input(layer.layout)
+            step, row["base_bytes"], row["first_call_s"] = _make_step(module, x, problem)
+            row["layer_flags"] = layer.layer_flags(module, problem)
+            one_call_s = row["first_call_s"]  # includes compilation for compiled layers: replaced below
+            if settings.memory:
+                call_start = time.perf_counter()
+                memory = measure_peak_memory(step, problem.torch_device, row["base_bytes"])
+                row.update(peak_bytes=memory.peak_bytes, memory_method=memory.method, memory_note=memory.note)
+                if memory.peak_bytes is not None:
+                    one_call_s = time.perf_counter() - call_start
+            if settings.flops:
+                budget.check(one_call_s, calls_left=3, extra_s=settings.min_run_time_s)
+                flops = count_flops(step, layer.flop_formulas)
+                row.update(flops=flops.flops, flops_method=flops.method)
+                if flops.note:
+                    row["reason"] = flops.note
+            stats = measure_latency(
+                step,
+                threads=settings.threads,
+                min_run_time_s=settings.min_run_time_s,
+                budget=budget if settings.point_budget_s is not None else None,
+                label=point.label,
+            )
         row.update(_latency_columns(stats), status="ok")
     except PointTimeout as exc:
-        row.update(_latency_columns(exc.partial), status="timeout", reason=str(exc))
+        row.update(status="timeout", reason=str(exc))
+        if exc.one_call_s is not None:
+            row.update(_latency_columns(LatencyStats.from_times([exc.one_call_s])))
     except UnsupportedProblem as exc:
         row.update(status="unsupported", reason=str(exc))
     except Exception as exc:  # noqa: BLE001 - a sweep outlives any layer's failure
         row.update(status="oom" if is_out_of_memory(exc) else "error", reason=_one_line(exc))
     finally:
         del module, x, step
-        gc.collect()
-        if problem.device == "cuda" and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory(problem.device)
     row["point_seconds"] = time.perf_counter() - started
     return results.make_row(**row)
+
+
+def release_memory(device: str) -> None:
+    """Free what a point left behind, so a heavy point does not slow the next (facts.md: up to 6×)."""
+    gc.collect()
+    if device == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    elif _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _latency_columns(stats: LatencyStats) -> dict[str, Any]:

@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from qna_bench.measure.latency import LatencyStats, PointTimeout, measure_latency
+from qna_bench.budget import PointBudget, PointTimeout
+from qna_bench.measure.latency import LatencyStats, measure_latency
 
 
 def test_statistics_are_computed_from_the_raw_samples():
@@ -37,7 +38,15 @@ def test_measure_latency_keeps_every_replicate():
 
 def test_a_point_over_its_budget_stops_with_what_it_measured():
     with pytest.raises(PointTimeout) as caught:
-        measure_latency(lambda: time.sleep(0.2), threads=1, min_run_time_s=1.0, budget_s=0.5)
-    assert caught.value.partial.n == 1
-    assert caught.value.partial.median_s >= 0.2
+        measure_latency(lambda: time.sleep(0.2), threads=1, min_run_time_s=1.0, budget=PointBudget(0.5))
+    assert caught.value.one_call_s >= 0.2
     assert "budget" in str(caught.value)
+
+
+def test_the_alarm_stops_a_call_that_runs_past_the_budget():
+    budget = PointBudget(0.3)
+    start = time.perf_counter()
+    with pytest.raises(PointTimeout, match="ran past"), budget.alarm():
+        for _ in range(100):
+            time.sleep(0.05)
+    assert time.perf_counter() - start < 1.0

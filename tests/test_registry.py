@@ -12,7 +12,7 @@ from qna_bench.problem import Problem
 from qna_bench.registry import get_layer, list_layers
 from qna_bench.runner import MeasureSettings, SweepPoint, run_point
 
-TINY = Problem(batch=2, height=10, width=9, channels=8, heads=2, window=3)
+TINY = Problem(batch=2, height=16, width=24, channels=16, heads=2, window=3)
 SETTINGS = MeasureSettings(threads=1, min_run_time_s=0.01, point_budget_s=60.0)
 ENV = read_environment("cpu")
 

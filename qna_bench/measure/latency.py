@@ -4,12 +4,13 @@ ours is to keep every replicate and derive the statistics from them."""
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch.utils.benchmark as torch_benchmark
+
+from qna_bench.budget import PointBudget
 
 
 @dataclass(frozen=True)
@@ -43,41 +44,24 @@ class LatencyStats:
         )
 
 
-class PointTimeout(Exception):
-    """A point would exceed its time budget; carries what was measured before stopping."""
-
-    def __init__(self, message: str, partial: LatencyStats):
-        super().__init__(message)
-        self.partial = partial
-
-
 def measure_latency(
     fn: Callable[[], object],
     *,
     threads: int,
     min_run_time_s: float = 1.0,
-    budget_s: float | None = None,
+    budget: PointBudget | None = None,
     label: str = "",
 ) -> LatencyStats:
     """Time ``fn`` with ``Timer.blocked_autorange``.
 
-    With a ``budget_s``, one first call estimates the cost; if the full measurement (that call, the
-    autorange calibration and ``min_run_time_s`` of replicates) would not fit, `PointTimeout` is raised
-    carrying that first call as a single replicate, so one huge point cannot stall a sweep.
+    With a ``budget``, one timed call first estimates the cost; if the calibration call and
+    ``min_run_time_s`` of replicates would not fit in what is left, `PointTimeout` is raised carrying
+    that call, so one huge point cannot stall a sweep.
     """
     timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=label)
-    if budget_s is not None:
-        start = time.perf_counter()
+    if budget is not None:
         first = timer.timeit(number=1).times[0]
-        # blocked_autorange runs at least one calibration call and enough blocks to reach min_run_time.
-        projected = (time.perf_counter() - start) + first + max(min_run_time_s, first)
-        if projected > budget_s:
-            partial = LatencyStats.from_times([first])
-            raise PointTimeout(
-                f"one call took {first:.3g} s; measuring would take about {projected:.3g} s, "
-                f"over the per-point budget of {budget_s:g} s",
-                partial,
-            )
+        budget.check(first, calls_left=1, extra_s=max(min_run_time_s, first))
     measurement = timer.blocked_autorange(min_run_time=min_run_time_s)
     times = [t for t in measurement.times if math.isfinite(t)]
     return LatencyStats.from_times(times, number_per_run=measurement.number_per_run)
