@@ -44,6 +44,9 @@ class MeasureConfig:
     # CPU only: the process's address-space cap above its size at the start of the sweep, so a point
     # that needs more fails as an `oom` row instead of waking the OOM killer. 0: 80% of available memory.
     memory_cap_gib: Any = 0
+    # Once a layer hits `oom` or `timeout` at a window, larger windows of the same layer and problem
+    # are recorded as `skipped` instead of being run.
+    skip_larger_after_failure: Any = True
 
 
 @dataclass

@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-Status = Literal["ok", "oom", "unsupported", "error", "timeout"]
+Status = Literal["ok", "oom", "unsupported", "error", "timeout", "skipped"]
 STATUSES: tuple[str, ...] = get_args(Status)
 
 RESULTS_FILE = "results.parquet"

@@ -38,7 +38,9 @@ except OSError:  # not glibc: nothing to trim
     _LIBC = None
 
 # Statuses a resumed sweep does not measure again (an `error` is retried).
-FINAL_STATUSES = ("ok", "unsupported", "oom", "timeout")
+FINAL_STATUSES = ("ok", "unsupported", "oom", "timeout", "skipped")
+# A layer that ran out of memory or time at one window will at every larger one (cost grows with k).
+GROWING_FAILURES = ("oom", "timeout")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class MeasureSettings:
     point_budget_s: float | None = 120.0
     memory: bool = True
     flops: bool = True
+    skip_larger_after_failure: bool = True
 
 
 @dataclass(frozen=True)
@@ -259,12 +262,24 @@ def run_sweep(
     if skipped:
         print(f"resume: {skipped} of {len(points)} points already in {results_path}; measuring {len(todo)}", file=stream)
     progress = Progress(len(todo), stream=stream)
+    failed_at: dict[tuple[str, Problem], tuple[int, str]] = {}
     statuses: dict[str, int] = {}
     written = 0
     try:
         for point in todo:
             progress.start(point.label)
-            row = run_point(point, settings, env, run_id)
+            group = (point.layer.name, point.problem.replace(window=0))
+            failure = failed_at.get(group) if settings.skip_larger_after_failure and point.layer.uses_window else None
+            if failure is not None and point.problem.window > failure[0]:
+                row = results.make_row(
+                    **base_row(point, env, settings, run_id),
+                    status="skipped",
+                    reason=f"not run: {failure[1]} already at window {failure[0]} for this layer and problem",
+                )
+            else:
+                row = run_point(point, settings, env, run_id)
+                if row["status"] in GROWING_FAILURES:
+                    failed_at[group] = (point.problem.window, row["status"])
             results.append_rows(results_path, [row])
             written += 1
             statuses[row["status"]] = statuses.get(row["status"], 0) + 1

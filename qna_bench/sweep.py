@@ -153,6 +153,7 @@ def _settings(cfg: DictConfig) -> tuple[MeasureSettings, int | None]:
         point_budget_s=float(budget) if budget is not None else None,
         memory=_flag(measure.memory, "measure.memory"),
         flops=_flag(measure.flops, "measure.flops"),
+        skip_larger_after_failure=_flag(measure.skip_larger_after_failure, "measure.skip_larger_after_failure"),
     )
     return settings, int(cap_gib * 2**30) if cap_gib else None
 

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from qna_bench import results
 
 TESTS = Path(__file__).resolve().parent
@@ -95,3 +97,14 @@ def test_sigint_stops_cleanly_with_every_finished_row_written(tmp_path):
     written = len(results.read_results(path))
     assert 1 <= written < 6
     assert f"interrupted: {written} of 6 points written" in stderr
+
+
+def test_larger_windows_after_a_timeout_are_skipped_not_run(tmp_path):
+    done = _run("layers=fault_sleeps", "windows=[1,5,7,9]", "modes=forward", "measure.point_budget_s=1.5",
+                "measure.min_run_time_s=0.01", *TINY, f"results_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    frame = results.read_results(tmp_path / results.RESULTS_FILE).set_index("window")
+    assert frame.loc[1, "status"] == "ok" and frame.loc[5, "status"] == "timeout"
+    assert list(frame.loc[[7, 9], "status"]) == ["skipped", "skipped"]
+    assert frame.loc[7, "reason"] == "not run: timeout already at window 5 for this layer and problem"
+    assert frame.loc[7, "median_s"] is pd.NA and frame.loc[7, "point_seconds"] is pd.NA
