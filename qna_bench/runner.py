@@ -185,11 +185,9 @@ def run_point(point: SweepPoint, settings: MeasureSettings, env: Environment, ru
             row["layer_flags"] = layer.layer_flags(module, problem)
             one_call_s = row["first_call_s"]  # includes compilation for compiled layers: replaced below
             if settings.memory:
-                call_start = time.perf_counter()
                 memory = measure_peak_memory(step, problem.torch_device, row["base_bytes"])
                 row.update(peak_bytes=memory.peak_bytes, memory_method=memory.method, memory_note=memory.note)
-                if memory.peak_bytes is not None:
-                    one_call_s = time.perf_counter() - call_start
+                one_call_s = memory.call_s if memory.call_s is not None else one_call_s
             if settings.flops:
                 budget.check(one_call_s, calls_left=3, extra_s=settings.min_run_time_s)
                 flops = count_flops(step, layer.flop_formulas)

@@ -8,6 +8,7 @@ storage is freed; views and in-place results share their input's storage and are
 from __future__ import annotations
 
 import gc
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ class MemoryStats:
     base_bytes: int
     method: str
     note: str = ""
+    # Wall time of the measured call itself (with the tracker's small overhead on CPU).
+    call_s: float | None = None
 
 
 class LiveStorageTracker(TorchDispatchMode):
@@ -75,19 +78,23 @@ def measure_peak_memory(fn: Callable[[], object], device: torch.device, base_byt
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         start = torch.cuda.memory_allocated(device)
+        began = time.perf_counter()
         fn()
         torch.cuda.synchronize(device)
+        call_s = time.perf_counter() - began
         peak = torch.cuda.max_memory_allocated(device) - start
-        return MemoryStats(peak, base_bytes, CUDA_ALLOCATOR)
+        return MemoryStats(peak, base_bytes, CUDA_ALLOCATOR, call_s=call_s)
     tracker = LiveStorageTracker()
     try:
+        began = time.perf_counter()
         with tracker:
             fn()
+        call_s = time.perf_counter() - began
     except NotImplementedError as exc:
         if "HigherOrderOperator" not in str(exc) and "no rule registered" not in str(exc):
             raise
         return MemoryStats(None, base_bytes, UNAVAILABLE, f"the CPU storage tracker cannot see inside: {_one_line(exc)}")
-    return MemoryStats(tracker.peak_bytes, base_bytes, CPU_LIVE_STORAGES)
+    return MemoryStats(tracker.peak_bytes, base_bytes, CPU_LIVE_STORAGES, call_s=call_s)
 
 
 def _one_line(exc: BaseException) -> str:
