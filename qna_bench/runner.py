@@ -183,11 +183,15 @@ def run_point(point: SweepPoint, settings: MeasureSettings, env: Environment, ru
             x = problem.make_input(layer.layout)
             step, row["base_bytes"], row["first_call_s"] = _make_step(module, x, problem)
             row["layer_flags"] = layer.layer_flags(module, problem)
-            one_call_s = row["first_call_s"]  # includes compilation for compiled layers: replaced below
+            one_call_s = None  # the first call includes compilation for compiled layers: not an estimate
             if settings.memory:
                 memory = measure_peak_memory(step, problem.torch_device, row["base_bytes"])
                 row.update(peak_bytes=memory.peak_bytes, memory_method=memory.method, memory_note=memory.note)
-                one_call_s = memory.call_s if memory.call_s is not None else one_call_s
+                one_call_s = memory.call_s
+            if one_call_s is None:
+                call_start = time.perf_counter()
+                step()
+                one_call_s = time.perf_counter() - call_start
             if settings.flops:
                 budget.check(one_call_s, calls_left=3, extra_s=settings.min_run_time_s)
                 flops = count_flops(step, layer.flop_formulas)
