@@ -67,6 +67,10 @@ def na_axis_allowed(query, key, length: int, window: int, dilation: int):
     index captured tensors to compile on CPU.
     """
     radius = window // 2
+    if dilation == 1:
+        # The same rule without the group arithmetic, which doubles a compiled mask_mod's cost.
+        centre = torch.clamp(query, min=radius, max=length - 1 - radius)
+        return (key - centre).abs() <= radius
     group = query % dilation
     group_length = (length - group + dilation - 1) // dilation
     centre = torch.minimum(torch.clamp(query // dilation, min=radius), group_length - 1 - radius)
