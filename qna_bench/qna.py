@@ -30,8 +30,9 @@ Only the released configuration is covered: relative position bias, ``attn_scale
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -50,9 +51,9 @@ STRIDES: tuple[int, ...] = (1, 2)
 # chunked FFT one costs ~35 ms at any k up to 15 and ~50 ms at k = 31.
 FFT_WEIGHT_GRAD_MIN_WINDOW: dict[int, int] = {1: 7, 2: 13}
 
-# Bytes of one complex spectrum chunk in the FFT kernel gradient; a few MiB keeps it in cache and
-# keeps its memory negligible next to the activations.
-_FFT_CHUNK_BYTES = 4 << 20
+# Bytes of one chunk's spectrum in the FFT kernel gradient: about 1 MiB keeps the chunk in cache and its
+# memory (a few such buffers) small next to the activations.
+_FFT_CHUNK_BYTES = 1 << 20
 
 # The official query normalisation epsilon.
 _QUERY_EPS = 1e-6
@@ -75,6 +76,11 @@ def _depthwise_conv(x: Tensor, kernel: Tensor, stride: int, padding: int) -> Ten
     return out.permute(0, 2, 3, 1).contiguous()
 
 
+# The output gradient of a depthwise convolution, handed out by channel range [c0, c1) so that the FFT
+# kernel gradient never needs all of it at once.
+GradChunks = Callable[[int, int], Tensor]
+
+
 def _fast_fft_len(n: int) -> int:
     """The smallest 7-smooth integer >= n (sizes pocketfft and cuFFT transform fastest)."""
     while True:
@@ -87,36 +93,40 @@ def _fast_fft_len(n: int) -> int:
         n += 1
 
 
-def _depthwise_weight_grad_fft(x: Tensor, grad_out: Tensor, window: int, stride: int, padding: int) -> Tensor:
+def _depthwise_weight_grad_fft(
+    x: Tensor, grad_out: GradChunks, out_size: tuple[int, int], window: int, stride: int, padding: int
+) -> Tensor:
     """Kernel gradient of `_depthwise_conv` as an FFT cross-correlation summed over the batch.
 
     ``G[c, i, j] = sum_{b, o} grad_out[b, o, c] * x[b, stride * o + (i, j) - padding, c]`` with zeros
-    outside ``x``. The output gradient is zero-stuffed to the input grid for stride > 1, and the
-    circular correlation is taken over a period of at least ``size + padding`` so that lags in
-    ``[-padding, padding]`` never wrap onto data. Channels go in chunks to bound the spectra's memory.
-    Returns (C, 1, k, k) in ``x``'s dtype.
+    outside ``x``. The output gradient is zero-stuffed onto the input grid (stride > 1), and the
+    circular correlation has a period of at least ``size + padding`` so that the lags in
+    ``[-padding, padding]`` never wrap onto data. Channels go in chunks through two reused zero-padded
+    buffers, which bounds the extra memory and keeps the spectra in cache; ``grad_out`` is only asked
+    for one chunk at a time. Returns (C, 1, k, k).
     """
     batch, height, width, channels = x.shape
-    out_h, out_w = grad_out.shape[1:3]
+    out_h, out_w = out_size
     n1, n2 = _fast_fft_len(height + padding), _fast_fft_len(width + padding)
-    # pocketfft has no half precision; cuFFT only for powers of two.
+    # pocketfft has no half precision, cuFFT only for powers of two
     work_dtype = torch.promote_types(x.dtype, torch.float32)
-    lags1 = (torch.arange(window, device=x.device) - padding) % n1
-    lags2 = (torch.arange(window, device=x.device) - padding) % n2
     spectrum_bytes = batch * n1 * (n2 // 2 + 1) * 2 * torch.finfo(work_dtype).bits // 8
     chunk = max(1, min(channels, _FFT_CHUNK_BYTES // spectrum_bytes))
+    x_buf = x.new_zeros(batch, chunk, n1, n2, dtype=work_dtype)
+    g_buf = torch.zeros_like(x_buf)
+    lags1 = (torch.arange(window, device=x.device) - padding) % n1
+    lags2 = (torch.arange(window, device=x.device) - padding) % n2
+    stuffed_h, stuffed_w = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
     grad_kernel = x.new_empty(channels, window, window, dtype=work_dtype)
     for c0 in range(0, channels, chunk):
-        xc = x[..., c0 : c0 + chunk].to(work_dtype)
-        gc = grad_out[..., c0 : c0 + chunk].to(work_dtype)
-        if stride > 1:
-            stuffed = gc.new_zeros(batch, stride * (out_h - 1) + 1, stride * (out_w - 1) + 1, gc.shape[-1])
-            stuffed[:, ::stride, ::stride] = gc
-            gc = stuffed
-        spec = torch.fft.rfft2(xc, s=(n1, n2), dim=(1, 2))
-        spec.mul_(torch.fft.rfft2(gc, s=(n1, n2), dim=(1, 2)).conj())
-        corr = torch.fft.irfft2(spec.sum(0), s=(n1, n2), dim=(0, 1))  # (n1, n2, chunk)
-        grad_kernel[c0 : c0 + chunk] = corr.index_select(0, lags1).index_select(1, lags2).permute(2, 0, 1)
+        c1 = min(c0 + chunk, channels)
+        xc, gc = x_buf[:, : c1 - c0], g_buf[:, : c1 - c0]
+        xc[..., :height, :width] = x[..., c0:c1].permute(0, 3, 1, 2)
+        gc[..., :stuffed_h:stride, :stuffed_w:stride] = grad_out(c0, c1).permute(0, 3, 1, 2)
+        spectrum = torch.fft.rfft2(gc).conj_physical_()
+        spectrum.mul_(torch.fft.rfft2(xc))
+        corr = torch.fft.irfft2(spectrum.sum(0), s=(n1, n2))
+        grad_kernel[c0:c1] = corr.index_select(1, lags1).index_select(2, lags2)
     return grad_kernel.to(x.dtype).unsqueeze(1)
 
 
@@ -125,28 +135,46 @@ def _use_fft_weight_grad(x: Tensor, window: int, stride: int) -> bool:
     return x.device.type == "cpu" and window >= FFT_WEIGHT_GRAD_MIN_WINDOW.get(stride, 1 << 30)
 
 
-def _depthwise_conv_backward(
-    x: Tensor, grad_out: Tensor, kernel: Tensor, stride: int, padding: int, need_kernel_grad: bool
-) -> tuple[Tensor, Tensor | None]:
-    """Gradients of `_depthwise_conv` w.r.t. its input (B, H, W, C) and, if asked, its kernel (C, 1, k, k)."""
-    window = kernel.shape[-1]
-    via_fft = need_kernel_grad and _use_fft_weight_grad(x, window, stride)
-    grad_x, grad_kernel, _ = torch.ops.aten.convolution_backward(
-        grad_out.permute(0, 3, 1, 2),
+def _depthwise_conv_input_grad(grad_out: Tensor, kernel: Tensor, size: tuple[int, int], stride: int, padding: int) -> Tensor:
+    """Gradient of `_depthwise_conv` w.r.t. its input, (B, H, W, C), from ``grad_out`` (B, H', W', C).
+
+    Stride 1: the same convolution with the flipped kernel (faster than the transposed convolution at
+    large windows on CPU). Stride 2: the transposed convolution, with the output padding that restores
+    ``size``.
+    """
+    g = grad_out.permute(0, 3, 1, 2)
+    channels = grad_out.shape[-1]
+    if stride == 1:
+        grad_x = F.conv2d(g, kernel.flip(-2, -1), padding=padding, groups=channels)
+    else:
+        window = kernel.shape[-1]
+        output_padding = [n - ((m - 1) * stride - 2 * padding + window) for n, m in zip(size, grad_out.shape[1:3])]
+        grad_x = F.conv_transpose2d(
+            g, kernel, stride=stride, padding=padding, output_padding=output_padding, groups=channels
+        )
+    return grad_x.permute(0, 2, 3, 1).contiguous()
+
+
+def _depthwise_weight_grad(
+    x: Tensor, grad_out: GradChunks, out_size: tuple[int, int], window: int, stride: int, padding: int
+) -> Tensor:
+    """Gradient of `_depthwise_conv` w.r.t. its kernel, (C, 1, k, k): FFT or PyTorch's own backward."""
+    if _use_fft_weight_grad(x, window, stride):
+        return _depthwise_weight_grad_fft(x, grad_out, out_size, window, stride, padding)
+    channels = x.shape[-1]
+    return torch.ops.aten.convolution_backward(
+        grad_out(0, channels).permute(0, 3, 1, 2),
         x.permute(0, 3, 1, 2),
-        kernel,
+        x.new_empty(channels, 1, window, window),
         None,
         [stride, stride],
         [padding, padding],
         [1, 1],
         False,
         [0, 0],
-        x.shape[-1],
-        [True, need_kernel_grad and not via_fft, False],
-    )
-    if via_fft:
-        grad_kernel = _depthwise_weight_grad_fft(x, grad_out, window, stride, padding)
-    return grad_x.permute(0, 2, 3, 1).contiguous(), grad_kernel
+        channels,
+        [False, True, False],
+    )[1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,13 +227,26 @@ def _qna_forward(
     return z.view(batch, out_h, out_w, features), den
 
 
+def _channels(t: Tensor, c0: int, c1: int) -> Tensor:
+    return t[..., c0:c1]
+
+
+def _scaled_channels(g_z: Tensor, scale: Tensor, c0: int, c1: int) -> Tensor:
+    """Channels [c0, c1) of ``(g_z * scale).flatten(-2)`` for g_z (..., h, d) and scale (..., h, 1)."""
+    head_dim = g_z.shape[-1]
+    h0, h1 = c0 // head_dim, -(-c1 // head_dim)
+    part = (g_z[..., h0:h1, :] * scale[..., h0:h1, :]).flatten(-2)
+    return part[..., c0 - h0 * head_dim : c1 - h0 * head_dim]
+
+
 class _QnAAttention(torch.autograd.Function):
     """The fast form with a hand-written backward.
 
     Saves only exp(s - m) (B, H, W, Nq*h), the values and the denominator (B, H', W', Nq*h); the
-    numerators and the products E*V are recomputed one query at a time in backward. The convolution
-    input gradients are PyTorch's own (fast in channels_last), the kernel gradients are FFT
-    cross-correlations on CPU for large windows (see `FFT_WEIGHT_GRAD_MIN_WINDOW`).
+    numerators and the products E*V are recomputed one query at a time in backward, and each is freed
+    as soon as its last use is done. The convolution input gradients are convolutions again
+    (`_depthwise_conv_input_grad`), the kernel gradients FFT cross-correlations on CPU for large windows
+    (see `FFT_WEIGHT_GRAD_MIN_WINDOW`).
     """
 
     @staticmethod
@@ -252,13 +293,14 @@ class _QnAAttention(torch.autograd.Function):
             num = _depthwise_conv(weighted, value_kernel, stride, padding).view(g_z.shape)
             g_den[..., n, :] = num.mul_(g_z).sum(-1).mul_(recip[..., n, :].square()).neg_()
             del num
-            g_num = (g_z * r_n).view(batch, out_h, out_w, features)
-            g_weighted, g_kernel = _depthwise_conv_backward(
-                weighted, g_num, value_kernel, stride, padding, need_kernel_grad
-            )
-            del weighted, g_num
-            if g_kernel is not None:
+            if need_kernel_grad:
+                g_num_chunks = functools.partial(_scaled_channels, g_z, r_n)
+                g_kernel = _depthwise_weight_grad(weighted, g_num_chunks, (out_h, out_w), window, stride, padding)
                 g_value_kernel[n] = g_kernel.view(heads, head_dim, window, window).sum(1)
+            del weighted
+            g_num = (g_z * r_n).view(batch, out_h, out_w, features)
+            g_weighted = _depthwise_conv_input_grad(g_num, value_kernel, (height, width), stride, padding)
+            del g_num
             g_weighted = g_weighted.view(batch, height, width, heads, head_dim)
             g_exp[..., n, :] = (g_weighted * v).sum(-1)
             if g_values is None:
@@ -268,18 +310,15 @@ class _QnAAttention(torch.autograd.Function):
             del g_weighted
 
         den_kernel = rpe_exp.reshape(num_queries * heads, 1, window, window)
-        g_exp_den, g_den_kernel = _depthwise_conv_backward(
-            exp_scores.view(batch, height, width, -1),
-            g_den.view(batch, out_h, out_w, -1),
-            den_kernel,
-            stride,
-            padding,
-            need_kernel_grad,
-        )
-        g_scores = g_exp.add_(g_exp_den.view_as(g_exp)).mul_(exp_scores)
+        flat_exp = exp_scores.view(batch, height, width, -1)
+        flat_g_den = g_den.view(batch, out_h, out_w, -1)
+        g_exp.add_(_depthwise_conv_input_grad(flat_g_den, den_kernel, (height, width), stride, padding).view_as(g_exp))
+        g_scores = g_exp.mul_(exp_scores)
 
         g_rpe = g_mixing = None
-        if g_den_kernel is not None:
+        if need_kernel_grad:
+            g_den_chunks = functools.partial(_channels, flat_g_den)
+            g_den_kernel = _depthwise_weight_grad(flat_exp, g_den_chunks, (out_h, out_w), window, stride, padding)
             g_rpe_exp = g_value_kernel * mixing + g_den_kernel.view_as(rpe_exp)
             g_rpe = (g_rpe_exp * rpe_exp).to(rpe_bias.dtype)
             g_mixing = (g_value_kernel * rpe_exp).to(mixing.dtype)

@@ -118,7 +118,9 @@ def test_fft_kernel_gradient_matches_convolution_backward(window: int, size: tup
         grad_out.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), kernel, None, [stride] * 2, [padding] * 2,
         [1, 1], False, [0, 0], 7, [False, True, False],
     )[1]
-    actual = qna_module._depthwise_weight_grad_fft(x, grad_out, window, stride, padding)
+    actual = qna_module._depthwise_weight_grad_fft(
+        x, lambda c0, c1: grad_out[..., c0:c1], tuple(out_size), window, stride, padding
+    )
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -126,9 +128,18 @@ def test_fft_kernel_gradient_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """A chunk budget of one channel gives the same kernel gradient."""
     x = torch.randn(2, 12, 10, 5, dtype=torch.float64)
     grad_out = torch.randn(2, 6, 5, 5, dtype=torch.float64)
-    whole = qna_module._depthwise_weight_grad_fft(x, grad_out, 5, 2, 2)
+    chunks = []
+
+    def grad_chunks(c0: int, c1: int) -> torch.Tensor:
+        chunks.append((c0, c1))
+        return grad_out[..., c0:c1]
+
+    whole = qna_module._depthwise_weight_grad_fft(x, grad_chunks, (6, 5), 5, 2, 2)
+    assert chunks == [(0, 5)]
     monkeypatch.setattr(qna_module, "_FFT_CHUNK_BYTES", 1)
-    torch.testing.assert_close(qna_module._depthwise_weight_grad_fft(x, grad_out, 5, 2, 2), whole)
+    chunks.clear()
+    torch.testing.assert_close(qna_module._depthwise_weight_grad_fft(x, grad_chunks, (6, 5), 5, 2, 2), whole)
+    assert chunks == [(c, c + 1) for c in range(5)]
 
 
 def with_large_logits(module: QnA, x: torch.Tensor, logit: float) -> torch.Tensor:
