@@ -58,11 +58,12 @@ def latest_rows(frame: pd.DataFrame) -> pd.DataFrame:
 
 def ratio_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """Each ok non-QnA row with its latency and memory divided by QnA's at the same problem, mode and
-    window (``latency_ratio`` = layer median_s / QnA median_s; above 1: QnA is faster / leaner)."""
+    window (``latency_ratio`` = layer median_s / QnA median_s; above 1: QnA is faster / leaner;
+    ``latency_ratio_low`` = layer q25_s / QnA q75_s, the ratio the timing spread still supports)."""
     keys = SHAPE_COLUMNS + ["mode", "window"]
     ok = latest_rows(frame)
     ok = ok[ok["status"] == "ok"]
-    reference = ok[ok["layer"] == REFERENCE_LAYER][keys + ["median_s", "peak_bytes"]]
+    reference = ok[ok["layer"] == REFERENCE_LAYER][keys + ["median_s", "q25_s", "q75_s", "peak_bytes"]]
     merged = ok[ok["layer"] != REFERENCE_LAYER].merge(reference, on=keys, suffixes=("", "_qna"))
     latency = merged["median_s"].astype("Float64")
     latency_qna = merged["median_s_qna"].astype("Float64")
@@ -70,6 +71,9 @@ def ratio_frame(frame: pd.DataFrame) -> pd.DataFrame:
     peak_qna = merged["peak_bytes_qna"].astype("Float64")
     merged["latency_ratio"] = (latency / latency_qna).where((latency > 0) & (latency_qna > 0))
     merged["memory_ratio"] = (peak / peak_qna).where((peak > 0) & (peak_qna > 0))
+    # A cautious speed ratio: the layer's fast quartile against QnA's slow one.
+    low, high_qna = merged["q25_s"].astype("Float64"), merged["q75_s_qna"].astype("Float64")
+    merged["latency_ratio_low"] = (low / high_qna).where((low > 0) & (high_qna > 0))
     return merged.sort_values(POINT_COLUMNS, kind="mergesort").reset_index(drop=True)
 
 
@@ -149,14 +153,16 @@ def _metric_figure(
     many_devices = frame["device_name"].nunique() > 1
     fig, axes = _figure(len(panels), ncols=2)
     for ax, (shape, mode, panel) in zip(axes, panels):
+        plotted = False
         for layer, rows in panel.groupby("layer", sort=True):
             rows = rows.sort_values("window")
             values = value(rows)
             ok = rows[(rows["status"] == "ok") & values.notna()]
-            failed = rows[rows["status"] != "ok"]
+            failed = rows[(rows["status"] != "ok") | values.isna()]
             style = styles[layer]
             label = _layer_label(layer, rows["family"].iloc[0])
             if len(ok):
+                plotted = True
                 ax.plot(ok["window"], value(ok).astype(float), marker="o", ms=4, label=label, **style)
                 if band is not None:
                     low, high = band(ok)
@@ -168,9 +174,13 @@ def _metric_figure(
                 ax.scatter(
                     failed["window"], [0.02] * len(failed), marker="x", color=style["color"],
                     transform=ax.get_xaxis_transform(), clip_on=False,
-                    label=f"{layer}: {', '.join(sorted(failed['status'].unique()))} (×)",
+                    label=f"{layer}: {', '.join(sorted({s if s != 'ok' else 'no value' for s in failed['status']}))} (×)",
                 )
-        ax.set_yscale("log")
+        if plotted:
+            ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "no ok point", transform=ax.transAxes, ha="center", va="center", color="gray")
+            ax.set_yticks([])
         ax.set_xlabel("window k (k×k neighbourhood; Swin: M×M window)")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{mode}: {shape_title(shape, many_devices)}", fontsize=10)

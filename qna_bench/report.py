@@ -36,6 +36,11 @@ REPORT_FILE = "report.md"
 BEAT_FACTOR = 1.1
 # QnA grows more slowly in k than a peer only if its log-log exponent is at least this much lower.
 EXPONENT_MARGIN = 0.1
+# Below this R² a growth exponent is flagged as a poor power-law fit (noisy or not a power law).
+POOR_FIT_R2 = 0.9
+# Timing spread (q75 − q25) / median above which a point counts as noisy.
+NOISY_SPREAD = 0.25
+MIN_REPLICATES = 3
 
 HOLDS, PARTLY, NOT_HOLD, NOT_TESTED = "holds", "holds partly", "does not hold on this device", "not tested"
 VERDICT_ORDER = (HOLDS, PARTLY, NOT_HOLD, NOT_TESTED)
@@ -201,7 +206,7 @@ def analyse(frame: pd.DataFrame) -> Analysis:
     data = data.merge(problems, on=SHAPE_COLUMNS, how="left")
     data["role"] = [role(layer, family) for layer, family in zip(data["layer"], data["family"])]
     ratios = plots.ratio_frame(data)
-    for column in ("latency_ratio", "memory_ratio"):
+    for column in ("latency_ratio", "latency_ratio_low", "memory_ratio"):
         ratios[column] = ratios[column].astype(float)
     ratios = _sort(ratios, ["problem", "mode", "role", "layer", "window"]) if len(ratios) else ratios
     growth = growth_table(data)
@@ -233,8 +238,10 @@ def _problem_label(problem: str, problems: pd.DataFrame) -> str:
 def _windows_text(hit: Sequence[int], all_windows: Sequence[int]) -> str:
     """`all k (3–11)`, `k ≥ 7`, or `k ∈ {5, 9}` for the windows ``hit`` among ``all_windows``."""
     hit, all_windows = sorted(set(hit)), sorted(set(all_windows))
+    if len(hit) == 1:
+        return f"k = {hit[0]}"
     if hit == all_windows:
-        return f"all k ({hit[0]}–{hit[-1]})" if len(hit) > 1 else f"k = {hit[0]}"
+        return f"all k ({hit[0]}–{hit[-1]})"
     if hit == [k for k in all_windows if k >= hit[0]]:
         return f"k ≥ {hit[0]}"
     return "k ∈ {" + ", ".join(str(k) for k in hit) + "}"
@@ -336,17 +343,17 @@ def _scaling_verdict(growth: pd.DataFrame, problems: pd.DataFrame) -> tuple[str,
                 continue
             e_qna = float(qna[exponent].iloc[0])
             slower, not_slower = [], []
-            for layer, e_peer in zip(peers["layer"], peers[exponent]):
+            for layer, e_peer, r2 in zip(peers["layer"], peers[exponent], peers[f"{metric}_r2"]):
                 if _missing(e_peer):
                     continue
                 total += 1
-                text = f"{layer} k^{_fmt(e_peer)}"
+                text = f"{layer} {_growth_text(e_peer, r2)}"
                 if e_qna <= float(e_peer) - EXPONENT_MARGIN:
                     wins += 1
                     slower.append(text)
                 else:
                     not_slower.append(text)
-            parts = [f"{label} {metric}: QnA k^{_fmt(e_qna)}"]
+            parts = [f"{label} {metric}: QnA {_growth_text(e_qna, qna[f'{metric}_r2'].iloc[0])}"]
             if slower:
                 parts.append("grows more slowly than " + ", ".join(slower))
             if not_slower:
@@ -356,7 +363,8 @@ def _scaling_verdict(growth: pd.DataFrame, problems: pd.DataFrame) -> tuple[str,
             convs = group[(group["role"] == ROLE_CONV) & group[exponent].notna()]
             if len(convs):
                 parts.append("convolutions (outside the verdict): "
-                             + ", ".join(f"{layer} k^{_fmt(e)}" for layer, e in zip(convs["layer"], convs[exponent])))
+                             + ", ".join(f"{layer} {_growth_text(e, r2)}"
+                                         for layer, e, r2 in zip(convs["layer"], convs[exponent], convs[f"{metric}_r2"])))
             conditions.append("; ".join(parts))
         ignoring = group[(group["role"] == ROLE_ATTENTION) & ~group["uses_window"]]
         if len(ignoring):
@@ -365,6 +373,36 @@ def _scaling_verdict(growth: pd.DataFrame, problems: pd.DataFrame) -> tuple[str,
         return NOT_TESTED, "no exponent to compare", conditions
     verdict = HOLDS if wins == total else PARTLY if wins else NOT_HOLD
     return verdict, f"QnA grows more slowly in {wins} of {total} comparisons", conditions
+
+
+def _growth_text(exponent: float, r2: float) -> str:
+    flag = f" (poor fit, R² {_fmt(r2)})" if not _missing(r2) and r2 < POOR_FIT_R2 else ""
+    return f"k^{_fmt(exponent)}{flag}"
+
+
+def timing_warnings(data: pd.DataFrame) -> list[str]:
+    """Why the latencies of these rows may not be trusted: a busy machine, too few replicates, wide spread."""
+    ok = data[(data["status"] == "ok") & data["median_s"].notna()]
+    if not len(ok):
+        return []
+    notes, total = [], len(ok)
+    if "load_avg" in ok:
+        busy = ok[ok["load_avg"].astype(float) > ok["threads"].astype(float)]
+        if len(busy):
+            notes.append(
+                f"{len(busy)} of {total} timed points started with the 1-minute load average above their thread count "
+                f"(up to {_fmt(busy['load_avg'].astype(float).max())} for {_values(busy, 'threads')} thread(s)): other "
+                "work shared the cores, so latencies, speed ratios and latency exponents are unreliable"
+            )
+    few = ok[ok["n"].fillna(0).astype(int) < MIN_REPLICATES]
+    if len(few):
+        notes.append(f"{len(few)} of {total} timed points have fewer than {MIN_REPLICATES} timing replicates (no spread to judge)")
+    spread = (ok["q75_s"].astype(float) - ok["q25_s"].astype(float)) / ok["median_s"].astype(float)
+    wide = ok[spread > NOISY_SPREAD]
+    if len(wide):
+        notes.append(f"{len(wide)} of {total} timed points have a timing spread (q75 − q25) / median above "
+                     f"{NOISY_SPREAD:.0%}")
+    return notes
 
 
 def _overall(verdicts: Sequence[str]) -> str:
@@ -478,10 +516,13 @@ def header_section(analysis: Analysis) -> str:
             ["id", "device", "dtype", "batch", "map (H×W)", "channels", "heads", "stride", "dilation", "modes", "windows k"],
             problems,
         ),
+        "### Reliability of the timings",
+        "\n".join(f"- {note}." for note in timing_warnings(data))
+        or "No warning: every timed point had a quiet machine (where recorded), enough replicates and a narrow spread.",
         "### Layers",
         markdown_table(
             ["layer", "family", "role", "implementation", "uses window"],
-            [[r.layer, r.family, r.role, r.implementation, "yes" if r.uses_window is not False else "no"]
+            [[r.layer, r.family, r.role, r.implementation, "no" if r.uses_window is False or r.uses_window == False else "yes"]  # noqa: E712
              for r in layers.itertuples()],
         ),
     ])
@@ -501,7 +542,12 @@ def verdict_section(analysis: Analysis) -> str:
             rows.append([f"{claim.title} (“{claim.quote}”)"]
                         + [f"**{mine.loc[m, 'verdict']}**: {mine.loc[m, 'headline']}" for m in modes]
                         + [f"**{mine.loc['overall', 'verdict']}**"])
-        parts += [f"### On {device}", markdown_table(["claim", *modes, "overall"], rows), "Conditions:"]
+        parts += [f"### On {device}", markdown_table(["claim", *modes, "overall"], rows)]
+        if timing_warnings(analysis.frame[analysis.frame["device_name"] == device]):
+            parts.append("**Caution:** the timings on this device are noisy (see *Reliability of the timings*): the speed "
+                         "and latency-growth verdicts may not survive a re-measurement on a quiet machine. Peak memory "
+                         "does not depend on load.")
+        parts.append("Conditions:")
         bullets = []
         for claim in CLAIMS:
             for mode in modes:
@@ -540,17 +586,20 @@ def ratio_section(analysis: Analysis, claim: Claim) -> str:
         return "\n\n".join([*parts, "No layer was measured next to QnA at a common point."])
     problems = analysis.problems
     largest = []
+    cautious = claim is SPEED and "latency_ratio_low" in ratios
     for (layer, mode), group in _sort(ratios, ["role", "layer", "mode"]).groupby(["layer", "mode"], sort=False):
         best = _best(group, column)
         largest.append([layer, best["role"], mode, _x(best[column]), int(best["window"]),
-                        f"{best['height']}×{best['width']}", best["problem"]])
+                        f"{best['height']}×{best['width']}", best["problem"]]
+                       + ([_x(best["latency_ratio_low"])] if cautious else []))
     peers = ratios[ratios["role"] == ROLE_ATTENTION]
     if len(peers):
         best = _best(peers, column)
         parts.append(f"Largest against an attention peer: **{_best_text(best, column, problems)}, {best['mode']}, "
                      f"vs {best['layer']}**.")
     parts += ["### Largest ratio per layer and mode",
-              markdown_table(["layer", "role", "mode", "largest", "at k", "map", "problem"], largest)]
+              markdown_table(["layer", "role", "mode", "largest", "at k", "map", "problem"]
+                             + (["same point, cautious (layer q25 / QnA q75)"] if cautious else []), largest)]
     data = analysis.frame
     for (problem, mode), group in _sort(ratios, ["problem", "mode"]).groupby(["problem", "mode"], sort=False):
         here = data[(data["problem"] == problem) & (data["mode"] == mode)]
@@ -593,11 +642,29 @@ def growth_section(analysis: Analysis) -> str:
     ])
 
 
+def _no_memory_text(data: pd.DataFrame) -> str:
+    ok = data[(data["status"] == "ok") & data["peak_bytes"].isna()]
+    if not len(ok):
+        return ""
+    rows = []
+    for (problem, mode, layer), group in _sort(ok, ["problem", "mode", "role", "layer", "window"]).groupby(
+        ["problem", "mode", "layer"], sort=False
+    ):
+        note = group["memory_note"].dropna()
+        rows.append([problem, mode, layer, ", ".join(str(k) for k in group["window"].astype(int)),
+                     group["memory_method"].iloc[0], note.iloc[0][:160] if len(note) else ""])
+    return "\n\n".join([
+        "`ok` points without a peak memory (timed, but the memory pass could not see the layer):",
+        markdown_table(["problem", "mode", "layer", "k", "memory method", "note"], rows),
+    ])
+
+
 def failures_section(analysis: Analysis) -> str:
     failures = analysis.failures
     parts = ["## Points without a measurement"]
+    no_memory = _no_memory_text(analysis.frame)
     if not len(failures):
-        return "\n\n".join([*parts, "Every point is `ok`."])
+        return "\n\n".join([*parts, "Every point is `ok`.", no_memory]).rstrip()
     counts = []
     for (layer, status), group in _sort(failures, ["role", "layer", "status"]).groupby(["layer", "status"], sort=False):
         counts.append([layer, status, len(group)])
@@ -609,6 +676,8 @@ def failures_section(analysis: Analysis) -> str:
             [[r.problem, r.mode, r.layer, int(r.window), r.status, r.reason] for r in failures.itertuples()],
         ),
     ]
+    if no_memory:
+        parts.append(no_memory)
     return "\n\n".join(parts)
 
 

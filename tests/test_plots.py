@@ -80,7 +80,8 @@ def test_without_qna_there_is_no_ratio_figure_and_without_ok_rows_no_pareto(tmp_
     results.append_rows(path, power_law_rows("sasa", "forward", (1e-3, 2.0), (1000, 2.0)))
     assert [p.name for p in plots.draw_figures(path)] == ["latency.png", "memory.png", "pareto.png"]
     failed = tmp_path / "failed" / "results.parquet"
-    results.append_rows(failed, [synthetic_row("sasa", 3, status="oom", reason="out of memory")])
+    results.append_rows(failed, [synthetic_row("sasa", 3, status="oom", reason="out of memory"),
+                                 synthetic_row("qna", 3, status="error", reason="boom")])
     assert [p.name for p in plots.draw_figures(failed)] == ["latency.png", "memory.png"]
 
 

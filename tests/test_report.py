@@ -174,7 +174,7 @@ def test_report_states_the_largest_ratios_and_exponents(claims_parquet, tmp_path
     assert "| qna_reference | QnA naive form | forward | 121.00× | 11 | 16×16 | P1 |" in text
     assert "| P1 | forward | sasa | attention peer | yes | 5/5 | 1.50 | 1.000 | 5 | 2.00 | 1.000 | 5 |" in text
     assert "| P1 | train | na | attention peer | yes | 0/5 | n/a | n/a | 0 | n/a | n/a | 0 |" in text
-    assert "QnA is ≥10× leaner than: sasa (k ≥ 11 at 16×16 (P1); up to 11.00× at k=11, 16×16 (P1))" in text
+    assert "QnA is ≥10× leaner than: sasa (k = 11 at 16×16 (P1); up to 11.00× at k=11, 16×16 (P1))" in text
     assert "Convolutions (outside the verdict)" in text
     assert "na unsupported at 16×16 (P1), k=3, 5, 7, 9, 11; sasa oom at 16×16 (P1), k=11" in text
     # Header: environment, and no date of generation.
@@ -242,3 +242,23 @@ def test_notebook_executes_against_a_results_file(claims_parquet, tmp_path, monk
     assert "11.00× at k=11" in texts
     pngs = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(pngs) >= 4
+
+
+def test_noisy_timings_and_missing_memory_are_called_out():
+    rows = power_law_rows("qna", "forward", (1e-3, 1.0), (1000, 1.0))
+    rows += power_law_rows("global_attn", "forward", (1e-3, 0.0), (10**5, 0.0))
+    quiet = report.render(_only(rows, set()))
+    assert "No warning: every timed point" in quiet and "**Caution:**" not in quiet
+    assert "| global_attn | global | attention peer | global_attn (synthetic) | no |" in quiet
+    busy = {"load_avg": 7.5} if "load_avg" in results.COLUMNS else {}
+    rows.append(synthetic_row("sasa", 3, "forward", 2e-3, None, n=1, q25_s=1e-3, q75_s=3e-3, memory_method="unavailable",
+                              memory_note="the CPU storage tracker cannot see inside flex attention", **busy))
+    noisy = report.render(_only(rows, set()))
+    assert "1 of 11 timed points have fewer than 3 timing replicates" in noisy
+    assert "1 of 11 timed points have a timing spread (q75 − q25) / median above 25%" in noisy
+    if busy:
+        assert "1 of 11 timed points started with the 1-minute load average above their thread count" in noisy
+    assert "**Caution:** the timings on this device are noisy" in noisy
+    assert "| P1 | forward | sasa | 3 | unavailable | the CPU storage tracker cannot see inside flex attention |" in noisy
+    # The speed table also gives the ratio the spread supports: SASA's q25 over QnA's q75.
+    assert "| sasa | attention peer | forward | 0.67× | 3 | 16×16 | P1 | 0.32× |" in noisy
