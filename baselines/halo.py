@@ -68,6 +68,9 @@ def _flags(module: HaloAttention, problem: Problem) -> dict:
         "halo_size": attn.halo_size,
         "attended_window": attn.win_size,
         "qk_head_dim": attn.dim_head_qk,
+        # timm pads the key/value map with zeros and does not mask them: in every block touching the
+        # border, padded positions take part in the softmax (key 0, value 0). Kept as timm has it.
+        "padded_halo_attended": attn.halo_size > 0,
     }
 
 
@@ -106,7 +109,8 @@ def halo_flops(problem: Problem) -> int:
     odd_window=True,
     description=(
         f"HaloNet blocked local attention: {BLOCK_SIZE}x{BLOCK_SIZE} query blocks attend over the block "
-        "plus a (window-1)/2 halo; relative position logits; qkv biases and output projection added"
+        "plus a (window-1)/2 halo; relative position logits; qkv biases and output projection added; "
+        "timm leaves the zero-padded halo unmasked"
     ),
     constraints=_constraints,
     unsupported=_unsupported,

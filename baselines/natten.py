@@ -26,7 +26,10 @@ from qna_bench.registry import register_layer
 
 # What each backend NATTEN may pick means for the numbers in a row.
 BACKEND_NOTES = {
-    "flex-fna": "eager flex attention: forward only on CPU, builds the full (HW)^2 score matrix",
+    "flex-fna": (
+        "eager flex attention: forward only on CPU, builds the full (HW)^2 score matrix "
+        "and rebuilds its block mask on every call"
+    ),
     "flex-fmha": "window covers the map: NATTEN runs plain self-attention on eager flex (full score matrix)",
 }
 

@@ -435,6 +435,19 @@ def test_halo_pixels_see_their_block_plus_halo_which_holds_their_window():
         assert seen[max(i - halo, 0) : i + halo + 1, max(j - halo, 0) : j + halo + 1].all()
 
 
+def test_halo_zero_padding_takes_part_in_the_softmax_as_flagged():
+    # A constant map makes every in-image value equal: any pixel whose output differs from an
+    # interior block's has attended to the zero padding.
+    module = HaloAttention(CHANNELS, HEADS, window=5, stride=1)
+    with torch.inference_mode():
+        out = module.attn(torch.ones(1, CHANNELS, 24, 24))
+    interior = out[0, :, 10, 10]
+    torch.testing.assert_close(out[0, :, 13, 12], interior, rtol=0, atol=1e-5)
+    assert not torch.allclose(out[0, :, 3, 3], interior, atol=1e-3)
+    problem = Problem(height=24, width=24, window=5)
+    assert get_layer("halo").layer_flags(module, problem)["padded_halo_attended"] is True
+
+
 def test_halo_needs_maps_divisible_by_its_block():
     reason = get_layer("halo").unsupported_reason(Problem(height=14, width=16))
     assert reason is not None and "divisible by its block size 8" in reason and "14x16" in reason
