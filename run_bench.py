@@ -5,7 +5,7 @@ import sys
 import hydra
 
 from qna_bench.config import register_configs
-from qna_bench.sweep import EXIT_BAD_INPUT, run_from_config
+from qna_bench.sweep import EXIT_BAD_INPUT, check_results_dir_argument, run_from_config
 
 register_configs()
 _composed = False
@@ -19,6 +19,7 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
+    check_results_dir_argument(sys.argv[1:])
     try:
         main()
     except SystemExit as exit_:

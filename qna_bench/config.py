@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
 # Values are typed Any on purpose: `qna_bench.sweep` validates every one before any work and names
 # the field and the allowed values in one line (exit 2), which Hydra's own conversion errors do not.
@@ -59,7 +60,8 @@ class BenchConfig:
     problem: ProblemConfig = field(default_factory=ProblemConfig)
     variants: Any = field(default_factory=list)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
-    results_dir: Any = "${hydra:runtime.output_dir}"
+    # Unset: Hydra's output folder for this run or job (see configs/config.yaml).
+    results_dir: Any = MISSING
     # Skip points already measured in results_dir's parquet; `resume=false` measures them again.
     resume: Any = True
     # With invalid combinations in the sweep: false refuses the whole sweep, true runs the valid points.

@@ -33,10 +33,9 @@ def merge_sweep(sweep_dir: Path, plots: bool = True) -> Path | None:
     table = merge_results(parts, target)
     log.info("merged %d job results (%d rows) into %s", len(parts), table.num_rows, target)
     if plots:
-        from qna_bench.plots import draw_figures
+        from qna_bench.report import write_report
 
-        for figure in draw_figures(target):
-            log.info("figure: %s", figure)
+        log.info("report and figures: %s", write_report(target))
     return target
 
 

@@ -95,6 +95,8 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
+# Columns every qna-bench results file has had: a file with these and no unknown ones is ours.
+IDENTITY_COLUMNS = ("point_key", "layer", *PROBLEM_COLUMNS, "status", "median_s", "peak_bytes")
 
 _PANDAS_TYPES = {
     pa.int64(): pd.Int64Dtype(),
@@ -139,11 +141,17 @@ def read_table(path: str | os.PathLike) -> pa.Table:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ResultsFileError(f"results path {path}: not a readable parquet file ({exc}); refusing to touch it") from None
-    if table.schema.names != SCHEMA.names:
-        missing = sorted(set(SCHEMA.names) - set(table.schema.names))
-        extra = sorted(set(table.schema.names) - set(SCHEMA.names))
+    missing = [name for name in SCHEMA.names if name not in table.schema.names]
+    extra = sorted(set(table.schema.names) - set(SCHEMA.names))
+    if not extra and missing and set(IDENTITY_COLUMNS) <= set(table.schema.names):
+        # Written before a column was added: the new columns read as missing values.
+        for name in missing:
+            column_type = SCHEMA.field(name).type
+            table = table.append_column(pa.field(name, column_type), pa.nulls(table.num_rows, column_type))
+        table = table.select(SCHEMA.names)
+    elif missing or extra or table.schema.names != SCHEMA.names:
         raise ResultsFileError(
-            f"results path {path}: not a qna-bench results file (missing columns {missing[:5]}, "
+            f"results path {path}: not a qna-bench results file (missing columns {sorted(missing)[:5]}, "
             f"unknown columns {extra[:5]}); refusing to touch it"
         )
     return table.cast(SCHEMA)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from qna_bench import results
@@ -158,6 +159,27 @@ def _settings(cfg: DictConfig) -> tuple[MeasureSettings, int | None]:
     return settings, int(cap_gib * 2**30) if cap_gib else None
 
 
+def check_results_dir_argument(argv: Sequence[str]) -> None:
+    """Refuse an uncreatable ``results_dir=`` override before Hydra tries to create it (exit 2)."""
+    for arg in argv:
+        if arg.startswith("results_dir="):
+            folder = Path(arg.split("=", 1)[1])
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                print(f"error: results_dir={folder}: cannot create it ({exc.strerror})", file=sys.stderr)
+                sys.exit(EXIT_BAD_INPUT)
+
+
+def results_dir(cfg: DictConfig) -> str:
+    """Where this run or multirun job writes: Hydra's output folder, which ``results_dir`` sets."""
+    if HydraConfig.initialized():
+        return HydraConfig.get().runtime.output_dir
+    if OmegaConf.is_missing(cfg, "results_dir") or not isinstance(cfg.results_dir, str) or not cfg.results_dir:
+        raise BadInput([f"results_dir={OmegaConf.to_container(cfg).get('results_dir')!r}: must be a folder path"])
+    return cfg.results_dir
+
+
 def plan_from_config(cfg: DictConfig) -> SweepPlan:
     """Everything the sweep will do, checked; raises `BadInput` listing every problem found."""
     messages: list[str] = []
@@ -191,9 +213,7 @@ def plan_from_config(cfg: DictConfig) -> SweepPlan:
         points = [p for p in points if point_is_valid(p)]
         if not points:
             raise BadInput([*errors, "skip_invalid=true: no valid point is left to run"])
-    if not isinstance(cfg.results_dir, str) or not cfg.results_dir:
-        raise BadInput([f"results_dir={cfg.results_dir!r}: must be a folder path"])
-    results_path = Path(cfg.results_dir) / results.RESULTS_FILE
+    results_path = Path(results_dir(cfg)) / results.RESULTS_FILE
     try:
         results.check_writable(results_path)
     except results.ResultsFileError as exc:
@@ -227,10 +247,11 @@ def execute(plan: SweepPlan) -> SweepOutcome:
         frame = results.read_results(plan.results_path)
         print(summary_table(frame[frame["point_key"].isin(plan_keys(plan, env))]))
     if plan.plots and plan.results_path.exists():
-        from qna_bench.plots import draw_figures
+        from qna_bench.report import write_report
 
-        for figure in draw_figures(plan.results_path):
-            print(f"figure: {figure}", file=sys.stderr)
+        report = write_report(plan.results_path)
+        print(f"report and figures: {report} and {', '.join(sorted(p.name for p in report.parent.glob('*.png')))}",
+              file=sys.stderr)
     return outcome
 
 

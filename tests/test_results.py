@@ -97,3 +97,14 @@ def test_merge_is_the_union(tmp_path):
     results.append_rows(b, [_row(window=7)])
     merged = results.merge_results([a, b], tmp_path / "merged.parquet")
     assert sorted(merged.column("window").to_pylist()) == [3, 5, 7]
+
+
+def test_a_file_written_before_a_column_was_added_still_reads(tmp_path):
+    path = tmp_path / "results.parquet"
+    old = results.rows_to_table([_row()]).drop_columns(["load_avg", "first_call_s"])
+    pq.write_table(old, path)
+    frame = results.read_results(path)
+    assert tuple(frame.columns) == results.COLUMNS
+    assert frame.loc[0, "load_avg"] is pd.NA and frame.loc[0, "median_s"] == 0.001
+    results.append_rows(path, [_row(window=5)])
+    assert len(results.read_results(path)) == 2
