@@ -9,22 +9,20 @@ from qna_bench.problem import Problem
 from qna_bench.registry import register_layer
 
 
+def same_conv2d(channels: int, window: int, stride: int, dilation: int, groups: int) -> nn.Conv2d:
+    """A C→C k×k convolution padded to keep the map size (at stride 1), weights in channels_last."""
+    conv = nn.Conv2d(
+        channels, channels, window, stride=stride, padding=dilation * (window - 1) // 2, dilation=dilation, groups=groups
+    )
+    return conv.to(memory_format=torch.channels_last)
+
+
 class ChannelsLastConv(nn.Module):
     """A k×k "same" convolution whose weights and input use the channels_last memory format."""
 
     def __init__(self, channels: int, window: int, stride: int, dilation: int, groups: int):
         super().__init__()
-        self.conv = nn.Conv2d(
-            channels,
-            channels,
-            window,
-            stride=stride,
-            padding=dilation * (window - 1) // 2,
-            dilation=dilation,
-            groups=groups,
-            bias=True,
-        )
-        self.conv.to(memory_format=torch.channels_last)
+        self.conv = same_conv2d(channels, window, stride, dilation, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x.contiguous(memory_format=torch.channels_last))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from baselines.conv import same_conv2d
 from qna_bench.problem import Problem
 from qna_bench.registry import register_layer
 
@@ -20,16 +21,7 @@ class ConvNeXtMixer(nn.Module):
     def __init__(self, channels: int, window: int, stride: int, dilation: int):
         super().__init__()
         self.pw_in = nn.Linear(channels, channels)
-        self.dw = nn.Conv2d(
-            channels,
-            channels,
-            window,
-            stride=stride,
-            padding=dilation * (window - 1) // 2,
-            dilation=dilation,
-            groups=channels,
-        )
-        self.dw.to(memory_format=torch.channels_last)
+        self.dw = same_conv2d(channels, window, stride, dilation, groups=channels)
         self.pw_out = nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

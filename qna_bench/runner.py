@@ -8,6 +8,7 @@ starting the next.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import itertools
 import os
@@ -231,16 +232,7 @@ def release_memory(device: str) -> None:
 
 
 def _latency_columns(stats: LatencyStats) -> dict[str, Any]:
-    return dict(
-        median_s=stats.median_s,
-        q25_s=stats.q25_s,
-        q75_s=stats.q75_s,
-        min_s=stats.min_s,
-        mean_s=stats.mean_s,
-        n=stats.n,
-        number_per_run=stats.number_per_run,
-        times_s=list(stats.times_s),
-    )
+    return {**dataclasses.asdict(stats), "times_s": list(stats.times_s)}
 
 
 def run_sweep(
