@@ -30,9 +30,9 @@ Only the released configuration is covered: relative position bias, ``attn_scale
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -44,12 +44,12 @@ Impl = Literal["fast", "reference"]
 IMPLS: tuple[str, ...] = ("fast", "reference")
 STRIDES: tuple[int, ...] = (1, 2)
 
-# Kernel gradients of the depthwise convolutions on CPU: from this window size on they are computed as
-# FFT cross-correlations, below it by PyTorch's own convolution backward. Keyed by stride. Measured on
-# the 2-core CPU (B=8, 56x56, 256 channels, fp32): the native weight gradient costs 4 / 34 / 52 / 113 /
-# 1240 ms at k = 3 / 5 / 7 / 11 / 15 (stride 1) and 1.4 / 23 / 17 / 32 / 466 ms (stride 2); the
-# chunked FFT one costs ~35 ms at any k up to 15 and ~50 ms at k = 31.
-FFT_WEIGHT_GRAD_MIN_WINDOW: dict[int, int] = {1: 7, 2: 13}
+# Kernel gradients of the depthwise convolutions on CPU: from this window size on (keyed by stride) they
+# are FFT cross-correlations, below it PyTorch's own convolution backward. Measured for one query's
+# 128 channels (B=8, 56x56, fp32, CPU time of one thread), native vs FFT in ms:
+#   stride 1: k=3 2.4 vs 32, k=5 28 vs 29, k=7 48 vs 29, k=9 74 vs 31, k=13 144 vs 29, k=15 840 vs 34
+#   stride 2: k=5 9.6 vs 28, k=9 22 vs 25, k=11 31 vs 23, k=13 43 vs 23, k=15 215 vs 23, k=31 906 vs 38
+FFT_WEIGHT_GRAD_MIN_WINDOW: dict[int, int] = {1: 7, 2: 11}
 
 # Bytes of one chunk's spectrum in the FFT kernel gradient: about 1 MiB keeps the chunk in cache and its
 # memory (a few such buffers) small next to the activations.
@@ -76,16 +76,38 @@ def _depthwise_conv(x: Tensor, kernel: Tensor, stride: int, padding: int) -> Ten
     return out.permute(0, 2, 3, 1).contiguous()
 
 
-# The output gradient of a depthwise convolution, handed out by channel range [c0, c1) so that the FFT
-# kernel gradient never needs all of it at once.
-GradChunks = Callable[[int, int], Tensor]
+@dataclass(frozen=True)
+class _LazyGrad:
+    """An output gradient ``a * b`` that is never materialised whole by the FFT kernel gradient.
+
+    ``a`` is (B, H', W', G, D), ``b`` None or (B, H', W', G, 1); channel ``g * D + i`` of the gradient
+    is ``a[..., g, i] * b[..., g, 0]``.
+    """
+
+    a: Tensor
+    b: Tensor | None = None
+
+    def write_channels(self, c0: int, c1: int, out: Tensor) -> None:
+        """Write channels [c0, c1) into ``out`` (B, c1 - c0, H', W'), any strides."""
+        if self.b is None:
+            out.copy_(self.a.flatten(-2)[..., c0:c1].permute(0, 3, 1, 2))
+            return
+        group = self.a.shape[-1]
+        for g in range(c0 // group, -(-c1 // group)):
+            lo, hi = max(c0, g * group), min(c1, (g + 1) * group)
+            src = self.a[..., g, lo - g * group : hi - g * group].permute(0, 3, 1, 2)
+            torch.mul(src, self.b[..., g, :].permute(0, 3, 1, 2), out=out[:, lo - c0 : hi - c0])
+
+    def materialize(self) -> Tensor:
+        """The whole gradient, (B, H', W', G * D)."""
+        return (self.a if self.b is None else self.a * self.b).flatten(-2)
 
 
 def _fast_fft_len(n: int) -> int:
-    """The smallest 7-smooth integer >= n (sizes pocketfft and cuFFT transform fastest)."""
+    """The smallest 5-smooth integer >= n (sizes pocketfft and cuFFT transform fastest)."""
     while True:
         m = n
-        for f in (2, 3, 5, 7):
+        for f in (2, 3, 5):
             while m % f == 0:
                 m //= f
         if m == 1:
@@ -94,7 +116,7 @@ def _fast_fft_len(n: int) -> int:
 
 
 def _depthwise_weight_grad_fft(
-    x: Tensor, grad_out: GradChunks, out_size: tuple[int, int], window: int, stride: int, padding: int
+    x: Tensor, grad_out: _LazyGrad, out_size: tuple[int, int], window: int, stride: int, padding: int
 ) -> Tensor:
     """Kernel gradient of `_depthwise_conv` as an FFT cross-correlation summed over the batch.
 
@@ -122,7 +144,7 @@ def _depthwise_weight_grad_fft(
         c1 = min(c0 + chunk, channels)
         xc, gc = x_buf[:, : c1 - c0], g_buf[:, : c1 - c0]
         xc[..., :height, :width] = x[..., c0:c1].permute(0, 3, 1, 2)
-        gc[..., :stuffed_h:stride, :stuffed_w:stride] = grad_out(c0, c1).permute(0, 3, 1, 2)
+        grad_out.write_channels(c0, c1, gc[..., :stuffed_h:stride, :stuffed_w:stride])
         spectrum = torch.fft.rfft2(gc).conj_physical_()
         spectrum.mul_(torch.fft.rfft2(xc))
         corr = torch.fft.irfft2(spectrum.sum(0), s=(n1, n2))
@@ -156,14 +178,14 @@ def _depthwise_conv_input_grad(grad_out: Tensor, kernel: Tensor, size: tuple[int
 
 
 def _depthwise_weight_grad(
-    x: Tensor, grad_out: GradChunks, out_size: tuple[int, int], window: int, stride: int, padding: int
+    x: Tensor, grad_out: _LazyGrad, out_size: tuple[int, int], window: int, stride: int, padding: int
 ) -> Tensor:
     """Gradient of `_depthwise_conv` w.r.t. its kernel, (C, 1, k, k): FFT or PyTorch's own backward."""
     if _use_fft_weight_grad(x, window, stride):
         return _depthwise_weight_grad_fft(x, grad_out, out_size, window, stride, padding)
     channels = x.shape[-1]
     return torch.ops.aten.convolution_backward(
-        grad_out(0, channels).permute(0, 3, 1, 2),
+        grad_out.materialize().permute(0, 3, 1, 2),
         x.permute(0, 3, 1, 2),
         x.new_empty(channels, 1, window, window),
         None,
@@ -206,7 +228,8 @@ def _qna_forward(
 ) -> tuple[Tensor, Tensor]:
     """The fast form on exponentiated scores (B, H, W, Nq, h); returns z (B, H', W', F) and den (B, H', W', Nq, h).
 
-    One query at a time, so the largest intermediate is (B, H, W, F).
+    One query at a time, so the largest intermediate is (B, H, W, F); E*V of every query goes into one
+    reused buffer (fresh memory is slow to touch on CPU).
     """
     batch, height, width, num_queries, heads = exp_scores.shape
     features = values.shape[-1]
@@ -215,121 +238,106 @@ def _qna_forward(
     den = _depthwise_conv(exp_scores.view(batch, height, width, -1), den_kernel, stride, padding)
     out_h, out_w = den.shape[1:3]
     den = den.view(batch, out_h, out_w, num_queries, heads)
-    v = values.view(batch, height, width, heads, head_dim)
+    v = values.unflatten(-1, (heads, head_dim))
+    weighted = v.new_empty(v.shape)
     z: Tensor | None = None
     for n in range(num_queries):
-        weighted = (exp_scores[..., n, :, None] * v).view(batch, height, width, features)
-        num = _depthwise_conv(weighted, _value_kernel(rpe_exp[n], mixing[n], head_dim), stride, padding)
-        del weighted
-        num = num.view(batch, out_h, out_w, heads, head_dim).div_(den[..., n, :, None])
-        z = num if z is None else z.add_(num)
+        torch.mul(exp_scores[..., n, :, None], v, out=weighted)
+        num = _depthwise_conv(weighted.flatten(-2), _value_kernel(rpe_exp[n], mixing[n], head_dim), stride, padding)
+        num = num.view(batch, out_h, out_w, heads, head_dim)
+        z = num.div_(den[..., n, :, None]) if z is None else z.addcdiv_(num, den[..., n, :, None])
+    del weighted
     assert z is not None
     return z.view(batch, out_h, out_w, features), den
-
-
-def _channels(t: Tensor, c0: int, c1: int) -> Tensor:
-    return t[..., c0:c1]
-
-
-def _scaled_channels(g_z: Tensor, scale: Tensor, c0: int, c1: int) -> Tensor:
-    """Channels [c0, c1) of ``(g_z * scale).flatten(-2)`` for g_z (..., h, d) and scale (..., h, 1)."""
-    head_dim = g_z.shape[-1]
-    h0, h1 = c0 // head_dim, -(-c1 // head_dim)
-    part = (g_z[..., h0:h1, :] * scale[..., h0:h1, :]).flatten(-2)
-    return part[..., c0 - h0 * head_dim : c1 - h0 * head_dim]
 
 
 class _QnAAttention(torch.autograd.Function):
     """The fast form with a hand-written backward.
 
-    Saves only exp(s - m) (B, H, W, Nq*h), the values and the denominator (B, H', W', Nq*h); the
-    numerators and the products E*V are recomputed one query at a time in backward, and each is freed
+    Takes the values and the scores packed in one tensor (B, H, W, F + Nq*h), as one matmul makes them,
+    and returns their gradient packed the same way. Saves only exp(s - m) (B, H, W, Nq*h), the packed
+    input (for the values) and the denominator (B, H', W', Nq*h); the numerators and the products E*V are recomputed one query at a time in backward, and each is freed
     as soon as its last use is done. The convolution input gradients are convolutions again
     (`_depthwise_conv_input_grad`), the kernel gradients FFT cross-correlations on CPU for large windows
     (see `FFT_WEIGHT_GRAD_MIN_WINDOW`).
     """
 
     @staticmethod
-    def forward(
-        ctx: Any, scores: Tensor, values: Tensor, rpe_bias: Tensor, mixing: Tensor, stride: int
-    ) -> Tensor:
-        num_queries, heads, window, _ = rpe_bias.shape
-        batch, height, width, _ = scores.shape
+    def forward(ctx: Any, packed: Tensor, rpe_bias: Tensor, mixing: Tensor, stride: int) -> Tensor:
+        window = rpe_bias.shape[-1]
         padding = (window - 1) // 2
-        exp_scores = _exp_scores(scores).view(batch, height, width, num_queries, heads)
+        values, exp_scores = _unpack(packed, rpe_bias)
         rpe_exp = _kernels(rpe_bias, values.dtype)
         z, den = _qna_forward(exp_scores, values, rpe_exp, mixing, stride, padding)
-        ctx.save_for_backward(exp_scores, values, den, rpe_bias, mixing)
+        ctx.save_for_backward(exp_scores, packed, den, rpe_bias, mixing)
         ctx.stride, ctx.padding = stride, padding
         return z
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_z: Tensor) -> tuple[Tensor | None, ...]:
-        exp_scores, values, den, rpe_bias, mixing = ctx.saved_tensors
+        exp_scores, packed, den, rpe_bias, mixing = ctx.saved_tensors
         stride, padding = ctx.stride, ctx.padding
-        need_kernel_grad = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        need_kernel_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         batch, height, width, num_queries, heads = exp_scores.shape
         out_h, out_w = den.shape[1:3]
-        features = values.shape[-1]
+        features = packed.shape[-1] - num_queries * heads
+        values = packed[..., :features]
+        g_packed = torch.empty_like(packed)
         head_dim = features // heads
         window = rpe_bias.shape[-1]
 
         rpe_exp = _kernels(rpe_bias, values.dtype)
         recip = den.reciprocal()
-        v = values.view(batch, height, width, heads, head_dim)
+        v = values.unflatten(-1, (heads, head_dim))
         g_z = grad_z.contiguous().view(batch, out_h, out_w, heads, head_dim)
         g_exp = torch.empty_like(exp_scores)
         g_den = torch.empty_like(den)
-        g_values: Tensor | None = None
+        g_values = g_packed[..., :features].unflatten(-1, (heads, head_dim))
         g_value_kernel = rpe_exp.new_zeros(num_queries, heads, window, window)
+        # One (B, H, W, F) workspace holds, in turn, E*V, the numerator's output gradient and g(E*V)*V.
+        work = v.new_empty(v.shape)
+        g_num = work.view(-1)[: g_z.numel()].view(g_z.shape)
 
         for n in range(num_queries):
             e_n = exp_scores[..., n, :, None]
             r_n = recip[..., n, :, None]
             value_kernel = _value_kernel(rpe_exp[n], mixing[n], head_dim)
-            weighted = (e_n * v).view(batch, height, width, features)
+            weighted = torch.mul(e_n, v, out=work).flatten(-2)
             # z = sum_n num_n / den_n  =>  dL/dden_n = -sum_d(g_z * num_n) / den_n^2
             num = _depthwise_conv(weighted, value_kernel, stride, padding).view(g_z.shape)
             g_den[..., n, :] = num.mul_(g_z).sum(-1).mul_(recip[..., n, :].square()).neg_()
             del num
             if need_kernel_grad:
-                g_num_chunks = functools.partial(_scaled_channels, g_z, r_n)
-                g_kernel = _depthwise_weight_grad(weighted, g_num_chunks, (out_h, out_w), window, stride, padding)
+                g_num_lazy = _LazyGrad(g_z, r_n)
+                g_kernel = _depthwise_weight_grad(weighted, g_num_lazy, (out_h, out_w), window, stride, padding)
                 g_value_kernel[n] = g_kernel.view(heads, head_dim, window, window).sum(1)
             del weighted
-            g_num = (g_z * r_n).view(batch, out_h, out_w, features)
-            g_weighted = _depthwise_conv_input_grad(g_num, value_kernel, (height, width), stride, padding)
-            del g_num
-            g_weighted = g_weighted.view(batch, height, width, heads, head_dim)
-            g_exp[..., n, :] = (g_weighted * v).sum(-1)
-            if g_values is None:
-                g_values = g_weighted.mul_(e_n)
+            torch.mul(g_z, r_n, out=g_num)
+            g_weighted = _depthwise_conv_input_grad(g_num.flatten(-2), value_kernel, (height, width), stride, padding)
+            g_weighted = g_weighted.view(v.shape)
+            g_exp[..., n, :] = torch.mul(g_weighted, v, out=work).sum(-1)
+            if n == 0:
+                torch.mul(g_weighted, e_n, out=g_values)
             else:
                 g_values.addcmul_(g_weighted, e_n)
             del g_weighted
+        del work, g_num
 
         den_kernel = rpe_exp.reshape(num_queries * heads, 1, window, window)
         flat_exp = exp_scores.view(batch, height, width, -1)
         flat_g_den = g_den.view(batch, out_h, out_w, -1)
         g_exp.add_(_depthwise_conv_input_grad(flat_g_den, den_kernel, (height, width), stride, padding).view_as(g_exp))
-        g_scores = g_exp.mul_(exp_scores)
+        torch.mul(g_exp, exp_scores, out=g_packed[..., features:].unflatten(-1, (num_queries, heads)))
 
         g_rpe = g_mixing = None
         if need_kernel_grad:
-            g_den_chunks = functools.partial(_channels, flat_g_den)
-            g_den_kernel = _depthwise_weight_grad(flat_exp, g_den_chunks, (out_h, out_w), window, stride, padding)
+            g_den_lazy = _LazyGrad(flat_g_den.unsqueeze(-1))
+            g_den_kernel = _depthwise_weight_grad(flat_exp, g_den_lazy, (out_h, out_w), window, stride, padding)
             g_rpe_exp = g_value_kernel * mixing + g_den_kernel.view_as(rpe_exp)
             g_rpe = (g_rpe_exp * rpe_exp).to(rpe_bias.dtype)
             g_mixing = (g_value_kernel * rpe_exp).to(mixing.dtype)
-        assert g_values is not None
-        return (
-            g_scores.view(batch, height, width, -1),
-            g_values.view(batch, height, width, features),
-            g_rpe,
-            g_mixing,
-            None,
-        )
+        return g_packed, g_rpe, g_mixing, None
 
 
 def _check_core_args(scores: Tensor, values: Tensor, rpe_bias: Tensor, mixing: Tensor, stride: int) -> None:
@@ -348,6 +356,23 @@ def _check_core_args(scores: Tensor, values: Tensor, rpe_bias: Tensor, mixing: T
         raise ValueError(f"stride={stride}: QnA supports stride 1 or 2")
 
 
+def _unpack(packed: Tensor, rpe_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """Values (B, H, W, F) and exp(s - m) (B, H, W, Nq, h) from values and scores packed as (B, H, W, F + Nq*h)."""
+    num_queries, heads = rpe_bias.shape[:2]
+    features = packed.shape[-1] - num_queries * heads
+    exp_scores = _exp_scores(packed[..., features:]).unflatten(-1, (num_queries, heads))
+    return packed[..., :features], exp_scores
+
+
+def _qna_attention_packed(packed: Tensor, rpe_bias: Tensor, query_mixing: Tensor, stride: int) -> Tensor:
+    """`qna_attention` on values and scores packed as (B, H, W, F + Nq*h), values first."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (packed, rpe_bias, query_mixing)):
+        return _QnAAttention.apply(packed, rpe_bias, query_mixing, stride)
+    values, exp_scores = _unpack(packed, rpe_bias)
+    rpe_exp = _kernels(rpe_bias, values.dtype)
+    return _qna_forward(exp_scores, values, rpe_exp, query_mixing, stride, (rpe_bias.shape[-1] - 1) // 2)[0]
+
+
 def qna_attention(scores: Tensor, values: Tensor, rpe_bias: Tensor, query_mixing: Tensor, stride: int = 1) -> Tensor:
     """The fast form of QnA's windowed softmax, without the projections.
 
@@ -355,16 +380,13 @@ def qna_attention(scores: Tensor, values: Tensor, rpe_bias: Tensor, query_mixing
     (B, H, W, F) head-major, ``rpe_bias`` and ``query_mixing`` (Nq, h, k, k). Returns
     ``z`` (B, H', W', F) ``= sum_n sum_j w_n(j) softmax_j(s_n(j) + b_n(j)) v_j`` over each zero-padded
     k x k window (padding outside the softmax), ``H' = qna_output_size(H, k, stride)``.
+
+    Exact for any logits as long as, within one image, no window's logits all lie more than ~80 (fp32,
+    bf16) or ~16 (fp16) below the image's largest logit of that query and head; beyond that the window's
+    weights underflow to 0/0.
     """
     _check_core_args(scores, values, rpe_bias, query_mixing, stride)
-    scores, values = scores.contiguous(), values.contiguous()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (scores, values, rpe_bias, query_mixing)):
-        return _QnAAttention.apply(scores, values, rpe_bias, query_mixing, stride)
-    num_queries, heads, window, _ = rpe_bias.shape
-    batch, height, width, _ = scores.shape
-    exp_scores = _exp_scores(scores).view(batch, height, width, num_queries, heads)
-    rpe_exp = _kernels(rpe_bias, values.dtype)
-    return _qna_forward(exp_scores, values, rpe_exp, query_mixing, stride, (window - 1) // 2)[0]
+    return _qna_attention_packed(torch.cat([values, scores], dim=-1), rpe_bias, query_mixing, stride)
 
 
 def qna_attention_reference(
@@ -497,10 +519,21 @@ class QnA(nn.Module):
             q = q / (torch.linalg.vector_norm(q, dim=-1, keepdim=True) + _QUERY_EPS)
         return q / math.sqrt(self.head_dim)
 
+    def key_queries(self) -> Tensor:
+        """``W_k q_n`` per query and head, (Nq*h, C_in), row ``n*h + head``: the scores are ``x @ this.T``."""
+        return torch.einsum("chd,nhd->nhc", self.key_weight, self.scaled_queries()).flatten(0, 1)
+
     def scores(self, x: Tensor) -> Tensor:
         """Logits ``x . (W_k q_n)`` (B, H, W, Nq*h), channel ``n*h + head``; the keys are never built."""
-        key_query = torch.einsum("chd,nhd->cnh", self.key_weight, self.scaled_queries())
-        return x @ key_query.reshape(self.in_channels, -1).to(x.dtype)
+        return F.linear(x, self.key_queries().to(x.dtype))
+
+    def _values_and_scores(self, x: Tensor) -> Tensor:
+        """Values and scores from one matmul, packed as (B, H, W, F + Nq*h)."""
+        weight = torch.cat([self.value_proj.weight, self.key_queries()]).to(x.dtype)
+        bias = self.value_proj.bias
+        if bias is not None:
+            bias = torch.cat([bias, bias.new_zeros(self.num_queries * self.heads)]).to(x.dtype)
+        return F.linear(x, weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
@@ -511,8 +544,10 @@ class QnA(nn.Module):
             )
         if self.impl not in IMPLS:
             raise ValueError(f"impl={self.impl!r}: QnA's impl is one of {IMPLS}")
-        attend = qna_attention if self.impl == "fast" else qna_attention_reference
-        z = attend(self.scores(x), self.value_proj(x), self.rpe_bias, self.query_mixing, self.stride)
+        if self.impl == "fast":
+            z = _qna_attention_packed(self._values_and_scores(x), self.rpe_bias, self.query_mixing, self.stride)
+        else:
+            z = qna_attention_reference(self.scores(x), self.value_proj(x), self.rpe_bias, self.query_mixing, self.stride)
         return self.out_proj(z)
 
     def extra_repr(self) -> str:

@@ -119,27 +119,23 @@ def test_fft_kernel_gradient_matches_convolution_backward(window: int, size: tup
         [1, 1], False, [0, 0], 7, [False, True, False],
     )[1]
     actual = qna_module._depthwise_weight_grad_fft(
-        x, lambda c0, c1: grad_out[..., c0:c1], tuple(out_size), window, stride, padding
+        x, qna_module._LazyGrad(grad_out.unsqueeze(-1)), tuple(out_size), window, stride, padding
     )
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
 
 
-def test_fft_kernel_gradient_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A chunk budget of one channel gives the same kernel gradient."""
-    x = torch.randn(2, 12, 10, 5, dtype=torch.float64)
-    grad_out = torch.randn(2, 6, 5, 5, dtype=torch.float64)
-    chunks = []
-
-    def grad_chunks(c0: int, c1: int) -> torch.Tensor:
-        chunks.append((c0, c1))
-        return grad_out[..., c0:c1]
-
-    whole = qna_module._depthwise_weight_grad_fft(x, grad_chunks, (6, 5), 5, 2, 2)
-    assert chunks == [(0, 5)]
-    monkeypatch.setattr(qna_module, "_FFT_CHUNK_BYTES", 1)
-    chunks.clear()
-    torch.testing.assert_close(qna_module._depthwise_weight_grad_fft(x, grad_chunks, (6, 5), 5, 2, 2), whole)
-    assert chunks == [(c, c + 1) for c in range(5)]
+@pytest.mark.parametrize("chunk_bytes", [1, 7000, 1 << 30])
+def test_fft_kernel_gradient_chunks(monkeypatch: pytest.MonkeyPatch, chunk_bytes: int) -> None:
+    """Chunks of one channel, chunks that split heads, one chunk: same kernel gradient, from a lazy a * b."""
+    x = torch.randn(2, 12, 10, 6, dtype=torch.float64)
+    a, b = torch.randn(2, 6, 5, 2, 3, dtype=torch.float64), torch.rand(2, 6, 5, 2, 1, dtype=torch.float64)
+    expected = torch.ops.aten.convolution_backward(
+        (a * b).flatten(-2).permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), torch.empty(6, 1, 5, 5, dtype=torch.float64),
+        None, [2, 2], [2, 2], [1, 1], False, [0, 0], 6, [False, True, False],
+    )[1]
+    monkeypatch.setattr(qna_module, "_FFT_CHUNK_BYTES", chunk_bytes)
+    actual = qna_module._depthwise_weight_grad_fft(x, qna_module._LazyGrad(a, b), (6, 5), 5, 2, 2)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
 
 
 def with_large_logits(module: QnA, x: torch.Tensor, logit: float) -> torch.Tensor:
