@@ -1,4 +1,4 @@
-"""Convolutional peers: dense and depthwise k×k convolutions (NCHW input, channels_last memory format)."""
+"""Convolutional peers: dense and depthwise k×k convolutions (NCHW input in channels_last memory format)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class ChannelsLastConv(nn.Module):
         self.conv = same_conv2d(channels, window, stride, dilation, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x.contiguous(memory_format=torch.channels_last))
+        return self.conv(x)
 
 
 def conv_flops(problem: Problem, groups: int) -> int:
@@ -37,7 +37,7 @@ def conv_flops(problem: Problem, groups: int) -> int:
     return forward * (3 if problem.mode == "train" else 1)
 
 
-_CONV = dict(family="conv", layout="nchw", odd_window=True)
+_CONV = dict(family="conv", layout="nchw_channels_last", odd_window=True)
 
 
 @register_layer(

@@ -38,6 +38,8 @@ class MeasureConfig:
     # 0: all cores torch sees. Recorded in every row.
     threads: Any = 0
     min_run_time_s: Any = 0.5
+    # Slow calls get extra replicates up to this many, so medians and IQRs rest on several samples.
+    min_replicates: Any = 5
     # A point whose measurement would take longer stops early with status `timeout`; null: no budget.
     point_budget_s: Any = 120.0
     memory: Any = True

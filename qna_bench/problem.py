@@ -1,8 +1,9 @@
 """The problem spec: one frozen description of a benchmark point, and the tensors it builds.
 
 Every layer of a sweep point receives the same `Problem`; the layer's adapter decides only which
-layout (channels-last ``nhwc`` or ``nchw``) it takes, and the conversion happens here, outside any
-timed region.
+layout it takes — ``nhwc`` (B, H, W, C), ``nchw`` (B, C, H, W) contiguous, or ``nchw_channels_last``
+(B, C, H, W) shape over channels-last memory, what PyTorch's fast CPU convolutions want — and the
+conversion happens here, outside any timed region.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Literal, get_args
 import torch
 
 Mode = Literal["forward", "train"]
-Layout = Literal["nhwc", "nchw"]
+Layout = Literal["nhwc", "nchw", "nchw_channels_last"]
 Device = Literal["cpu", "cuda"]
 
 MODES: tuple[str, ...] = get_args(Mode)
@@ -114,6 +115,8 @@ class Problem:
         x = x.to(device=self.torch_device, dtype=self.torch_dtype)
         if layout == "nchw":
             x = x.permute(0, 3, 1, 2).contiguous()
+        elif layout == "nchw_channels_last":
+            x = x.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: torch.channels_last, no copy
         elif layout != "nhwc":
             raise ValueError(f"layout={layout!r}: allowed values are {', '.join(LAYOUTS)}")
         return x.requires_grad_(self.mode == "train")

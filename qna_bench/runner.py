@@ -48,6 +48,7 @@ GROWING_FAILURES = ("oom", "timeout")
 class MeasureSettings:
     threads: int
     min_run_time_s: float = 0.5
+    min_replicates: int = 5
     point_budget_s: float | None = 120.0
     memory: bool = True
     flops: bool = True
@@ -194,7 +195,7 @@ def run_point(point: SweepPoint, settings: MeasureSettings, env: Environment, ru
                 step()
                 one_call_s = time.perf_counter() - call_start
             if settings.flops:
-                budget.check(one_call_s, calls_left=3, extra_s=settings.min_run_time_s)
+                budget.check(one_call_s, calls_left=3 + settings.min_replicates, extra_s=settings.min_run_time_s)
                 flops = count_flops(step, layer.flop_formulas)
                 row.update(flops=flops.flops, flops_method=flops.method)
                 if flops.note:
@@ -203,6 +204,7 @@ def run_point(point: SweepPoint, settings: MeasureSettings, env: Environment, ru
                 step,
                 threads=settings.threads,
                 min_run_time_s=settings.min_run_time_s,
+                min_replicates=settings.min_replicates,
                 budget=budget if settings.point_budget_s is not None else None,
                 label=point.label,
             )

@@ -147,10 +147,14 @@ def _settings(cfg: DictConfig) -> tuple[MeasureSettings, int | None]:
     if threads != int(threads):
         raise BadInput([f"measure.threads={threads!r}: must be 0 (all cores) or a positive integer"])
     budget = _number(measure.point_budget_s, "measure.point_budget_s", allow_null=True)
+    min_replicates = _number(measure.min_replicates, "measure.min_replicates")
+    if min_replicates != int(min_replicates):
+        raise BadInput([f"measure.min_replicates={min_replicates!r}: must be a positive integer"])
     cap_gib = _number(measure.memory_cap_gib, "measure.memory_cap_gib", allow_zero=True)
     settings = MeasureSettings(
         threads=int(threads) or torch.get_num_threads(),
         min_run_time_s=float(_number(measure.min_run_time_s, "measure.min_run_time_s")),
+        min_replicates=int(min_replicates),
         point_budget_s=float(budget) if budget is not None else None,
         memory=_flag(measure.memory, "measure.memory"),
         flops=_flag(measure.flops, "measure.flops"),

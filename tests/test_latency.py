@@ -36,6 +36,12 @@ def test_measure_latency_keeps_every_replicate():
     assert stats.number_per_run >= 1
 
 
+def test_slow_calls_are_topped_up_to_the_minimum_replicates():
+    stats = measure_latency(lambda: time.sleep(0.03), threads=1, min_run_time_s=0.01, min_replicates=5)
+    assert stats.n >= 5 and stats.number_per_run == 1
+    assert stats.min_s >= 0.03
+
+
 def test_a_point_over_its_budget_stops_with_what_it_measured():
     with pytest.raises(PointTimeout) as caught:
         measure_latency(lambda: time.sleep(0.2), threads=1, min_run_time_s=1.0, budget=PointBudget(0.5))

@@ -24,6 +24,18 @@ def _output_shape(problem: Problem, layout: str) -> tuple[int, ...]:
     return (problem.batch, problem.channels, out_h, out_w)
 
 
+@pytest.mark.parametrize("layout", ["nhwc", "nchw", "nchw_channels_last"])
+def test_inputs_come_in_the_declared_layout_with_the_same_values(layout):
+    x = TINY.make_input(layout)
+    reference = TINY.make_input("nhwc")
+    as_nhwc = x if layout == "nhwc" else x.permute(0, 2, 3, 1)
+    assert torch.equal(as_nhwc, reference)
+    if layout == "nchw":
+        assert x.is_contiguous()
+    if layout == "nchw_channels_last":
+        assert x.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("name", list_layers())
 def test_forward_gives_the_problem_shape_and_finite_values(name):
     spec = get_layer(name)

@@ -49,19 +49,23 @@ def measure_latency(
     *,
     threads: int,
     min_run_time_s: float = 1.0,
+    min_replicates: int = 1,
     budget: PointBudget | None = None,
     label: str = "",
 ) -> LatencyStats:
-    """Time ``fn`` with ``Timer.blocked_autorange``.
+    """Time ``fn`` with ``Timer.blocked_autorange``, topped up to ``min_replicates`` replicates.
 
-    With a ``budget``, one timed call first estimates the cost; if the calibration call and
-    ``min_run_time_s`` of replicates would not fit in what is left, `PointTimeout` is raised carrying
-    that call, so one huge point cannot stall a sweep.
+    A slow call gets one replicate from ``blocked_autorange`` when it alone fills ``min_run_time_s``;
+    extra blocks of the same size make the median and IQR mean something. With a ``budget``, one timed
+    call first estimates the cost; if the measurement would not fit in what is left, `PointTimeout` is
+    raised carrying that call, so one huge point cannot stall a sweep.
     """
     timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=label)
     if budget is not None:
         first = timer.timeit(number=1).times[0]
-        budget.check(first, calls_left=1, extra_s=max(min_run_time_s, first))
+        budget.check(first, calls_left=1 + min_replicates, extra_s=min_run_time_s)
     measurement = timer.blocked_autorange(min_run_time=min_run_time_s)
     times = [t for t in measurement.times if math.isfinite(t)]
+    while len(times) < min_replicates:
+        times.extend(timer.timeit(number=measurement.number_per_run).times)
     return LatencyStats.from_times(times, number_per_run=measurement.number_per_run)
