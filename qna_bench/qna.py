@@ -96,7 +96,8 @@ class _LazyGrad:
         for g in range(c0 // group, -(-c1 // group)):
             lo, hi = max(c0, g * group), min(c1, (g + 1) * group)
             src = self.a[..., g, lo - g * group : hi - g * group].permute(0, 3, 1, 2)
-            torch.mul(src, self.b[..., g, :].permute(0, 3, 1, 2), out=out[:, lo - c0 : hi - c0])
+            # no out= here: torch.compile refuses non-contiguous out= tensors
+            out[:, lo - c0 : hi - c0].copy_(src).mul_(self.b[..., g, :].permute(0, 3, 1, 2))
 
     def materialize(self) -> Tensor:
         """The whole gradient, (B, H', W', G * D)."""
@@ -283,7 +284,7 @@ class _QnAAttention(torch.autograd.Function):
         out_h, out_w = den.shape[1:3]
         features = packed.shape[-1] - num_queries * heads
         values = packed[..., :features]
-        g_packed = torch.empty_like(packed)
+        g_packed = torch.zeros_like(packed)  # accumulated into in place: compile refuses strided out=
         head_dim = features // heads
         window = rpe_bias.shape[-1]
 
@@ -317,10 +318,7 @@ class _QnAAttention(torch.autograd.Function):
             g_weighted = _depthwise_conv_input_grad(g_num.flatten(-2), value_kernel, (height, width), stride, padding)
             g_weighted = g_weighted.view(v.shape)
             g_exp[..., n, :] = torch.mul(g_weighted, v, out=work).sum(-1)
-            if n == 0:
-                torch.mul(g_weighted, e_n, out=g_values)
-            else:
-                g_values.addcmul_(g_weighted, e_n)
+            g_values.addcmul_(g_weighted, e_n)
             del g_weighted
         del work, g_num
 
@@ -328,7 +326,7 @@ class _QnAAttention(torch.autograd.Function):
         flat_exp = exp_scores.view(batch, height, width, -1)
         flat_g_den = g_den.view(batch, out_h, out_w, -1)
         g_exp.add_(_depthwise_conv_input_grad(flat_g_den, den_kernel, (height, width), stride, padding).view_as(g_exp))
-        torch.mul(g_exp, exp_scores, out=g_packed[..., features:].unflatten(-1, (num_queries, heads)))
+        g_packed[..., features:].copy_(g_exp.mul_(exp_scores).flatten(-2))
 
         g_rpe = g_mixing = None
         if need_kernel_grad:
