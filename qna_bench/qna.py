@@ -158,7 +158,9 @@ def _use_fft_weight_grad(x: Tensor, window: int, stride: int) -> bool:
     return x.device.type == "cpu" and window >= FFT_WEIGHT_GRAD_MIN_WINDOW.get(stride, 1 << 30)
 
 
-def _depthwise_conv_input_grad(grad_out: Tensor, kernel: Tensor, size: tuple[int, int], stride: int, padding: int) -> Tensor:
+def _depthwise_conv_input_grad(
+    grad_out: Tensor, kernel: Tensor, size: tuple[int, int], stride: int, padding: int
+) -> Tensor:
     """Gradient of `_depthwise_conv` w.r.t. its input, (B, H, W, C), from ``grad_out`` (B, H', W', C).
 
     Stride 1: the same convolution with the flipped kernel (faster than the transposed convolution at
@@ -171,7 +173,9 @@ def _depthwise_conv_input_grad(grad_out: Tensor, kernel: Tensor, size: tuple[int
         grad_x = F.conv2d(g, kernel.flip(-2, -1), padding=padding, groups=channels)
     else:
         window = kernel.shape[-1]
-        output_padding = [n - ((m - 1) * stride - 2 * padding + window) for n, m in zip(size, grad_out.shape[1:3])]
+        output_padding = [
+            n - ((m - 1) * stride - 2 * padding + window) for n, m in zip(size, grad_out.shape[1:3])
+        ]
         grad_x = F.conv_transpose2d(
             g, kernel, stride=stride, padding=padding, output_padding=output_padding, groups=channels
         )
@@ -244,7 +248,9 @@ def _qna_forward(
     z: Tensor | None = None
     for n in range(num_queries):
         torch.mul(exp_scores[..., n, :, None], v, out=weighted)
-        num = _depthwise_conv(weighted.flatten(-2), _value_kernel(rpe_exp[n], mixing[n], head_dim), stride, padding)
+        num = _depthwise_conv(
+            weighted.flatten(-2), _value_kernel(rpe_exp[n], mixing[n], head_dim), stride, padding
+        )
         num = num.view(batch, out_h, out_w, heads, head_dim)
         z = num.div_(den[..., n, :, None]) if z is None else z.addcdiv_(num, den[..., n, :, None])
     del weighted
@@ -257,10 +263,10 @@ class _QnAAttention(torch.autograd.Function):
 
     Takes the values and the scores packed in one tensor (B, H, W, F + Nq*h), as one matmul makes them,
     and returns their gradient packed the same way. Saves only exp(s - m) (B, H, W, Nq*h), the packed
-    input (for the values) and the denominator (B, H', W', Nq*h); the numerators and the products E*V are recomputed one query at a time in backward, and each is freed
-    as soon as its last use is done. The convolution input gradients are convolutions again
-    (`_depthwise_conv_input_grad`), the kernel gradients FFT cross-correlations on CPU for large windows
-    (see `FFT_WEIGHT_GRAD_MIN_WINDOW`).
+    input (for the values) and the denominator (B, H', W', Nq*h). The products E*V and the numerators
+    are recomputed one query at a time in backward, in one reused workspace. The convolution input
+    gradients are convolutions again (`_depthwise_conv_input_grad`), the kernel gradients FFT
+    cross-correlations on CPU for large windows (see `FFT_WEIGHT_GRAD_MIN_WINDOW`).
     """
 
     @staticmethod
@@ -311,11 +317,15 @@ class _QnAAttention(torch.autograd.Function):
             del num
             if need_kernel_grad:
                 g_num_lazy = _LazyGrad(g_z, r_n)
-                g_kernel = _depthwise_weight_grad(weighted, g_num_lazy, (out_h, out_w), window, stride, padding)
+                g_kernel = _depthwise_weight_grad(
+                    weighted, g_num_lazy, (out_h, out_w), window, stride, padding
+                )
                 g_value_kernel[n] = g_kernel.view(heads, head_dim, window, window).sum(1)
             del weighted
             torch.mul(g_z, r_n, out=g_num)
-            g_weighted = _depthwise_conv_input_grad(g_num.flatten(-2), value_kernel, (height, width), stride, padding)
+            g_weighted = _depthwise_conv_input_grad(
+                g_num.flatten(-2), value_kernel, (height, width), stride, padding
+            )
             g_weighted = g_weighted.view(v.shape)
             g_exp[..., n, :] = torch.mul(g_weighted, v, out=work).sum(-1)
             g_values.addcmul_(g_weighted, e_n)
@@ -325,13 +335,19 @@ class _QnAAttention(torch.autograd.Function):
         den_kernel = rpe_exp.reshape(num_queries * heads, 1, window, window)
         flat_exp = exp_scores.view(batch, height, width, -1)
         flat_g_den = g_den.view(batch, out_h, out_w, -1)
-        g_exp.add_(_depthwise_conv_input_grad(flat_g_den, den_kernel, (height, width), stride, padding).view_as(g_exp))
+        g_exp.add_(
+            _depthwise_conv_input_grad(flat_g_den, den_kernel, (height, width), stride, padding).view_as(
+                g_exp
+            )
+        )
         g_packed[..., features:].copy_(g_exp.mul_(exp_scores).flatten(-2))
 
         g_rpe = g_mixing = None
         if need_kernel_grad:
             g_den_lazy = _LazyGrad(flat_g_den.unsqueeze(-1))
-            g_den_kernel = _depthwise_weight_grad(flat_exp, g_den_lazy, (out_h, out_w), window, stride, padding)
+            g_den_kernel = _depthwise_weight_grad(
+                flat_exp, g_den_lazy, (out_h, out_w), window, stride, padding
+            )
             g_rpe_exp = g_value_kernel * mixing + g_den_kernel.view_as(rpe_exp)
             g_rpe = (g_rpe_exp * rpe_exp).to(rpe_bias.dtype)
             g_mixing = (g_value_kernel * rpe_exp).to(mixing.dtype)
@@ -342,7 +358,9 @@ def _check_core_args(scores: Tensor, values: Tensor, rpe_bias: Tensor, mixing: T
     if rpe_bias.dim() != 4 or rpe_bias.shape[-1] != rpe_bias.shape[-2] or rpe_bias.shape[-1] % 2 == 0:
         raise ValueError(f"rpe_bias.shape={tuple(rpe_bias.shape)}: needs (num_queries, heads, k, k), k odd")
     if mixing.shape != rpe_bias.shape:
-        raise ValueError(f"query_mixing.shape={tuple(mixing.shape)}: needs rpe_bias's shape {tuple(rpe_bias.shape)}")
+        raise ValueError(
+            f"query_mixing.shape={tuple(mixing.shape)}: needs rpe_bias's shape {tuple(rpe_bias.shape)}"
+        )
     num_queries, heads = rpe_bias.shape[:2]
     if scores.dim() != 4 or scores.shape[-1] != num_queries * heads:
         raise ValueError(f"scores.shape={tuple(scores.shape)}: needs (B, H, W, {num_queries * heads})")
@@ -371,7 +389,9 @@ def _qna_attention_packed(packed: Tensor, rpe_bias: Tensor, query_mixing: Tensor
     return _qna_forward(exp_scores, values, rpe_exp, query_mixing, stride, (rpe_bias.shape[-1] - 1) // 2)[0]
 
 
-def qna_attention(scores: Tensor, values: Tensor, rpe_bias: Tensor, query_mixing: Tensor, stride: int = 1) -> Tensor:
+def qna_attention(
+    scores: Tensor, values: Tensor, rpe_bias: Tensor, query_mixing: Tensor, stride: int = 1
+) -> Tensor:
     """The fast form of QnA's windowed softmax, without the projections.
 
     ``scores`` (B, H, W, Nq*h) are the logits ``x . (W_k q_n)`` (channel ``n*h + head``), ``values``
@@ -474,7 +494,9 @@ class QnA(nn.Module):
         if num_queries < 1:
             raise ValueError(f"num_queries={num_queries}: QnA needs at least 1 query")
         if out_features is not None and out_features < 1:
-            raise ValueError(f"out_features={out_features}: QnA needs a positive integer (or None for features)")
+            raise ValueError(
+                f"out_features={out_features}: QnA needs a positive integer (or None for features)"
+            )
         if impl not in IMPLS:
             raise ValueError(f"impl={impl!r}: QnA's impl is one of {IMPLS}")
         self.in_channels = in_channels
@@ -543,9 +565,13 @@ class QnA(nn.Module):
         if self.impl not in IMPLS:
             raise ValueError(f"impl={self.impl!r}: QnA's impl is one of {IMPLS}")
         if self.impl == "fast":
-            z = _qna_attention_packed(self._values_and_scores(x), self.rpe_bias, self.query_mixing, self.stride)
+            z = _qna_attention_packed(
+                self._values_and_scores(x), self.rpe_bias, self.query_mixing, self.stride
+            )
         else:
-            z = qna_attention_reference(self.scores(x), self.value_proj(x), self.rpe_bias, self.query_mixing, self.stride)
+            z = qna_attention_reference(
+                self.scores(x), self.value_proj(x), self.rpe_bias, self.query_mixing, self.stride
+            )
         return self.out_proj(z)
 
     def extra_repr(self) -> str:
@@ -581,7 +607,10 @@ class QnA(nn.Module):
         self.key_weight.copy_(get("Wk", (self.in_channels, self.features)).reshape(self.key_weight.shape))
         self.rpe_bias.copy_(per_query_head(get("rpe_bias", (window * window, nqh))))
         self.query_mixing.copy_(per_query_head(get("attn_scale_weights", (1, 1, window * window, nqh))))
-        for ours, theirs, fan_out in ((self.value_proj, "to_v", self.features), (self.out_proj, "to_out", self.out_features)):
+        for ours, theirs, fan_out in (
+            (self.value_proj, "to_v", self.features),
+            (self.out_proj, "to_out", self.out_features),
+        ):
             ours.weight.copy_(get(f"{theirs}/kernel", (ours.in_features, fan_out)).T)
             if ours.bias is not None:
                 ours.bias.copy_(get(f"{theirs}/bias", (fan_out,)))

@@ -85,7 +85,9 @@ def compare_forms(module: QnA, x: torch.Tensor, rtol: float) -> None:
 @pytest.mark.parametrize("window", [1, 3, 5, 7, 11])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_fast_matches_reference_fp64(stride: int, window: int, num_queries: int, heads: int) -> None:
-    module = make_qna(in_channels=6, features=8, heads=heads, window=window, stride=stride, num_queries=num_queries)
+    module = make_qna(
+        in_channels=6, features=8, heads=heads, window=window, stride=stride, num_queries=num_queries
+    )
     x = torch.randn(2, 9, 7, 6, dtype=torch.float64)
     compare_forms(module, x, rtol=1e-10)
 
@@ -108,15 +110,26 @@ def test_both_weight_grad_paths_match_reference(weight_grad_path: str) -> None:
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("size", [(13, 13), (14, 9), (5, 16)])
 @pytest.mark.parametrize("window", [1, 3, 7, 15])
-def test_fft_kernel_gradient_matches_convolution_backward(window: int, size: tuple[int, int], stride: int) -> None:
+def test_fft_kernel_gradient_matches_convolution_backward(
+    window: int, size: tuple[int, int], stride: int
+) -> None:
     padding = (window - 1) // 2
     x = torch.randn(3, *size, 7, dtype=torch.float64)
     out_size = [qna_output_size(n, window, stride) for n in size]
     grad_out = torch.randn(3, *out_size, 7, dtype=torch.float64)
     kernel = torch.randn(7, 1, window, window, dtype=torch.float64)
     expected = torch.ops.aten.convolution_backward(
-        grad_out.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), kernel, None, [stride] * 2, [padding] * 2,
-        [1, 1], False, [0, 0], 7, [False, True, False],
+        grad_out.permute(0, 3, 1, 2),
+        x.permute(0, 3, 1, 2),
+        kernel,
+        None,
+        [stride] * 2,
+        [padding] * 2,
+        [1, 1],
+        False,
+        [0, 0],
+        7,
+        [False, True, False],
     )[1]
     actual = qna_module._depthwise_weight_grad_fft(
         x, qna_module._LazyGrad(grad_out.unsqueeze(-1)), tuple(out_size), window, stride, padding
@@ -130,8 +143,17 @@ def test_fft_kernel_gradient_chunks(monkeypatch: pytest.MonkeyPatch, chunk_bytes
     x = torch.randn(2, 12, 10, 6, dtype=torch.float64)
     a, b = torch.randn(2, 6, 5, 2, 3, dtype=torch.float64), torch.rand(2, 6, 5, 2, 1, dtype=torch.float64)
     expected = torch.ops.aten.convolution_backward(
-        (a * b).flatten(-2).permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), torch.empty(6, 1, 5, 5, dtype=torch.float64),
-        None, [2, 2], [2, 2], [1, 1], False, [0, 0], 6, [False, True, False],
+        (a * b).flatten(-2).permute(0, 3, 1, 2),
+        x.permute(0, 3, 1, 2),
+        torch.empty(6, 1, 5, 5, dtype=torch.float64),
+        None,
+        [2, 2],
+        [2, 2],
+        [1, 1],
+        False,
+        [0, 0],
+        6,
+        [False, True, False],
     )[1]
     monkeypatch.setattr(qna_module, "_FFT_CHUNK_BYTES", chunk_bytes)
     actual = qna_module._depthwise_weight_grad_fft(x, qna_module._LazyGrad(a, b), (6, 5), 5, 2, 2)
@@ -198,7 +220,10 @@ def test_gradcheck_core(stride: int, window: int, weight_grad_path: str) -> None
     rpe = torch.randn(num_queries, heads, window, window, dtype=torch.float64, requires_grad=True)
     mixing = torch.randn(num_queries, heads, window, window, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda s, v, b, w: qna_attention(s, v, b, w, stride), (scores, values, rpe, mixing), eps=1e-6, atol=1e-8
+        lambda s, v, b, w: qna_attention(s, v, b, w, stride),
+        (scores, values, rpe, mixing),
+        eps=1e-6,
+        atol=1e-8,
     )
 
 
@@ -219,7 +244,9 @@ def test_gradcheck_module(stride: int) -> None:
 # The official algorithm and its parameter layout
 
 
-def official_fused_kqna(params: dict[str, np.ndarray], x: np.ndarray, heads: int, window: int, stride: int) -> torch.Tensor:
+def official_fused_kqna(
+    params: dict[str, np.ndarray], x: np.ndarray, heads: int, window: int, stride: int
+) -> torch.Tensor:
     """The official FusedKQnA forward, written out in torch (fp64) on the official parameter layout."""
     p = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in params.items()}
     x = torch.as_tensor(x, dtype=torch.float64)
@@ -232,20 +259,29 @@ def official_fused_kqna(params: dict[str, np.ndarray], x: np.ndarray, heads: int
     v = x @ p["to_v/kernel"] + p["to_v/bias"]
     batch, height, width, _ = v.shape
     cost_exp = cost.exp()
-    v_cost_exp = (cost_exp[..., None] * v.reshape(batch, height, width, 1, heads, d)).reshape(batch, height, width, -1)
+    v_cost_exp = (cost_exp[..., None] * v.reshape(batch, height, width, 1, heads, d)).reshape(
+        batch, height, width, -1
+    )
     rpe_exp = p["rpe_bias"].reshape(window, window, 1, num_queries * heads).exp()
     scale = p["attn_scale_weights"].reshape(window, window, 1, num_queries * heads)
     padding = (window - 1) // 2
 
     def conv_nhwc_hwio(inp: torch.Tensor, kernel_hwio: torch.Tensor) -> torch.Tensor:
-        out = F.conv2d(inp.permute(0, 3, 1, 2), kernel_hwio.permute(3, 2, 0, 1), stride=stride, padding=padding,
-                       groups=inp.shape[-1])
+        out = F.conv2d(
+            inp.permute(0, 3, 1, 2),
+            kernel_hwio.permute(3, 2, 0, 1),
+            stride=stride,
+            padding=padding,
+            groups=inp.shape[-1],
+        )
         return out.permute(0, 2, 3, 1)
 
     num = conv_nhwc_hwio(v_cost_exp, torch.repeat_interleave(rpe_exp * scale, d, dim=-1))
     den = conv_nhwc_hwio(cost_exp.reshape(batch, height, width, -1), rpe_exp)
     out_h, out_w = num.shape[1:3]
-    z = (num.reshape(batch, out_h, out_w, num_queries, heads, d) / den.reshape(batch, out_h, out_w, num_queries, heads, 1))
+    z = num.reshape(batch, out_h, out_w, num_queries, heads, d) / den.reshape(
+        batch, out_h, out_w, num_queries, heads, 1
+    )
     z = z.sum(3).reshape(batch, out_h, out_w, features)
     return z @ p["to_out/kernel"] + p["to_out/bias"]
 
@@ -268,7 +304,9 @@ def test_load_official_params_matches_official_algorithm(stride: int) -> None:
     nested = {k: v for k, v in flat.items() if "/" not in k}
     nested["to_v"] = {"kernel": flat["to_v/kernel"], "bias": flat["to_v/bias"]}
     nested["to_out"] = {"kernel": flat["to_out/kernel"], "bias": flat["to_out/bias"]}
-    module = QnA(c_in, features, heads, window=window, stride=stride, num_queries=nq, out_features=f_out, bias=True)
+    module = QnA(
+        c_in, features, heads, window=window, stride=stride, num_queries=nq, out_features=f_out, bias=True
+    )
     module.double().load_official_params(nested)
     x = rng.normal(size=(2, 9, 8, c_in))
     expected = official_fused_kqna(flat, x, heads, window, stride)
@@ -360,6 +398,23 @@ def test_bad_impl_attribute_raises_at_forward() -> None:
         module(torch.randn(1, 4, 4, 4))
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_convolutions_run_channels_last(stride: int) -> None:
+    """The (B, H, W, C) tensors reach the convolutions as channels_last (the fast CPU layout) and come
+    back as contiguous (B, H', W', C) without a copy."""
+    x = torch.randn(2, 9, 8, 16)
+    kernel = torch.randn(16, 1, 5, 5)
+    out = F.conv2d(x.permute(0, 3, 1, 2), kernel, stride=stride, padding=2, groups=16)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(out.shape).permute(0, 2, 3, 1)  # (B, H', W', C)
+    grad_x = qna_module._depthwise_conv_input_grad(grad_out, kernel, (9, 8), stride, 2)
+    assert grad_x.shape == x.shape and grad_x.is_contiguous()
+    x_nchw = x.permute(0, 3, 1, 2).requires_grad_()
+    conv = F.conv2d(x_nchw, kernel, stride=stride, padding=2, groups=16)
+    (expected,) = torch.autograd.grad(conv, x_nchw, grad_out.permute(0, 3, 1, 2))
+    torch.testing.assert_close(grad_x, expected.permute(0, 2, 3, 1))
+
+
 def test_inference_mode_matches_grad_mode() -> None:
     module = make_qna(torch.float32, in_channels=8, features=8, heads=2, window=5, stride=2)
     x = torch.randn(2, 11, 10, 8)
@@ -372,11 +427,15 @@ def test_inference_mode_matches_grad_mode() -> None:
 
 def test_functional_forms_agree_without_module() -> None:
     torch.manual_seed(0)
-    scores, values = torch.randn(2, 10, 9, 6, dtype=torch.float64), torch.randn(2, 10, 9, 12, dtype=torch.float64)
+    scores, values = (
+        torch.randn(2, 10, 9, 6, dtype=torch.float64),
+        torch.randn(2, 10, 9, 12, dtype=torch.float64),
+    )
     rpe, mixing = torch.randn(2, 3, 5, 5, dtype=torch.float64), torch.randn(2, 3, 5, 5, dtype=torch.float64)
     for stride in (1, 2):
         torch.testing.assert_close(
-            qna_attention(scores, values, rpe, mixing, stride), qna_attention_reference(scores, values, rpe, mixing, stride)
+            qna_attention(scores, values, rpe, mixing, stride),
+            qna_attention_reference(scores, values, rpe, mixing, stride),
         )
 
 
@@ -435,5 +494,3 @@ def test_cuda_half_large_logits_stay_finite() -> None:
         module.float()
         expected = module(x.float())
     assert_close_to_scale(out.float(), expected, 3e-2, "fp16 output with large logits")
-
-
