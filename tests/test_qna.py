@@ -19,6 +19,16 @@ from qna_bench.qna import QnA, qna_attention, qna_attention_reference, qna_outpu
 PARAM_NAMES = ("query", "key_weight", "value_proj.weight", "rpe_bias", "query_mixing", "out_proj.weight")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """These shapes are tiny: with two threads on a busy 2-core machine, OpenMP's spin-waiting at every
+    small op made gradcheck 50-200x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=["direct", "fft"])
 def weight_grad_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Force every kernel gradient through one path and check that path ran."""
