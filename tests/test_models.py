@@ -183,6 +183,20 @@ def test_counted_multiply_adds_match_the_published_figure(name):
         assert spec.analytic_flops(IMAGENET) == 2 * macs
 
 
+def test_fused_window_attention_is_counted_like_the_explicit_one():
+    """With timm's fused-attention switch on, QnA-ViT's window attention runs SDPA, whose CPU kernel
+    the counter knows only through the entry's formulas: the count must not change."""
+    model = QnAViT(QNA_VIT_TINY, fused_attention=True).eval()
+    images = IMAGENET.make_input("nchw")
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model(images)
+
+    stats = count_flops(forward, get_layer("qna_vit_tiny").flop_formulas)
+    assert stats.flops == 2 * qna_vit_macs(QNA_VIT_TINY, 224, 224)
+
+
 def test_nat_multiply_adds_are_analytic_and_match_the_published_figure():
     macs = get_layer("nat_tiny").analytic_flops(IMAGENET) // 2
     assert math.isclose(macs / 1e9, PUBLISHED["nat_tiny"][1], rel_tol=TOLERANCE), macs

@@ -132,7 +132,7 @@ _qna_vit_entry(
 # timm peers
 
 
-def _timm_entry(name: str, timm_name: str, description: str, image_size_arg: bool) -> None:
+def _timm_entry(name: str, timm_name: str, description: str, image_size_arg: bool, attention: bool) -> None:
     def build(problem: Problem) -> nn.Module:
         kwargs: dict[str, Any] = {"num_classes": NUM_CLASSES}
         if image_size_arg:
@@ -152,7 +152,7 @@ def _timm_entry(name: str, timm_name: str, description: str, image_size_arg: boo
         description=description,
         constraints=lambda problem: image_constraints(problem, name),
         flags=flags,
-        flop_formulas=CPU_SDPA_FLOP_FORMULAS,
+        flop_formulas=CPU_SDPA_FLOP_FORMULAS if attention else {},
         **_MODEL,
     )(build)
 
@@ -162,12 +162,14 @@ _timm_entry(
     "swin_tiny_patch4_window7_224",
     "Swin-T from timm (shifted 7×7 windows): published 28.3M params, 4.5 GMACs at 224²",
     image_size_arg=True,
+    attention=True,
 )
 _timm_entry(
     "convnext_tiny",
     "convnext_tiny",
     "ConvNeXt-T from timm (7×7 depthwise convolutions): published 28.6M params, 4.5 GMACs at 224²",
     image_size_arg=False,
+    attention=False,
 )
 
 
