@@ -20,7 +20,7 @@ from qna_bench.problem import DEVICES, DTYPES, MODES, Layout, Problem
 LayerFactory = Callable[[Problem], nn.Module]
 FlopFormula = Callable[..., int]
 
-_BUILTIN_MODULES = ("qna_bench.layers", "baselines")
+_BUILTIN_MODULES = ("qna_bench.layers", "baselines", "qna_bench.models")
 
 
 class UnsupportedProblem(Exception):

@@ -16,7 +16,7 @@ from qna_bench import results
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 TINY = ["problem=tiny", "plots=false", "plugins=[fault_layers]"]
-FAST = [*TINY, "measure.min_run_time_s=0.01"]
+FAST = [*TINY, "measure.min_run_time_s=0.01", "measure.min_replicates=1"]
 
 
 def _command(*args: str) -> list[str]:
