@@ -99,10 +99,6 @@ class _LazyGrad:
             # no out= here: torch.compile refuses non-contiguous out= tensors
             out[:, lo - c0 : hi - c0].copy_(src).mul_(self.b[..., g, :].permute(0, 3, 1, 2))
 
-    def materialize(self) -> Tensor:
-        """The whole gradient, (B, H', W', G * D)."""
-        return (self.a if self.b is None else self.a * self.b).flatten(-2)
-
 
 def _fast_fft_len(n: int) -> int:
     """The smallest 5-smooth integer >= n (sizes pocketfft and cuFFT transform fastest)."""
@@ -182,15 +178,13 @@ def _depthwise_conv_input_grad(
     return grad_x.permute(0, 2, 3, 1).contiguous()
 
 
-def _depthwise_weight_grad(
-    x: Tensor, grad_out: _LazyGrad, out_size: tuple[int, int], window: int, stride: int, padding: int
+def _depthwise_weight_grad_direct(
+    x: Tensor, grad_out: Tensor, window: int, stride: int, padding: int
 ) -> Tensor:
-    """Gradient of `_depthwise_conv` w.r.t. its kernel, (C, 1, k, k): FFT or PyTorch's own backward."""
-    if _use_fft_weight_grad(x, window, stride):
-        return _depthwise_weight_grad_fft(x, grad_out, out_size, window, stride, padding)
+    """Kernel gradient of `_depthwise_conv`, (C, 1, k, k), by PyTorch's own convolution backward."""
     channels = x.shape[-1]
     return torch.ops.aten.convolution_backward(
-        grad_out.materialize().permute(0, 3, 1, 2),
+        grad_out.permute(0, 3, 1, 2),
         x.permute(0, 3, 1, 2),
         x.new_empty(channels, 1, window, window),
         None,
@@ -233,8 +227,7 @@ def _qna_forward(
 ) -> tuple[Tensor, Tensor]:
     """The fast form on exponentiated scores (B, H, W, Nq, h); returns z (B, H', W', F) and den (B, H', W', Nq, h).
 
-    One query at a time, so the largest intermediate is (B, H, W, F); E*V of every query goes into one
-    reused buffer (fresh memory is slow to touch on CPU).
+    One query at a time, so the largest intermediate is (B, H, W, F).
     """
     batch, height, width, num_queries, heads = exp_scores.shape
     features = values.shape[-1]
@@ -244,16 +237,13 @@ def _qna_forward(
     out_h, out_w = den.shape[1:3]
     den = den.view(batch, out_h, out_w, num_queries, heads)
     v = values.unflatten(-1, (heads, head_dim))
-    weighted = v.new_empty(v.shape)
     z: Tensor | None = None
     for n in range(num_queries):
-        torch.mul(exp_scores[..., n, :, None], v, out=weighted)
-        num = _depthwise_conv(
-            weighted.flatten(-2), _value_kernel(rpe_exp[n], mixing[n], head_dim), stride, padding
-        )
+        weighted = (exp_scores[..., n, :, None] * v).flatten(-2)
+        num = _depthwise_conv(weighted, _value_kernel(rpe_exp[n], mixing[n], head_dim), stride, padding)
+        del weighted
         num = num.view(batch, out_h, out_w, heads, head_dim)
         z = num.div_(den[..., n, :, None]) if z is None else z.addcdiv_(num, den[..., n, :, None])
-    del weighted
     assert z is not None
     return z.view(batch, out_h, out_w, features), den
 
@@ -264,7 +254,7 @@ class _QnAAttention(torch.autograd.Function):
     Takes the values and the scores packed in one tensor (B, H, W, F + Nq*h), as one matmul makes them,
     and returns their gradient packed the same way. Saves only exp(s - m) (B, H, W, Nq*h), the packed
     input (for the values) and the denominator (B, H', W', Nq*h). The products E*V and the numerators
-    are recomputed one query at a time in backward, in one reused workspace. The convolution input
+    are recomputed one query at a time in backward and freed as soon as they are used. The convolution input
     gradients are convolutions again (`_depthwise_conv_input_grad`), the kernel gradients FFT
     cross-correlations on CPU for large windows (see `FFT_WEIGHT_GRAD_MIN_WINDOW`).
     """
@@ -302,35 +292,42 @@ class _QnAAttention(torch.autograd.Function):
         g_den = torch.empty_like(den)
         g_values = g_packed[..., :features].unflatten(-1, (heads, head_dim))
         g_value_kernel = rpe_exp.new_zeros(num_queries, heads, window, window)
-        # One (B, H, W, F) workspace holds, in turn, E*V, the numerator's output gradient and g(E*V)*V.
-        work = v.new_empty(v.shape)
-        g_num = work.view(-1)[: g_z.numel()].view(g_z.shape)
+        use_fft = need_kernel_grad and _use_fft_weight_grad(exp_scores, window, stride)
 
         for n in range(num_queries):
             e_n = exp_scores[..., n, :, None]
             r_n = recip[..., n, :, None]
             value_kernel = _value_kernel(rpe_exp[n], mixing[n], head_dim)
-            weighted = torch.mul(e_n, v, out=work).flatten(-2)
+            weighted = (e_n * v).flatten(-2)
             # z = sum_n num_n / den_n  =>  dL/dden_n = -sum_d(g_z * num_n) / den_n^2
             num = _depthwise_conv(weighted, value_kernel, stride, padding).view(g_z.shape)
             g_den[..., n, :] = num.mul_(g_z).sum(-1).mul_(recip[..., n, :].square()).neg_()
-            del num
-            if need_kernel_grad:
-                g_num_lazy = _LazyGrad(g_z, r_n)
-                g_kernel = _depthwise_weight_grad(
-                    weighted, g_num_lazy, (out_h, out_w), window, stride, padding
+            if use_fft:
+                # the numerator is freed first: the FFT's buffers then add nothing to the peak
+                del num
+                g_kernel = _depthwise_weight_grad_fft(
+                    weighted, _LazyGrad(g_z, r_n), (out_h, out_w), window, stride, padding
                 )
+                del weighted
+                g_num = g_z * r_n
+            else:
+                g_num = torch.mul(g_z, r_n, out=num)
+                del num
+                if need_kernel_grad:
+                    g_kernel = _depthwise_weight_grad_direct(
+                        weighted, g_num.flatten(-2), window, stride, padding
+                    )
+                del weighted
+            if need_kernel_grad:
                 g_value_kernel[n] = g_kernel.view(heads, head_dim, window, window).sum(1)
-            del weighted
-            torch.mul(g_z, r_n, out=g_num)
             g_weighted = _depthwise_conv_input_grad(
                 g_num.flatten(-2), value_kernel, (height, width), stride, padding
             )
+            del g_num
             g_weighted = g_weighted.view(v.shape)
-            g_exp[..., n, :] = torch.mul(g_weighted, v, out=work).sum(-1)
+            g_exp[..., n, :] = (g_weighted * v).sum(-1)
             g_values.addcmul_(g_weighted, e_n)
             del g_weighted
-        del work, g_num
 
         den_kernel = rpe_exp.reshape(num_queries * heads, 1, window, window)
         flat_exp = exp_scores.view(batch, height, width, -1)
@@ -344,10 +341,13 @@ class _QnAAttention(torch.autograd.Function):
 
         g_rpe = g_mixing = None
         if need_kernel_grad:
-            g_den_lazy = _LazyGrad(flat_g_den.unsqueeze(-1))
-            g_den_kernel = _depthwise_weight_grad(
-                flat_exp, g_den_lazy, (out_h, out_w), window, stride, padding
-            )
+            if use_fft:
+                g_den_lazy = _LazyGrad(flat_g_den.unsqueeze(-1))
+                g_den_kernel = _depthwise_weight_grad_fft(
+                    flat_exp, g_den_lazy, (out_h, out_w), window, stride, padding
+                )
+            else:
+                g_den_kernel = _depthwise_weight_grad_direct(flat_exp, flat_g_den, window, stride, padding)
             g_rpe_exp = g_value_kernel * mixing + g_den_kernel.view_as(rpe_exp)
             g_rpe = (g_rpe_exp * rpe_exp).to(rpe_bias.dtype)
             g_mixing = (g_value_kernel * rpe_exp).to(mixing.dtype)
