@@ -101,7 +101,7 @@ def test_sigint_stops_cleanly_with_every_finished_row_written(tmp_path):
 
 def test_larger_windows_after_a_timeout_are_skipped_not_run(tmp_path):
     done = _run("layers=fault_sleeps", "windows=[1,5,7,9]", "modes=forward", "measure.point_budget_s=1.5",
-                "measure.min_run_time_s=0.01", *TINY, f"results_dir={tmp_path}")
+                *FAST, f"results_dir={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]
     frame = results.read_results(tmp_path / results.RESULTS_FILE).set_index("window")
     assert frame.loc[1, "status"] == "ok" and frame.loc[5, "status"] == "timeout"
