@@ -45,10 +45,13 @@ IMPLS: tuple[str, ...] = ("fast", "reference")
 STRIDES: tuple[int, ...] = (1, 2)
 
 # Kernel gradients of the depthwise convolutions on CPU: from this window size on (keyed by stride) they
-# are FFT cross-correlations, below it PyTorch's own convolution backward. Measured for one query's
-# 128 channels (B=8, 56x56, fp32, CPU time of one thread), native vs FFT in ms:
+# are FFT cross-correlations, below it PyTorch's own convolution backward. Measured on the 2-core CPU
+# (B=8, 56x56, fp32, min CPU time of one thread, ms), one query's 128 channels, native vs FFT:
 #   stride 1: k=3 2.4 vs 32, k=5 28 vs 29, k=7 48 vs 29, k=9 74 vs 31, k=13 144 vs 29, k=15 840 vs 34
 #   stride 2: k=5 9.6 vs 28, k=9 22 vs 25, k=11 31 vs 23, k=13 43 vs 23, k=15 215 vs 23, k=31 906 vs 38
+# and a whole QnA(128, 128, 4) forward + backward with either path:
+#   stride 1: k=3 117 vs 176, k=5 172 vs 179, k=7 227 vs 200, k=9 291 vs 207
+#   stride 2: k=7 102 vs 124, k=9 122 vs 130, k=11 148 vs 133, k=13 182 vs 146
 FFT_WEIGHT_GRAD_MIN_WINDOW: dict[int, int] = {1: 7, 2: 11}
 
 # Bytes of one chunk's spectrum in the FFT kernel gradient: about 1 MiB keeps the chunk in cache and its
