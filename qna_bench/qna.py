@@ -81,10 +81,10 @@ def _depthwise_conv(x: Tensor, kernel: Tensor, stride: int, padding: int) -> Ten
 
 @dataclass(frozen=True)
 class _LazyGrad:
-    """An output gradient ``a * b`` that is never materialised whole by the FFT kernel gradient.
+    """An output gradient ``a / b`` that is never materialised whole by the FFT kernel gradient.
 
     ``a`` is (B, H', W', G, D), ``b`` None or (B, H', W', G, 1); channel ``g * D + i`` of the gradient
-    is ``a[..., g, i] * b[..., g, 0]``.
+    is ``a[..., g, i] / b[..., g, 0]``.
     """
 
     a: Tensor
@@ -100,7 +100,7 @@ class _LazyGrad:
             lo, hi = max(c0, g * group), min(c1, (g + 1) * group)
             src = self.a[..., g, lo - g * group : hi - g * group].permute(0, 3, 1, 2)
             # no out= here: torch.compile refuses non-contiguous out= tensors
-            out[:, lo - c0 : hi - c0].copy_(src).mul_(self.b[..., g, :].permute(0, 3, 1, 2))
+            out[:, lo - c0 : hi - c0].copy_(src).div_(self.b[..., g, :].permute(0, 3, 1, 2))
 
 
 def _fast_fft_len(n: int) -> int:
@@ -288,7 +288,6 @@ class _QnAAttention(torch.autograd.Function):
         window = rpe_bias.shape[-1]
 
         rpe_exp = _kernels(rpe_bias, values.dtype)
-        recip = den.reciprocal()
         v = values.unflatten(-1, (heads, head_dim))
         g_z = grad_z.contiguous().view(batch, out_h, out_w, heads, head_dim)
         g_exp = torch.empty_like(exp_scores)
@@ -299,22 +298,23 @@ class _QnAAttention(torch.autograd.Function):
 
         for n in range(num_queries):
             e_n = exp_scores[..., n, :, None]
-            r_n = recip[..., n, :, None]
+            den_n = den[..., n, :, None]
             value_kernel = _value_kernel(rpe_exp[n], mixing[n], head_dim)
             weighted = (e_n * v).flatten(-2)
-            # z = sum_n num_n / den_n  =>  dL/dden_n = -sum_d(g_z * num_n) / den_n^2
             num = _depthwise_conv(weighted, value_kernel, stride, padding).view(g_z.shape)
-            g_den[..., n, :] = num.mul_(g_z).sum(-1).mul_(recip[..., n, :].square()).neg_()
+            # z = sum_n num_n / den_n  =>  dL/dden_n = -sum_d(g_z * num_n) / den_n / den_n (dividing
+            # twice: den_n^2 overflows fp16 for den_n > 256 and 1 / den_n^2 for den_n < 4e-3)
+            g_den[..., n, :] = num.mul_(g_z).sum(-1).div_(den[..., n, :]).div_(den[..., n, :]).neg_()
             if use_fft:
                 # the numerator is freed first: the FFT's buffers then add nothing to the peak
                 del num
                 g_kernel = _depthwise_weight_grad_fft(
-                    weighted, _LazyGrad(g_z, r_n), (out_h, out_w), window, stride, padding
+                    weighted, _LazyGrad(g_z, den_n), (out_h, out_w), window, stride, padding
                 )
                 del weighted
-                g_num = g_z * r_n
+                g_num = g_z / den_n
             else:
-                g_num = torch.mul(g_z, r_n, out=num)
+                g_num = torch.div(g_z, den_n, out=num)
                 del num
                 if need_kernel_grad:
                     g_kernel = _depthwise_weight_grad_direct(

@@ -149,11 +149,14 @@ def test_fft_kernel_gradient_matches_convolution_backward(
 
 @pytest.mark.parametrize("chunk_bytes", [1, 7000, 1 << 30])
 def test_fft_kernel_gradient_chunks(monkeypatch: pytest.MonkeyPatch, chunk_bytes: int) -> None:
-    """Chunks of one channel, chunks that split heads, one chunk: same kernel gradient, from a lazy a * b."""
+    """Chunks of one channel, chunks that split heads, one chunk: same kernel gradient, from a lazy a / b."""
     x = torch.randn(2, 12, 10, 6, dtype=torch.float64)
-    a, b = torch.randn(2, 6, 5, 2, 3, dtype=torch.float64), torch.rand(2, 6, 5, 2, 1, dtype=torch.float64)
+    a, b = (
+        torch.randn(2, 6, 5, 2, 3, dtype=torch.float64),
+        torch.rand(2, 6, 5, 2, 1, dtype=torch.float64) + 0.5,
+    )
     expected = torch.ops.aten.convolution_backward(
-        (a * b).flatten(-2).permute(0, 3, 1, 2),
+        (a / b).flatten(-2).permute(0, 3, 1, 2),
         x.permute(0, 3, 1, 2),
         torch.empty(6, 1, 5, 5, dtype=torch.float64),
         None,
@@ -266,6 +269,8 @@ def official_fused_kqna(
     q = q / (q.norm(dim=-1, keepdim=True) + 1e-6) / math.sqrt(d)
     wk = p["Wk"].reshape(-1, heads, d)
     cost = torch.einsum("byxc,cqh->byxqh", x, torch.einsum("qhd,chd->cqh", q, wk))
+    if "Wk_b" in p:  # the key bias (use_bias=True): one constant per query and head
+        cost = cost + torch.einsum("hd,qhd->qh", p["Wk_b"], q)
     v = x @ p["to_v/kernel"] + p["to_v/bias"]
     batch, height, width, _ = v.shape
     cost_exp = cost.exp()
