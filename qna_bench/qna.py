@@ -40,6 +40,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+__all__ = [
+    "FFT_WEIGHT_GRAD_MIN_WINDOW",
+    "IMPLS",
+    "STRIDES",
+    "QnA",
+    "qna_attention",
+    "qna_attention_reference",
+    "qna_output_size",
+]
+
 Impl = Literal["fast", "reference"]
 IMPLS: tuple[str, ...] = ("fast", "reference")
 STRIDES: tuple[int, ...] = (1, 2)
@@ -559,6 +569,7 @@ class QnA(nn.Module):
         return F.linear(x, weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, H, W, C_in) -> (B, H', W', F_out) with the form ``self.impl`` names."""
         if x.dim() != 4:
             raise ValueError(f"x.dim()={x.dim()}: QnA needs a channels-last (B, H, W, C) input")
         if x.shape[-1] != self.in_channels:
@@ -589,10 +600,16 @@ class QnA(nn.Module):
         """Copy the parameters of an official Flax ``FusedKQnA`` into this module.
 
         ``params`` is that module's parameter dict (nested as Flax gives it, or flattened with '/'
-        keys such as ``"to_v/kernel"``) of numpy or torch arrays. ``Wk_b`` is ignored (it cancels).
+        keys such as ``"to_v/kernel"``) of numpy or torch arrays (``np.asarray`` turns jax arrays into
+        numpy ones). ``Wk_b`` is ignored (it cancels); the projection biases must match ``bias``.
         """
         flat = _flatten(params)
         heads, window = self.heads, self.window
+        has_bias = self.value_proj.bias is not None
+        if ("to_v/bias" in flat) != has_bias:
+            raise ValueError(
+                f"params: official biases {'present' if not has_bias else 'absent'}, but this QnA has bias={has_bias}"
+            )
 
         def get(name: str, shape: tuple[int, ...]) -> Tensor:
             if name not in flat:

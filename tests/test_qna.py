@@ -331,10 +331,12 @@ def test_load_official_params_matches_official_algorithm(stride: int) -> None:
             torch.testing.assert_close(module(torch.as_tensor(x)), expected, rtol=1e-10, atol=1e-10)
 
 
-def test_load_official_params_rejects_wrong_shapes() -> None:
+def test_load_official_params_rejects_wrong_shapes_and_biases() -> None:
     module = QnA(4, 8, 2, window=3)
     with pytest.raises(ValueError, match="query"):
         module.load_official_params({"query": np.zeros((3, 8))})
+    with pytest.raises(ValueError, match="bias=False"):
+        module.load_official_params({"to_v": {"kernel": np.zeros((4, 8)), "bias": np.zeros(8)}})
 
 
 def test_initialisation_follows_official_code() -> None:
