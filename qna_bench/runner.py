@@ -40,6 +40,8 @@ except OSError:  # not glibc: nothing to trim
 
 # Statuses a resumed sweep does not measure again (an `error` is retried).
 FINAL_STATUSES = ("ok", "unsupported", "oom", "timeout", "skipped")
+# The first (warm-up, compiling) call may take this many point budgets, at least a minute.
+FIRST_CALL_BUDGET_FACTOR = 3
 # A layer that ran out of memory or time at one window will at every larger one (cost grows with k).
 GROWING_FAILURES = ("oom", "timeout")
 
@@ -173,10 +175,10 @@ def run_point(point: SweepPoint, settings: MeasureSettings, env: Environment, ru
     reason = layer.unsupported_reason(problem)
     if reason is not None:
         return results.make_row(**row, status="unsupported", reason=reason, point_seconds=0.0)
-    budget = PointBudget(settings.point_budget_s)
     module = x = step = None
     try:
-        with budget.alarm():
+        # The first call compiles compiled layers (seconds to minutes): it gets a budget of its own.
+        with PointBudget(first_call_budget_s(settings.point_budget_s)).alarm():
             torch.set_num_threads(settings.threads)
             module = layer.build(problem)
             row["params"] = count_parameters(module)
@@ -185,6 +187,8 @@ def run_point(point: SweepPoint, settings: MeasureSettings, env: Environment, ru
             x = problem.make_input(layer.layout)
             step, row["base_bytes"], row["first_call_s"] = _make_step(module, x, problem)
             row["layer_flags"] = layer.layer_flags(module, problem)
+        budget = PointBudget(settings.point_budget_s)
+        with budget.alarm():
             one_call_s = None  # the first call includes compilation for compiled layers: not an estimate
             if settings.memory:
                 memory = measure_peak_memory(step, problem.torch_device, row["base_bytes"])
@@ -224,6 +228,10 @@ def run_point(point: SweepPoint, settings: MeasureSettings, env: Environment, ru
     return results.make_row(**row)
 
 
+def first_call_budget_s(point_budget_s: float | None) -> float | None:
+    return None if point_budget_s is None else max(FIRST_CALL_BUDGET_FACTOR * point_budget_s, 60.0)
+
+
 def release_memory(device: str) -> None:
     """Free what a point left behind, so a heavy point does not slow the next (facts.md: up to 6×)."""
     gc.collect()
@@ -259,6 +267,7 @@ def run_sweep(
         print(f"resume: {skipped} of {len(points)} points already in {results_path}; measuring {len(todo)}", file=stream)
     progress = Progress(len(todo), stream=stream)
     failed_at: dict[tuple[str, Problem], tuple[int, str]] = {}
+    measured_once: dict[tuple[str, Problem], dict[str, Any]] = {}
     statuses: dict[str, int] = {}
     written = 0
     try:
@@ -266,7 +275,9 @@ def run_sweep(
             progress.start(point.label)
             group = (point.layer.name, point.problem.replace(window=0))
             failure = failed_at.get(group) if settings.skip_larger_after_failure and point.layer.uses_window else None
-            if failure is not None and point.problem.window > failure[0]:
+            if not point.layer.uses_window and group in measured_once:
+                row = _same_as(measured_once[group], point, env, settings, run_id)
+            elif failure is not None and point.problem.window > failure[0]:
                 row = results.make_row(
                     **base_row(point, env, settings, run_id),
                     status="skipped",
@@ -274,6 +285,7 @@ def run_sweep(
                 )
             else:
                 row = run_point(point, settings, env, run_id)
+                measured_once[group] = row
                 if row["status"] in GROWING_FAILURES:
                     failed_at[group] = (point.problem.window, row["status"])
             results.append_rows(results_path, [row])
@@ -284,6 +296,14 @@ def run_sweep(
         print(f"\ninterrupted: {written} of {len(todo)} points written to {results_path}", file=stream)
         return SweepOutcome(written, skipped, True, statuses)
     return SweepOutcome(written, skipped, False, statuses)
+
+
+def _same_as(source: dict[str, Any], point: SweepPoint, env: Environment, settings: MeasureSettings, run_id: str) -> dict[str, Any]:
+    """The row of a layer that ignores the window, at another window: the one measurement, not a new one."""
+    note = f"the layer ignores the window: measured once, at window {source['window']}"
+    reason = f"{note}; {source['reason']}" if source["reason"] else note
+    values = {**source, **base_row(point, env, settings, run_id), "reason": reason, "point_seconds": 0.0}
+    return results.make_row(**values)
 
 
 def _summary(row: dict[str, Any]) -> str:
