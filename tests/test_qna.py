@@ -63,16 +63,22 @@ def run_with_grads(module: QnA, x: torch.Tensor, impl: str, grad_out: torch.Tens
     module.zero_grad(set_to_none=True)
     out = module(x)
     if grad_out is None:
-        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
-    out.backward(grad_out)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    out.backward(grad_out.to(out.device, out.dtype))
     grads = {"x": x.grad}
     grads.update({name: p.grad for name, p in module.named_parameters()})
     return out.detach(), grads
 
 
-def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
-    # the floor handles gradients that vanish exactly (query and key at window 1)
-    scale = expected.abs().max().clamp_min(1e-3)
+def assert_close_to_scale(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str, zero_scale: float = 1.0
+) -> None:
+    """Max error relative to the largest expected value; ``zero_scale`` stands in for that when the
+    expected tensor is exactly zero (at window 1, the softmax over one tap has no query, key or bias
+    gradient, and the fast form's rounding leaves a residue of the size of the other gradients' rounding)."""
+    scale = expected.abs().max()
+    if scale == 0:
+        scale = torch.tensor(zero_scale)
     err = (actual - expected).abs().max() / scale
     assert torch.isfinite(actual).all(), f"{what}: not finite"
     assert err <= rtol, f"{what}: max error {err:.2e} relative to scale {scale:.2e} (allowed {rtol:.0e})"
@@ -82,8 +88,9 @@ def compare_forms(module: QnA, x: torch.Tensor, rtol: float) -> None:
     out_ref, grads_ref = run_with_grads(module, x, "reference")
     out_fast, grads_fast = run_with_grads(module, x, "fast")
     assert_close_to_scale(out_fast, out_ref, rtol, "output")
+    largest_grad = max(g.abs().max().item() for g in grads_ref.values())
     for name, g in grads_ref.items():
-        assert_close_to_scale(grads_fast[name], g, rtol, f"grad {name}")
+        assert_close_to_scale(grads_fast[name], g, rtol, f"grad {name}", zero_scale=largest_grad)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -102,11 +109,24 @@ def test_fast_matches_reference_fp64(stride: int, window: int, num_queries: int,
     compare_forms(module, x, rtol=1e-10)
 
 
-@pytest.mark.parametrize("window", [3, 7, 11])
-@pytest.mark.parametrize(("stride", "size"), [(1, (56, 56)), (2, (56, 56)), (1, (57, 50)), (2, (57, 53))])
-def test_fast_matches_reference_fp32(stride: int, size: tuple[int, int], window: int) -> None:
-    module = make_qna(torch.float32, in_channels=16, features=16, heads=4, window=window, stride=stride)
-    x = torch.randn(1, *size, 16)
+@pytest.mark.parametrize("heads", [1, 4])
+@pytest.mark.parametrize("num_queries", [1, 2, 4])
+@pytest.mark.parametrize("window", [1, 3, 5, 7, 11])
+@pytest.mark.parametrize("size", [(56, 56), (57, 53)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_fast_matches_reference_fp32(
+    stride: int, size: tuple[int, int], window: int, num_queries: int, heads: int
+) -> None:
+    module = make_qna(
+        torch.float32,
+        in_channels=8,
+        features=8,
+        heads=heads,
+        window=window,
+        stride=stride,
+        num_queries=num_queries,
+    )
+    x = torch.randn(1, *size, 8)
     compare_forms(module, x, rtol=1e-5)
 
 
@@ -480,10 +500,10 @@ def test_torch_compile_matches_eager() -> None:
 def _cuda_half_case(dtype: torch.dtype, stride: int) -> None:
     module = make_qna(torch.float32, in_channels=16, features=16, heads=4, window=5, stride=stride).cuda()
     x = torch.randn(2, 21, 17, 16, device="cuda")
-    out_ref, grads_ref = run_with_grads(module, x, "reference", None)
-    half = make_qna(dtype, in_channels=16, features=16, heads=4, window=5, stride=stride).cuda()
-    half.load_state_dict({k: v.to(dtype) for k, v in module.state_dict().items()})
-    out, grads = run_with_grads(half, x.to(dtype), "fast", None)
+    out_ref, grads_ref = run_with_grads(module, x, "reference")
+    half = QnA(16, 16, 4, window=5, stride=stride).to("cuda", dtype)
+    half.load_state_dict(module.state_dict())
+    out, grads = run_with_grads(half, x.to(dtype), "fast")
     assert out.dtype == dtype
     tol = 2e-2 if dtype == torch.float16 else 6e-2
     assert_close_to_scale(out.float(), out_ref, tol, f"{dtype} output")
