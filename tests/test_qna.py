@@ -497,6 +497,25 @@ def test_torch_compile_matches_eager() -> None:
         torch.testing.assert_close(grads_compiled[name], g, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_cpu(dtype: torch.dtype, weight_grad_path: str) -> None:
+    """The fast form in bf16 / fp16 (CPU here; the FFT kernel gradient works in fp32) against the fp32
+    reference form."""
+    tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
+    for stride in (1, 2):
+        module = make_qna(torch.float32, in_channels=16, features=16, heads=4, window=7, stride=stride)
+        x = torch.randn(2, 15, 12, 16)
+        out_ref, grads_ref = run_with_grads(module, x, "reference")
+        half = QnA(16, 16, 4, window=7, stride=stride).to(dtype)
+        half.load_state_dict(module.state_dict())
+        out, grads = run_with_grads(half, x.to(dtype), "fast")
+        assert out.dtype == dtype
+        assert_close_to_scale(out.float(), out_ref, tol, f"{dtype} output")
+        for name, g in grads_ref.items():
+            assert grads[name].dtype == dtype
+            assert_close_to_scale(grads[name].float(), g, 2 * tol, f"{dtype} grad {name}")
+
+
 def _cuda_half_case(dtype: torch.dtype, stride: int) -> None:
     module = make_qna(torch.float32, in_channels=16, features=16, heads=4, window=5, stride=stride).cuda()
     x = torch.randn(2, 21, 17, 16, device="cuda")
