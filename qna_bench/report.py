@@ -387,10 +387,11 @@ def timing_warnings(data: pd.DataFrame) -> list[str]:
         return []
     notes, total = [], len(ok)
     if "load_avg" in ok:
-        busy = ok[ok["load_avg"].astype(float) > ok["threads"].astype(float)]
+        # The sweep's own threads count in the load average: a core's worth beyond them is other work.
+        busy = ok[ok["load_avg"].astype(float) > ok["threads"].astype(float) + 1]
         if len(busy):
             notes.append(
-                f"{len(busy)} of {total} timed points started with the 1-minute load average above their thread count "
+                f"{len(busy)} of {total} timed points started with the 1-minute load average above their thread count + 1 "
                 f"(up to {_fmt(busy['load_avg'].astype(float).max())} for {_values(busy, 'threads')} thread(s)): other "
                 "work shared the cores, so latencies, speed ratios and latency exponents are unreliable"
             )

@@ -235,7 +235,7 @@ def execute(plan: SweepPlan) -> SweepOutcome:
         print(f"skipped (skip_invalid=true): {message}", file=sys.stderr)
     env = read_environment(plan.points[0].problem.device)
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load > 0.5 * cores:
+    if load > 1 + 0.5 * cores:
         print(
             f"warning: system load {load:.1f} on {cores} cores: other work competes for the cores being timed "
             "(each row records load_avg)",
