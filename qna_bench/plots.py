@@ -57,22 +57,24 @@ def latest_rows(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def ratio_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """Each ok non-QnA row with its latency and memory divided by QnA's at the same problem, mode and
+    """Each measured non-QnA row with its latency and memory divided by QnA's at the same problem, mode and
     window (``latency_ratio`` = layer median_s / QnA median_s; above 1: QnA is faster / leaner;
     ``latency_ratio_low`` = layer q25_s / QnA q75_s, the ratio the timing spread still supports)."""
     keys = SHAPE_COLUMNS + ["mode", "window"]
-    ok = latest_rows(frame)
-    ok = ok[ok["status"] == "ok"]
-    reference = ok[ok["layer"] == REFERENCE_LAYER][keys + ["median_s", "q25_s", "q75_s", "peak_bytes"]]
-    merged = ok[ok["layer"] != REFERENCE_LAYER].merge(reference, on=keys, suffixes=("", "_qna"))
-    latency = merged["median_s"].astype("Float64")
-    latency_qna = merged["median_s_qna"].astype("Float64")
+    rows = latest_rows(frame)
+    # A `timeout` row stopped after its memory pass: its peak memory is a full measurement, its latency is not.
+    rows = rows[rows["status"].isin(["ok", "timeout"])]
+    reference = rows[rows["layer"] == REFERENCE_LAYER][keys + ["status", "median_s", "q25_s", "q75_s", "peak_bytes"]]
+    merged = rows[rows["layer"] != REFERENCE_LAYER].merge(reference, on=keys, suffixes=("", "_qna"))
+    both_ok = (merged["status"] == "ok") & (merged["status_qna"] == "ok")
+    latency = merged["median_s"].astype("Float64").where(both_ok)
+    latency_qna = merged["median_s_qna"].astype("Float64").where(both_ok)
     peak = merged["peak_bytes"].astype("Float64")
     peak_qna = merged["peak_bytes_qna"].astype("Float64")
     merged["latency_ratio"] = (latency / latency_qna).where((latency > 0) & (latency_qna > 0))
     merged["memory_ratio"] = (peak / peak_qna).where((peak > 0) & (peak_qna > 0))
     # A cautious speed ratio: the layer's fast quartile against QnA's slow one.
-    low, high_qna = merged["q25_s"].astype("Float64"), merged["q75_s_qna"].astype("Float64")
+    low, high_qna = merged["q25_s"].astype("Float64").where(both_ok), merged["q75_s_qna"].astype("Float64").where(both_ok)
     merged["latency_ratio_low"] = (low / high_qna).where((low > 0) & (high_qna > 0))
     return merged.sort_values(POINT_COLUMNS, kind="mergesort").reset_index(drop=True)
 
