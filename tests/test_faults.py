@@ -100,11 +100,12 @@ def test_sigint_stops_cleanly_with_every_finished_row_written(tmp_path):
 
 
 def test_larger_windows_after_a_timeout_are_skipped_not_run(tmp_path):
-    done = _run("layers=fault_sleeps", "windows=[1,5,7,9]", "modes=forward", "measure.point_budget_s=1.5",
+    # 0.1 s per call at k=1 fits a 3 s budget easily; 0.9 s per call at k=9 does not.
+    done = _run("layers=fault_sleeps", "windows=[1,9,11,13]", "modes=forward", "measure.point_budget_s=3",
                 *FAST, f"results_dir={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]
     frame = results.read_results(tmp_path / results.RESULTS_FILE).set_index("window")
-    assert frame.loc[1, "status"] == "ok" and frame.loc[5, "status"] == "timeout"
-    assert list(frame.loc[[7, 9], "status"]) == ["skipped", "skipped"]
-    assert frame.loc[7, "reason"] == "not run: timeout already at window 5 for this layer and problem"
-    assert frame.loc[7, "median_s"] is pd.NA and frame.loc[7, "point_seconds"] is pd.NA
+    assert frame.loc[1, "status"] == "ok" and frame.loc[9, "status"] == "timeout"
+    assert list(frame.loc[[11, 13], "status"]) == ["skipped", "skipped"]
+    assert frame.loc[11, "reason"] == "not run: timeout already at window 9 for this layer and problem"
+    assert frame.loc[11, "median_s"] is pd.NA and frame.loc[11, "point_seconds"] is pd.NA
