@@ -56,3 +56,16 @@ def test_the_alarm_stops_a_call_that_runs_past_the_budget():
         for _ in range(100):
             time.sleep(0.05)
     assert time.perf_counter() - start < 1.0
+
+
+def test_a_call_timed_beforehand_sizes_the_run_so_slow_layers_need_no_extra_warm_ups():
+    calls = []
+
+    def slow() -> None:
+        calls.append(None)
+        time.sleep(0.03)
+
+    stats = measure_latency(slow, threads=1, min_run_time_s=0.01, min_replicates=4, one_call_s=0.03)
+    assert stats.n >= 4 and stats.number_per_run == 1
+    # one call estimates the block size, then the replicates; `Timer.timeit` top-ups would add 2 each
+    assert len(calls) <= 1 + stats.n + 1

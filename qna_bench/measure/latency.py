@@ -50,22 +50,40 @@ def measure_latency(
     threads: int,
     min_run_time_s: float = 1.0,
     min_replicates: int = 1,
+    one_call_s: float | None = None,
     budget: PointBudget | None = None,
     label: str = "",
 ) -> LatencyStats:
-    """Time ``fn`` with ``Timer.blocked_autorange``, topped up to ``min_replicates`` replicates.
+    """Time ``fn`` with ``Timer.blocked_autorange`` for at least ``min_replicates`` replicates.
 
-    A slow call gets one replicate from ``blocked_autorange`` when it alone fills ``min_run_time_s``;
-    extra blocks of the same size make the median and IQR mean something. With a ``budget``, one timed
-    call first estimates the cost; if the measurement would not fit in what is left, `PointTimeout` is
-    raised carrying that call, so one huge point cannot stall a sweep.
+    ``one_call_s``, a call already timed (the runner's memory pass), sizes the run up front: the
+    autorange lasts at least ``min_replicates`` such calls, so a slow layer gets its replicates from one
+    autorange and no extra warm-ups (each ``Timer.timeit`` warms up with two calls of its own). Without
+    it one call is timed first. With a ``budget``, a measurement that would not fit in what is left
+    raises `PointTimeout` carrying that call, so one huge point cannot stall a sweep.
     """
     timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=label)
+    if one_call_s is None:
+        one_call_s = timer.timeit(number=1).times[0]
+    run_time_s = max(min_run_time_s, min_replicates * one_call_s)
     if budget is not None:
-        first = timer.timeit(number=1).times[0]
-        budget.check(first, calls_left=1 + min_replicates, extra_s=min_run_time_s)
-    measurement = timer.blocked_autorange(min_run_time=min_run_time_s)
+        # blocked_autorange's block-size estimate is one more call, then the blocks themselves.
+        budget.check(one_call_s, calls_left=1 + min_replicates, extra_s=run_time_s - min_replicates * one_call_s)
+    measurement = timer.blocked_autorange(min_run_time=run_time_s)
     times = [t for t in measurement.times if math.isfinite(t)]
+    number = measurement.number_per_run
     while len(times) < min_replicates:
-        times.extend(timer.timeit(number=measurement.number_per_run).times)
+        times.extend(t for t in _more_blocks(timer, number, min_replicates - len(times), max(times)) if math.isfinite(t))
     return LatencyStats.from_times(times, number_per_run=measurement.number_per_run)
+
+
+def _more_blocks(timer: torch_benchmark.Timer, number: int, missing: int, call_s: float) -> list[float]:
+    """``missing`` more blocks of ``number`` calls, by the cheaper of the Timer's two ways.
+
+    ``blocked_autorange`` re-estimates the block size (about 1.1 blocks of calls), ``timeit`` warms up
+    with ``max(number // 100, 2)`` calls per block: for single-call blocks of a slow layer the first
+    is cheaper, for blocks of many fast calls the second.
+    """
+    if number == 1:
+        return list(timer.blocked_autorange(min_run_time=missing * call_s).times)
+    return [timer.timeit(number=number).times[0] for _ in range(missing)]
