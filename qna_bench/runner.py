@@ -1,4 +1,4 @@
-"""Runs sweep points: build → warm → memory pass → FLOPs → latency → row. Failures become rows.
+"""Runs sweep points: build → first call (on CPU: the memory pass) → FLOPs → latency → row. Failures become rows.
 
 `plan_sweep` expands the config's lists into points, `sweep_errors` finds invalid ones before any
 work, `run_point` measures one point and `run_sweep` appends each finished row to the parquet before
@@ -15,7 +15,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -27,7 +27,7 @@ from qna_bench.budget import PointBudget, PointTimeout
 from qna_bench.environment import Environment, utc_now
 from qna_bench.measure.flops import count_flops
 from qna_bench.measure.latency import LatencyStats, measure_latency
-from qna_bench.measure.memory import measure_peak_memory
+from qna_bench.measure.memory import MemoryStats, measure_peak_memory, untracked
 from qna_bench.measure.params import count_parameters, parameter_bytes
 from qna_bench.problem import Problem
 from qna_bench.progress import Progress
@@ -137,34 +137,63 @@ def base_row(point: SweepPoint, env: Environment, settings: MeasureSettings, run
     return row
 
 
-def _make_step(module: torch.nn.Module, x: torch.Tensor, problem: Problem) -> tuple[Callable[[], object], int, float]:
-    """The callable to measure, the bytes it starts from, and its first (warm-up, compiling) call's seconds."""
-    if problem.mode == "train":
-        params = [p for p in module.parameters() if p.requires_grad]
-        start = time.perf_counter()
-        out = module(x)
-        grad_out = problem.make_output_grad(out)
-        out.backward(grad_out)
-        first_call_s = time.perf_counter() - start
-        del out
+@dataclass
+class PointStep:
+    """The callable to measure and what it holds on to; a train step makes its upstream gradient from
+    the output of its first call (untracked: it is an input, like ``x``)."""
 
-        def train_step() -> None:
-            x.grad = None
-            for p in params:
-                p.grad = None
-            module(x).backward(grad_out)
+    module: torch.nn.Module
+    x: torch.Tensor
+    problem: Problem
+    grad_out: torch.Tensor | None = None
 
-        base = x.nbytes + grad_out.nbytes + parameter_bytes(module)
-        return train_step, base, first_call_s
+    def __post_init__(self) -> None:
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
 
-    def forward_step() -> None:
-        with torch.inference_mode():
-            module(x)
+    def __call__(self) -> None:
+        if self.problem.mode == "forward":
+            with torch.inference_mode():
+                self.module(self.x)
+            return
+        self.x.grad = None
+        for p in self.params:
+            p.grad = None
+        out = self.module(self.x)
+        if self.grad_out is None:
+            with untracked():
+                self.grad_out = self.problem.make_output_grad(out)
+        out.backward(self.grad_out)
 
+    @property
+    def base_bytes(self) -> int:
+        """Bytes that exist before a call: input, upstream gradient, parameters."""
+        grad_bytes = self.grad_out.nbytes if self.grad_out is not None else 0
+        return self.x.nbytes + grad_bytes + parameter_bytes(self.module)
+
+
+def _timed_call(step: PointStep, device: torch.device) -> float:
     start = time.perf_counter()
-    forward_step()
-    first_call_s = time.perf_counter() - start
-    return forward_step, x.nbytes + parameter_bytes(module), first_call_s
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _first_call(step: PointStep, device: torch.device, memory: bool) -> tuple[float, MemoryStats | None]:
+    """Run the first (warm-up, compiling) call; its seconds, and on CPU its memory.
+
+    On CPU the live-storage tracker counts storages, not allocator state, so the first call doubles as
+    the memory pass (one call fewer per point). On CUDA the memory pass comes after the warm-up, which
+    owns the one-off workspaces and autotuning.
+    """
+    if not (memory and device.type == "cpu"):
+        return _timed_call(step, device), None
+    stats = measure_peak_memory(step, device, base_bytes=0)
+    if stats.call_s is None:  # the tracker cannot see inside (flex attention): a plain first call
+        first_call_s = _timed_call(step, device)
+    else:
+        first_call_s = stats.call_s
+    return first_call_s, dataclasses.replace(stats, base_bytes=step.base_bytes)
 
 
 def run_point(point: SweepPoint, settings: MeasureSettings, env: Environment, run_id: str) -> dict[str, Any]:
@@ -185,19 +214,22 @@ def run_point(point: SweepPoint, settings: MeasureSettings, env: Environment, ru
             if layer.analytic_flops is not None:
                 row["flops_analytic"] = int(layer.analytic_flops(problem))
             x = problem.make_input(layer.layout)
-            step, row["base_bytes"], row["first_call_s"] = _make_step(module, x, problem)
+            step = PointStep(module, x, problem)
+            row["first_call_s"], memory = _first_call(step, problem.torch_device, settings.memory)
+            row["base_bytes"] = step.base_bytes
             row["layer_flags"] = layer.layer_flags(module, problem)
         budget = PointBudget(settings.point_budget_s)
         with budget.alarm():
-            one_call_s = None  # the first call includes compilation for compiled layers: not an estimate
-            if settings.memory:
+            # The seconds of one call, for the budget and the autorange: a call after the warm-up, or on
+            # CPU the tracked first call (a slight overestimate of an eager layer's steady call).
+            one_call_s = memory.call_s if memory is not None else None
+            if settings.memory and memory is None:
                 memory = measure_peak_memory(step, problem.torch_device, row["base_bytes"])
-                row.update(peak_bytes=memory.peak_bytes, memory_method=memory.method, memory_note=memory.note)
                 one_call_s = memory.call_s
+            if memory is not None:
+                row.update(peak_bytes=memory.peak_bytes, memory_method=memory.method, memory_note=memory.note)
             if one_call_s is None:
-                call_start = time.perf_counter()
-                step()
-                one_call_s = time.perf_counter() - call_start
+                one_call_s = _timed_call(step, problem.torch_device)
             if settings.flops:
                 budget.check(one_call_s, calls_left=3 + settings.min_replicates, extra_s=settings.min_run_time_s)
                 flops = count_flops(step, layer.flop_formulas)
@@ -227,6 +259,24 @@ def run_point(point: SweepPoint, settings: MeasureSettings, env: Environment, ru
         release_memory(problem.device)
     row["point_seconds"] = time.perf_counter() - started
     return results.make_row(**row)
+
+
+def warm_up_process(point: SweepPoint, settings: MeasureSettings, calls: int = 3) -> None:
+    """Run ``point``'s step a few times and record nothing: the process's first calls run slow
+    (qna's first point measured ~2× its later self until any layer had run), whichever point is first."""
+    if point.layer.unsupported_reason(point.problem) is not None:
+        return
+    try:
+        with PointBudget(first_call_budget_s(settings.point_budget_s)).alarm():
+            torch.set_num_threads(settings.threads)
+            step = PointStep(point.layer.build(point.problem), point.problem.make_input(point.layer.layout), point.problem)
+            for _ in range(calls):
+                step()
+    except Exception:  # noqa: BLE001 - the point itself will run again and report what went wrong
+        pass
+    finally:
+        step = None
+        release_memory(point.problem.device)
 
 
 def first_call_budget_s(point_budget_s: float | None) -> float | None:
@@ -274,6 +324,8 @@ def run_sweep(
     # Everything alive now (torch, Hydra, pandas) lives for the whole sweep; frozen, it is no longer
     # rescanned by the collections that free each point's tensors (~0.2 s each, twice per point).
     gc.freeze()
+    if todo:
+        warm_up_process(todo[0], settings)
     try:
         for point in todo:
             progress.start(point.label)

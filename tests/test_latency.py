@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from qna_bench.budget import PointBudget, PointTimeout
-from qna_bench.measure.latency import LatencyStats, measure_latency
+from qna_bench.measure.latency import SINGLE_CALL_BLOCK_S, LatencyStats, measure_latency
 
 
 def test_statistics_are_computed_from_the_raw_samples():
@@ -71,3 +71,15 @@ def test_a_call_timed_beforehand_sizes_the_run_so_slow_layers_need_no_extra_warm
     # `Timer.timeit` top-ups would add two warm-up calls each.
     untimed = len(calls) - stats.n * stats.number_per_run
     assert untimed <= (10 * stats.number_per_run - 1) // 9, (untimed, stats)
+
+
+def test_a_call_that_is_a_block_of_its_own_runs_no_untimed_call():
+    calls = []
+
+    def slow() -> None:
+        calls.append(None)
+        time.sleep(SINGLE_CALL_BLOCK_S)
+
+    stats = measure_latency(slow, threads=1, min_run_time_s=0.01, min_replicates=3, one_call_s=SINGLE_CALL_BLOCK_S)
+    assert stats.number_per_run == 1 and stats.n >= 3
+    assert len(calls) == stats.n

@@ -9,7 +9,7 @@ import textwrap
 
 import torch
 
-from qna_bench.measure.memory import CPU_LIVE_STORAGES, LiveStorageTracker, measure_peak_memory
+from qna_bench.measure.memory import CPU_LIVE_STORAGES, LiveStorageTracker, measure_peak_memory, untracked
 
 MIB = 2**20
 
@@ -107,3 +107,13 @@ def test_tracker_agrees_with_max_rss_growth_of_a_fresh_process():
     # two (8, 4, 1024, 1024) float32 tensors (128 MiB each) live together at the peak
     assert tracked == 256 * MIB
     assert abs(tracked - rss_growth) / tracked < 0.05, (tracked, rss_growth)
+
+
+def test_storages_made_untracked_are_not_counted():
+    with LiveStorageTracker() as tracker:
+        with untracked():
+            kept = torch.empty(2**20)
+        t = torch.empty(2**18)
+        del t
+    assert tracker.peak_bytes == MIB
+    assert kept.numel() == 2**20

@@ -262,3 +262,18 @@ def test_noisy_timings_and_missing_memory_are_called_out():
     assert "| P1 | forward | sasa | 3 | unavailable | the CPU storage tracker cannot see inside flex attention |" in noisy
     # The speed table also gives the ratio the spread supports: SASA's q25 over QnA's q75.
     assert "| sasa | attention peer | forward | 0.67× | 3 | 16×16 | P1 | 0.32× |" in noisy
+
+
+COMMITTED_REPORTS = sorted((Path(__file__).resolve().parent.parent / "results").rglob("report.md"))
+
+
+@pytest.mark.parametrize("committed", COMMITTED_REPORTS, ids=lambda p: str(p.parent.relative_to(p.parents[2])))
+def test_committed_reports_regenerate_from_their_parquet(committed, tmp_path):
+    """The reference reports under results/ are what `python -m qna_bench.report` writes from the parquet
+    beside them, table for table (the figures section only lists the PNGs drawn next to it)."""
+    regenerated = report.write_report(committed.parent / results.RESULTS_FILE, tmp_path, draw=False).read_text()
+    text = committed.read_text(encoding="utf-8")
+    body, _, figures = text.partition("\n\n## Figures")
+    assert body + "\n" == regenerated
+    for name in ("latency.png", "memory.png", "pareto.png"):
+        assert f"]({name})" in figures and (committed.parent / name).is_file()

@@ -44,6 +44,19 @@ class LatencyStats:
         )
 
 
+# A call this slow is a block of its own: torch's estimate picks 1 call per block once a call outlasts
+# 10⁴ × the timer's overhead (~2 µs here) and min_run_time / 1000.
+SINGLE_CALL_BLOCK_S = 0.05
+
+
+class _SingleCallBlockTimer(torch_benchmark.Timer):
+    """`Timer` whose ``blocked_autorange`` knows its block is one call, so it skips the size estimate:
+    one more untimed call of a slow layer, after the caller's own warm-up."""
+
+    def _estimate_block_size(self, min_run_time: float) -> int:
+        return 1
+
+
 def measure_latency(
     fn: Callable[[], object],
     *,
@@ -56,19 +69,25 @@ def measure_latency(
 ) -> LatencyStats:
     """Time ``fn`` with ``Timer.blocked_autorange`` for at least ``min_replicates`` replicates.
 
-    ``one_call_s``, a call already timed (the runner's memory pass), sizes the run up front: the
-    autorange lasts at least ``min_replicates`` such calls, so a slow layer gets its replicates from one
-    autorange and no extra warm-ups (each ``Timer.timeit`` warms up with two calls of its own). Without
-    it one call is timed first. With a ``budget``, a measurement that would not fit in what is left
+    ``one_call_s``, a call already timed after or as the warm-up (the runner's first call), sizes the
+    run up front: the autorange lasts about ``min_replicates`` such calls, so a slow layer gets its
+    replicates from one autorange and no extra warm-ups (each ``Timer.timeit`` warms up with two calls
+    of its own, and the block-size estimate is skipped when a call is a block). Without it one call is
+    timed first. With a ``budget``, a measurement that would not fit in what is left
     raises `PointTimeout` carrying that call, so one huge point cannot stall a sweep.
     """
-    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=label)
+    timer_class = torch_benchmark.Timer
+    if one_call_s is not None and one_call_s >= SINGLE_CALL_BLOCK_S:
+        timer_class = _SingleCallBlockTimer
+    timer = timer_class(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=label)
     if one_call_s is None:
         one_call_s = timer.timeit(number=1).times[0]
-    run_time_s = max(min_run_time_s, min_replicates * one_call_s)
+    # Half a call short of the replicates, so that blocks a little faster or slower than ``one_call_s``
+    # still stop at ``min_replicates`` (for 3: from 17 % faster to 25 % slower).
+    run_time_s = max(min_run_time_s, (min_replicates - 0.5) * one_call_s)
     if budget is not None:
-        # blocked_autorange's block-size estimate is one more call, then the blocks themselves.
-        budget.check(one_call_s, calls_left=1 + min_replicates, extra_s=run_time_s - min_replicates * one_call_s)
+        estimate_calls = 0 if isinstance(timer, _SingleCallBlockTimer) else 1
+        budget.check(one_call_s, calls_left=estimate_calls + min_replicates, extra_s=max(0.0, min_run_time_s - min_replicates * one_call_s))
     measurement = timer.blocked_autorange(min_run_time=run_time_s)
     times = [t for t in measurement.times if math.isfinite(t)]
     number = measurement.number_per_run

@@ -3,14 +3,17 @@
 CUDA: the caching allocator's statistics. CPU: torch keeps none, so `LiveStorageTracker`, a
 `TorchDispatchMode`, adds each storage an op newly allocates when it appears and subtracts it when the
 storage is freed; views and in-place results share their input's storage and are not counted again.
+It counts storages, not allocator state, so on CPU the pass can be the point's first call; inputs made
+during the call (a train step's upstream gradient) are made under `untracked`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +49,8 @@ class LiveStorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if _untracked_depth:
+            return out
         inputs = {
             t.untyped_storage().data_ptr()
             for t in tree_leaves((args, kwargs))
@@ -68,6 +73,20 @@ class LiveStorageTracker(TorchDispatchMode):
 
     def _release(self, pointer: int) -> None:
         self.live_bytes -= self._live.pop(pointer, 0)
+
+
+_untracked_depth = 0
+
+
+@contextlib.contextmanager
+def untracked() -> Iterator[None]:
+    """Storages allocated inside are not counted by any `LiveStorageTracker` (inputs made mid-call)."""
+    global _untracked_depth
+    _untracked_depth += 1
+    try:
+        yield
+    finally:
+        _untracked_depth -= 1
 
 
 def measure_peak_memory(fn: Callable[[], object], device: torch.device, base_bytes: int) -> MemoryStats:
