@@ -32,6 +32,7 @@ from qna_bench.measure.params import count_parameters, parameter_bytes
 from qna_bench.problem import Problem
 from qna_bench.progress import Progress
 from qna_bench.registry import LayerSpec, UnsupportedProblem
+from qna_bench.worker import PointWorker, WorkerLost, WorkerSetup, hard_limit_s, layer_modules
 
 try:
     _LIBC = ctypes.CDLL("libc.so.6")
@@ -303,12 +304,15 @@ def run_sweep(
     env: Environment,
     *,
     resume: bool = True,
+    memory_cap_bytes: int | None = None,
+    cap_memory: bool = False,
     stream: TextIO = sys.stderr,
 ) -> SweepOutcome:
-    """Measure every point, appending each row to ``results_path`` as soon as it is done.
+    """Measure every point in a `PointWorker`, appending each row to ``results_path`` as soon as it is done.
 
     With ``resume``, points already in the file with a final status are skipped. Ctrl-C stops after
-    the rows written so far, which stay on disk.
+    the rows written so far, which stay on disk. ``memory_cap_bytes`` (None: 80% of what is free)
+    caps the worker's memory when ``cap_memory``.
     """
     run_id = uuid.uuid4().hex[:12]
     done = results.measured_keys(results_path, FINAL_STATUSES) if resume else set()
@@ -316,44 +320,61 @@ def run_sweep(
     skipped = len(points) - len(todo)
     if skipped:
         print(f"resume: {skipped} of {len(points)} points already in {results_path}; measuring {len(todo)}", file=stream)
-    progress = Progress(len(todo), stream=stream)
     failed_at: dict[tuple[str, Problem], tuple[int, str]] = {}
     measured_once: dict[tuple[str, Problem], dict[str, Any]] = {}
     statuses: dict[str, int] = {}
     written = 0
-    # Everything alive now (torch, Hydra, pandas) lives for the whole sweep; frozen, it is no longer
-    # rescanned by the collections that free each point's tensors (~0.2 s each, twice per point).
-    gc.freeze()
-    if todo:
-        warm_up_process(todo[0], settings)
-    try:
-        for point in todo:
-            progress.start(point.label)
-            group = (point.layer.name, point.problem.replace(window=0))
-            failure = failed_at.get(group) if settings.skip_larger_after_failure and point.layer.uses_window else None
-            if not point.layer.uses_window and group in measured_once:
-                row = _same_as(measured_once[group], point, env, settings, run_id)
-            elif failure is not None and point.problem.window > failure[0]:
-                row = results.make_row(
-                    **base_row(point, env, settings, run_id),
-                    status="skipped",
-                    reason=f"not run: {failure[1]} already at window {failure[0]} for this layer and problem",
-                )
-            else:
-                row = run_point(point, settings, env, run_id)
-                measured_once[group] = row
-                if row["status"] in GROWING_FAILURES:
-                    failed_at[group] = (point.problem.window, row["status"])
-            results.append_rows(results_path, [row])
-            written += 1
-            statuses[row["status"]] = statuses.get(row["status"], 0) + 1
-            progress.finish(_summary(row))
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {written} of {len(todo)} points written to {results_path}", file=stream)
-        return SweepOutcome(written, skipped, True, statuses)
-    finally:
-        gc.unfreeze()
+    limit_s = hard_limit_s(settings.point_budget_s, first_call_budget_s(settings.point_budget_s))
+    setup = WorkerSetup(layer_modules([p.layer for p in todo]), settings, env, memory_cap_bytes, cap_memory)
+    with PointWorker(setup) as worker:
+        try:
+            if todo:
+                worker.start()
+                if worker.memory_cap is not None:
+                    print(f"memory cap: {worker.memory_cap / 2**30:.1f} GiB above the measuring process's start "
+                          "(points beyond it become oom rows)", file=stream)
+            progress = Progress(len(todo), stream=stream)
+            for point in todo:
+                progress.start(point.label)
+                group = (point.layer.name, point.problem.replace(window=0))
+                failure = failed_at.get(group) if settings.skip_larger_after_failure and point.layer.uses_window else None
+                if not point.layer.uses_window and group in measured_once:
+                    row = _same_as(measured_once[group], point, env, settings, run_id)
+                elif failure is not None and point.problem.window > failure[0]:
+                    row = results.make_row(
+                        **base_row(point, env, settings, run_id),
+                        status="skipped",
+                        reason=f"not run: {failure[1]} already at window {failure[0]} for this layer and problem",
+                    )
+                else:
+                    started = time.perf_counter()
+                    row = worker.run(point.layer.name, point.problem, run_id, limit_s)
+                    if isinstance(row, WorkerLost):
+                        row = _lost_row(row, point, env, settings, run_id, limit_s)
+                        row["point_seconds"] = time.perf_counter() - started
+                    measured_once[group] = row
+                    if row["status"] in GROWING_FAILURES:
+                        failed_at[group] = (point.problem.window, row["status"])
+                results.append_rows(results_path, [row])
+                written += 1
+                statuses[row["status"]] = statuses.get(row["status"], 0) + 1
+                progress.finish(_summary(row))
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: {written} of {len(todo)} points written to {results_path}", file=stream)
+            return SweepOutcome(written, skipped, True, statuses)
     return SweepOutcome(written, skipped, False, statuses)
+
+
+def _lost_row(
+    lost: WorkerLost, point: SweepPoint, env: Environment, settings: MeasureSettings, run_id: str, limit_s: float | None
+) -> dict[str, Any]:
+    """The row of a point whose worker was killed at the hard limit, or died."""
+    if lost.killed:
+        reason = (f"ran past the hard limit of {limit_s:g} s inside a native op that the budget's alarm cannot "
+                  "interrupt; its worker process was killed")
+        return results.make_row(**base_row(point, env, settings, run_id), status="timeout", reason=reason)
+    reason = f"the measuring worker process died (exit code {lost.exitcode}); a fresh one runs the next point"
+    return results.make_row(**base_row(point, env, settings, run_id), status="error", reason=reason)
 
 
 def _same_as(source: dict[str, Any], point: SweepPoint, env: Environment, settings: MeasureSettings, run_id: str) -> dict[str, Any]:

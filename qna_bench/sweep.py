@@ -19,7 +19,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from qna_bench import results
 from qna_bench.environment import read_environment
-from qna_bench.memcap import address_space_cap
 from qna_bench.problem import MODES, Problem
 from qna_bench.registry import LayerSpec, list_layers, resolve_layers
 from qna_bench.runner import (
@@ -242,10 +241,8 @@ def execute(plan: SweepPlan) -> SweepOutcome:
             file=sys.stderr,
         )
     uses_cpu = any(p.problem.device == "cpu" for p in plan.points)
-    with address_space_cap(plan.memory_cap_bytes, enabled=uses_cpu) as cap:
-        if cap is not None:
-            print(f"memory cap: {cap / 2**30:.1f} GiB above the process's start (points beyond it become oom rows)", file=sys.stderr)
-        outcome = run_sweep(plan.points, plan.results_path, plan.settings, env, resume=plan.resume)
+    outcome = run_sweep(plan.points, plan.results_path, plan.settings, env, resume=plan.resume,
+                        memory_cap_bytes=plan.memory_cap_bytes, cap_memory=uses_cpu)
     print(f"results: {plan.results_path} ({outcome.rows_written} rows written; {outcome.statuses})", file=sys.stderr)
     if plan.results_path.exists():
         frame = results.read_results(plan.results_path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 import time
 
 import torch
@@ -61,3 +63,32 @@ def build_hog(problem: Problem) -> nn.Module:
 @register_layer("fault_sleeps", **_FAULT)
 def build_sleeps(problem: Problem) -> nn.Module:
     return Sleeps(problem.window / 10)
+
+
+class NativeHang(nn.Module):
+    """Spends a minute inside one native call, where no Python signal handler runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctypes.CDLL(None).sleep(60)
+        return x * self.weight
+
+
+class Exits(nn.Module):
+    """Ends its process on the spot, as a crash or the kernel's OOM killer would."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        os._exit(3)
+
+
+@register_layer("fault_native_hang", **_FAULT)
+def build_native_hang(problem: Problem) -> nn.Module:
+    return NativeHang()
+
+
+@register_layer("fault_exits", **_FAULT)
+def build_exits(problem: Problem) -> nn.Module:
+    return Exits()

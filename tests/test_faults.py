@@ -12,6 +12,9 @@ from pathlib import Path
 import pandas as pd
 
 from qna_bench import results
+from qna_bench.environment import read_environment
+from qna_bench.runner import MeasureSettings
+from qna_bench.worker import PointWorker, WorkerLost, WorkerSetup
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -109,3 +112,27 @@ def test_larger_windows_after_a_timeout_are_skipped_not_run(tmp_path):
     assert list(frame.loc[[11, 13], "status"]) == ["skipped", "skipped"]
     assert frame.loc[11, "reason"] == "not run: timeout already at window 9 for this layer and problem"
     assert frame.loc[11, "median_s"] is pd.NA and frame.loc[11, "point_seconds"] is pd.NA
+
+
+def _worker() -> PointWorker:
+    settings = MeasureSettings(threads=1, min_run_time_s=0.01, min_replicates=1, point_budget_s=None)
+    return PointWorker(WorkerSetup(("fault_layers",), settings, read_environment("cpu"), None, False))
+
+
+def test_a_point_stuck_in_native_code_is_killed_at_the_hard_limit_and_the_next_runs_in_a_fresh_worker(tiny_problem):
+    problem = tiny_problem.replace(mode="forward")
+    with _worker() as worker:
+        start = time.perf_counter()
+        assert worker.run("fault_native_hang", problem, "test", timeout_s=2) == WorkerLost(killed=True, exitcode=None)
+        assert time.perf_counter() - start < 30
+        row = worker.run("conv_dw", problem, "test", timeout_s=120)
+    assert row["status"] == "ok" and row["layer"] == "conv_dw"
+
+
+def test_a_worker_that_dies_becomes_an_error_row_and_the_sweep_goes_on(tmp_path):
+    done = _run("layers=[fault_exits,conv_dw]", "windows=3", "modes=forward", *FAST, f"results_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    frame = results.read_results(tmp_path / results.RESULTS_FILE).set_index("layer")
+    assert frame.loc["fault_exits", "status"] == "error"
+    assert "worker process died (exit code 3)" in frame.loc["fault_exits", "reason"]
+    assert frame.loc["conv_dw", "status"] == "ok"
