@@ -136,7 +136,7 @@ def _finish(fig: Figure, axes: list[Axes], used: int, title: str) -> Figure:
     for ax in axes[used:]:
         ax.axis("off")
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # a strip for the title, however tall
     return fig
 
 

@@ -41,6 +41,8 @@ POOR_FIT_R2 = 0.9
 # Timing spread (q75 − q25) / median above which a point counts as noisy.
 NOISY_SPREAD = 0.25
 MIN_REPLICATES = 3
+# Above this share of timed points with a warning, the verdicts carry a caution.
+CAUTION_SHARE = 0.05
 
 HOLDS, PARTLY, NOT_HOLD, NOT_TESTED = "holds", "holds partly", "does not hold on this device", "not tested"
 VERDICT_ORDER = (HOLDS, PARTLY, NOT_HOLD, NOT_TESTED)
@@ -74,7 +76,8 @@ The verdicts compare QnA (layer `qna`) with the **attention peers**: every layer
 `qna` nor `conv`. QnA's other forms (family `qna`, e.g. `qna_reference`, the naive form) and the
 convolutions are shown in every table but are outside the verdicts; the conditions mention the
 convolutions separately. A ratio is a peer's value divided by QnA's at the same problem (device, dtype,
-batch, height, width, channels, heads, stride, dilation), mode and window, both rows `ok`; above 1 means
+batch, height, width, channels, heads, stride, dilation), mode and window, both rows `ok` (for memory, a
+`timeout` row counts too: its memory pass completed); above 1 means
 QnA is leaner / faster. Verdicts are per device and mode, pooling every problem shape measured there.
 
 - **Memory** (target T = {CLAIMED_MEMORY_FACTOR:g}×, on peak memory above inputs) and **speed**
@@ -84,6 +87,10 @@ QnA is leaner / faster. Verdicts are per device and mode, pooling every problem 
   - `{PARTLY}`: {BEAT_FACTOR:g} ≤ best < T — QnA beats some attention peer by at least {BEAT_FACTOR:g}×, but never by T;
   - `{NOT_HOLD}`: best < {BEAT_FACTOR:g} — QnA is never {BEAT_FACTOR:g}× leaner (faster) than any attention peer;
   - `{NOT_TESTED}`: no attention peer and QnA both `ok` at a common point.
+  - The headline and conditions also give the ratio against the *strongest* peer at each point (the
+    smallest ratio among the attention peers measured there): what QnA gains over the best alternative
+    at that window. Peers without a number at a point (timeout, oom) are not in it, so at large windows
+    it covers the peers fast enough to be measured.
 - **Scaling with window**: for each layer, problem and mode, the growth exponent e of latency and of peak
   memory in k is the least-squares slope of log(metric) against log(k) over the layer's `ok` windows
   (n/a below 2 windows). A *comparison* is (problem, metric, attention peer that uses the window), both
@@ -266,6 +273,28 @@ def _best_text(best: pd.Series, column: str, problems: pd.DataFrame) -> str:
     return f"{_x(best[column])} at k={int(best['window'])}, {_problem_label(best['problem'], problems)}"
 
 
+def _strongest(peers: pd.DataFrame, column: str) -> pd.DataFrame:
+    """At each problem and window, the attention peer closest to QnA (the smallest ratio: the leanest or
+    fastest peer measured there); ties go to the first layer by name."""
+    ranked = _sort(peers, ["problem", "window", "layer"]).sort_values(["problem", "window", column], kind="mergesort")
+    return ranked.drop_duplicates(["problem", "window"]).reset_index(drop=True)
+
+
+def _strongest_text(strongest: pd.DataFrame, column: str, target: float, verb: str, problems: pd.DataFrame) -> str:
+    worst = _sort(strongest, ["problem", "window"]).sort_values(column, kind="mergesort").iloc[0]
+    best = _best(strongest, column)
+    which = ", ".join(f"{layer} at {count} point{'s' if count > 1 else ''}"
+                      for layer, count in strongest["layer"].value_counts().sort_index().items())
+    text = (f"Against the strongest attention peer at each point (the {'leanest' if verb == 'leaner' else 'fastest'} "
+            f"one measured there: {which}), QnA is {_x(worst[column])} at worst (k={int(worst['window'])}, "
+            f"{_problem_label(worst['problem'], problems)}, vs {worst['layer']}) and {_best_text(best, column, problems)} "
+            f"at best (vs {best['layer']})")
+    reach = _where_at_least(strongest, column, target, problems)
+    if reach:
+        return f"{text}; ≥{target:g}× {verb} than every peer measured there at {reach}"
+    return f"{text}; never ≥{target:g}× {verb} than every peer measured at a point"
+
+
 def _layers_in_order(rows: pd.DataFrame) -> list[str]:
     ordered = _sort(rows.drop_duplicates("layer")[["layer", "role"]], ["role", "layer"])
     return ordered["layer"].tolist()
@@ -286,7 +315,10 @@ def _ratio_verdict(
         best = _best(peers, column)
         value = float(best[column])
         verdict = HOLDS if value >= target else PARTLY if value >= BEAT_FACTOR else NOT_HOLD
-        headline = f"best {_best_text(best, column, problems)} vs {best['layer']}"
+        strongest = _strongest(peers, column)
+        headline = (f"best {_best_text(best, column, problems)} vs {best['layer']}; against the strongest peer "
+                    f"at each point, {_x(strongest[column].min())} to {_x(strongest[column].max())}")
+        conditions.append(_strongest_text(strongest, column, target, verb, problems))
         reach, partial, never = [], [], []
         for layer in _layers_in_order(peers):
             own = peers[peers["layer"] == layer]
@@ -380,30 +412,55 @@ def _growth_text(exponent: float, r2: float) -> str:
     return f"k^{_fmt(exponent)}{flag}"
 
 
+def _timed(data: pd.DataFrame) -> pd.DataFrame:
+    return data[(data["status"] == "ok") & data["median_s"].notna()]
+
+
+def _timing_flags(ok: pd.DataFrame) -> dict[str, pd.Series]:
+    """Per timed row: started on a busy machine, too few replicates, a wide spread."""
+    # The sweep's own threads count in the load average: a core's worth beyond them is other work.
+    if "load_avg" in ok:
+        busy = (ok["load_avg"].astype(float) > ok["threads"].astype(float) + 1).fillna(False)
+    else:
+        busy = pd.Series(False, index=ok.index)
+    return {
+        "busy": busy,
+        "few": ok["n"].fillna(0).astype(int) < MIN_REPLICATES,
+        "wide": ((ok["q75_s"].astype(float) - ok["q25_s"].astype(float)) / ok["median_s"].astype(float)) > NOISY_SPREAD,
+    }
+
+
 def timing_warnings(data: pd.DataFrame) -> list[str]:
     """Why the latencies of these rows may not be trusted: a busy machine, too few replicates, wide spread."""
-    ok = data[(data["status"] == "ok") & data["median_s"].notna()]
+    ok = _timed(data)
     if not len(ok):
         return []
-    notes, total = [], len(ok)
-    if "load_avg" in ok:
-        # The sweep's own threads count in the load average: a core's worth beyond them is other work.
-        busy = ok[ok["load_avg"].astype(float) > ok["threads"].astype(float) + 1]
-        if len(busy):
-            notes.append(
-                f"{len(busy)} of {total} timed points started with the 1-minute load average above their thread count + 1 "
-                f"(up to {_fmt(busy['load_avg'].astype(float).max())} for {_values(busy, 'threads')} thread(s)): other "
-                "work shared the cores, so latencies, speed ratios and latency exponents are unreliable"
-            )
-    few = ok[ok["n"].fillna(0).astype(int) < MIN_REPLICATES]
-    if len(few):
-        notes.append(f"{len(few)} of {total} timed points have fewer than {MIN_REPLICATES} timing replicates (no spread to judge)")
-    spread = (ok["q75_s"].astype(float) - ok["q25_s"].astype(float)) / ok["median_s"].astype(float)
-    wide = ok[spread > NOISY_SPREAD]
-    if len(wide):
-        notes.append(f"{len(wide)} of {total} timed points have a timing spread (q75 − q25) / median above "
+    flags, total = _timing_flags(ok), len(ok)
+    notes = []
+    busy = ok[flags["busy"]]
+    if len(busy):
+        notes.append(
+            f"{len(busy)} of {total} timed points started with the 1-minute load average above their thread count + 1 "
+            f"(up to {_fmt(busy['load_avg'].astype(float).max())} for {_values(busy, 'threads')} thread(s)): other "
+            "work shared the cores, so latencies, speed ratios and latency exponents are unreliable"
+        )
+    if flags["few"].any():
+        notes.append(f"{int(flags['few'].sum())} of {total} timed points have fewer than {MIN_REPLICATES} timing replicates "
+                     "(no spread to judge)")
+    if flags["wide"].any():
+        notes.append(f"{int(flags['wide'].sum())} of {total} timed points have a timing spread (q75 − q25) / median above "
                      f"{NOISY_SPREAD:.0%}")
     return notes
+
+
+def timings_unreliable(data: pd.DataFrame) -> bool:
+    """More than `CAUTION_SHARE` of the timed points carry a timing warning."""
+    ok = _timed(data)
+    if not len(ok):
+        return False
+    flags = _timing_flags(ok)
+    flagged = flags["busy"] | flags["few"] | flags["wide"]
+    return flagged.sum() > CAUTION_SHARE * len(ok)
 
 
 def _overall(verdicts: Sequence[str]) -> str:
@@ -544,8 +601,9 @@ def verdict_section(analysis: Analysis) -> str:
                         + [f"**{mine.loc[m, 'verdict']}**: {mine.loc[m, 'headline']}" for m in modes]
                         + [f"**{mine.loc['overall', 'verdict']}**"])
         parts += [f"### On {device}", markdown_table(["claim", *modes, "overall"], rows)]
-        if timing_warnings(analysis.frame[analysis.frame["device_name"] == device]):
-            parts.append("**Caution:** the timings on this device are noisy (see *Reliability of the timings*): the speed "
+        if timings_unreliable(analysis.frame[analysis.frame["device_name"] == device]):
+            parts.append(f"**Caution:** the timings on this device are noisy (over {CAUTION_SHARE:.0%} of the timed points "
+                         "carry a warning, see *Reliability of the timings*): the speed "
                          "and latency-growth verdicts may not survive a re-measurement on a quiet machine. Peak memory "
                          "does not depend on load.")
         parts.append("Conditions:")

@@ -189,6 +189,17 @@ def test_report_states_the_largest_ratios_and_exponents(claims_parquet, tmp_path
         assert (tmp_path / name).stat().st_size > 0
 
 
+def test_the_strongest_peer_at_each_point_bounds_what_qna_gains(analysis):
+    # Forward speed: SASA is √k slower, Swin 2× slower; the faster of them is SASA at k=3 (√3), Swin after.
+    text = report.render(analysis)
+    assert "against the strongest peer at each point, 1.73× to 2.00×" in text
+    assert ("Against the strongest attention peer at each point (the fastest one measured there: sasa at 1 point, "
+            "swin at 4 points), QnA is 1.73× at worst (k=3, 16×16 (P1), vs sasa) and 2.00× at k=5, 16×16 (P1) at best "
+            "(vs swin); never ≥5× faster than every peer measured at a point") in text
+    # Forward memory: Swin needs half of QnA's memory at every k, so against the strongest peer QnA loses.
+    assert "against the strongest peer at each point, 0.50× to 0.50×" in text
+
+
 def test_non_ok_rows_are_listed_with_their_reasons(analysis):
     text = report.render(analysis)
     assert "## Points without a measurement" in text
@@ -259,6 +270,11 @@ def test_noisy_timings_and_missing_memory_are_called_out():
     if busy:
         assert "1 of 11 timed points started with the 1-minute load average above their thread count + 1" in noisy
     assert "**Caution:** the timings on this device are noisy" in noisy
+    # One noisy point among many is listed, but does not put the verdicts under a caution.
+    many = rows + power_law_rows("swin", "forward", (2e-3, 1.0), (500, 1.0), windows=tuple(range(3, 63, 2)))
+    listed = report.render(_only(many, set()))
+    assert "1 of 41 timed points have a timing spread (q75 − q25) / median above 25%" in listed
+    assert "**Caution:**" not in listed
     assert "| P1 | forward | sasa | 3 | unavailable | the CPU storage tracker cannot see inside flex attention |" in noisy
     # The speed table also gives the ratio the spread supports: SASA's q25 over QnA's q75.
     assert "| sasa | attention peer | forward | 0.67× | 3 | 16×16 | P1 | 0.32× |" in noisy
