@@ -91,8 +91,10 @@ def test_sigkill_loses_at_most_the_point_in_flight_and_a_rerun_completes(tmp_pat
 
 def test_sigint_stops_cleanly_with_every_finished_row_written(tmp_path):
     path = tmp_path / results.RESULTS_FILE
+    # A shell's background job starts with SIGINT ignored, and Python keeps it so: give the sweep the default.
     process = subprocess.Popen(_command(*SLOW_SWEEP, *FAST, f"results_dir={tmp_path}"), env=_env(), cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for_rows(path, 1, process)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)

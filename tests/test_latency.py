@@ -67,10 +67,12 @@ def test_a_call_timed_beforehand_sizes_the_run_so_slow_layers_need_no_extra_warm
 
     stats = measure_latency(slow, threads=1, min_run_time_s=0.01, min_replicates=4, one_call_s=0.03)
     assert stats.n >= 4
-    # Untimed calls: only blocked_autorange's block-size estimate (1 + 10 + … + number_per_run calls);
-    # `Timer.timeit` top-ups would add two warm-up calls each.
+    # Untimed calls: blocked_autorange's block-size estimate (1 + 10 + … + number_per_run calls) and, only
+    # when torch picks blocks of several calls (a noisy overhead estimate), two warm-ups per top-up block.
+    # Single-call blocks get their replicates without `Timer.timeit`'s warm-ups.
     untimed = len(calls) - stats.n * stats.number_per_run
-    assert untimed <= (10 * stats.number_per_run - 1) // 9, (untimed, stats)
+    top_up_warm_ups = 0 if stats.number_per_run == 1 else 2 * stats.n
+    assert untimed <= (10 * stats.number_per_run - 1) // 9 + top_up_warm_ups, (untimed, stats)
 
 
 def test_a_call_that_is_a_block_of_its_own_runs_no_untimed_call():
