@@ -30,3 +30,14 @@ def test_a_layer_formula_counts_an_op_the_counter_does_not_know():
     result = count_flops(lambda: torch.ones(3) + torch.ones(3), {torch.ops.aten.add: flops_of_add})
     assert result.flops == 7
     assert result.method == "flop_counter+layer_formulas"
+
+
+def test_a_layer_that_dynamo_cannot_trace_under_the_counter_gets_no_flops_and_a_note() -> None:
+    from torch._dynamo.exc import Unsupported
+
+    def untraceable() -> None:
+        raise Unsupported("Attempted to call function marked as skipped")
+
+    result = count_flops(untraceable)
+    assert result.flops is None and result.method == "unavailable"
+    assert "Unsupported: Attempted to call function marked as skipped" in result.note

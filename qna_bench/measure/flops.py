@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._dynamo.exc import TorchDynamoException
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 FLOP_COUNTER = "flop_counter"
@@ -50,7 +51,10 @@ def count_flops(fn: Callable[[], object], formulas: Mapping[Any, Callable[..., i
     try:
         with counter:
             fn()
-    except NotImplementedError as exc:
-        return FlopStats(None, "unavailable", f"FlopCounterMode cannot run this layer: {str(exc).splitlines()[0][:300]}")
+    except (NotImplementedError, TorchDynamoException) as exc:
+        # Compiled layers (flex attention) cannot always be traced under the counter's dispatch mode
+        # (torch 2.11 on CUDA: dynamo's "Attempted to call function marked as skipped").
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        return FlopStats(None, "unavailable", f"FlopCounterMode cannot run this layer: {type(exc).__name__}: {first_line}")
     method = FLOP_COUNTER_WITH_FORMULAS if formulas else FLOP_COUNTER
     return FlopStats(int(counter.get_total_flops()), method)
