@@ -60,7 +60,7 @@ def build_hog(problem: Problem) -> nn.Module:
     return Hog()
 
 
-@register_layer("fault_sleeps", **_FAULT)
+@register_layer("fault_sleeps", cost_grows_with_window=True, **_FAULT)
 def build_sleeps(problem: Problem) -> nn.Module:
     return Sleeps(problem.window / 10)
 
