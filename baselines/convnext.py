@@ -41,6 +41,7 @@ def convnext_flops(problem: Problem) -> int:
 @register_layer(
     "convnext_mixer",
     family="conv",
+    cost_grows_with_window=True,
     implementation="torch: Linear, Conv2d groups=C (channels_last), Linear",
     layout="nhwc",
     odd_window=True,

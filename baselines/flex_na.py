@@ -128,6 +128,7 @@ def _unsupported(problem: Problem) -> str | None:
 @register_layer(
     "na_flex",
     family="neighborhood",
+    cost_grows_with_window=True,
     implementation="torch.compile(flex_attention), closed-form neighbourhood mask_mod, block-sparse",
     layout="nhwc",
     odd_window=True,

@@ -104,6 +104,7 @@ def halo_flops(problem: Problem) -> int:
 @register_layer(
     "halo",
     family="halo",
+    cost_grows_with_window=True,
     implementation="timm.layers.halo_attn.HaloAttn + 1x1 conv projection",
     layout="nchw",
     odd_window=True,

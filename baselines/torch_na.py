@@ -59,6 +59,7 @@ def _flops(problem: Problem) -> int:
 @register_layer(
     "na_torch",
     family="neighborhood",
+    cost_grows_with_window=True,
     implementation="plain PyTorch: scaled_dot_product_attention with a (HW)² 0/-inf neighbourhood mask",
     layout="nhwc",
     odd_window=True,

@@ -1,6 +1,6 @@
 """The per-point time budget: one huge point must not stall a sweep.
 
-`PointBudget` projects the remaining passes from a measured call and stops the point before it would
+`time_limits` derives the three limits of a point from ``measure.point_budget_s``. `PointBudget` projects the remaining passes from a measured call and stops the point before it would
 overrun; `PointBudget.alarm` interrupts a single call that overruns anyway (between ops, since a
 running kernel cannot be interrupted).
 """
@@ -12,6 +12,32 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+
+# The first (warm-up, compiling) call may take this many point budgets, at least a minute.
+FIRST_CALL_BUDGET_FACTOR = 3
+FIRST_CALL_MIN_S = 60.0
+# Past the first call's and the measurement's budgets, how long a point may still take before its
+# worker is killed (the budgets' alarms end well-behaved points long before).
+HARD_LIMIT_GRACE_S = 30.0
+
+
+@dataclass(frozen=True)
+class TimeLimits:
+    """Seconds a point may take: its first call, the measurement after it, and in all before its worker is
+    killed. None: no limit."""
+
+    first_call_s: float | None
+    point_s: float | None
+    hard_kill_s: float | None
+
+
+def time_limits(point_budget_s: float | None) -> TimeLimits:
+    """The three limits of a point, all from the one setting ``measure.point_budget_s``."""
+    if point_budget_s is None:
+        return TimeLimits(None, None, None)
+    first_call_s = max(FIRST_CALL_BUDGET_FACTOR * point_budget_s, FIRST_CALL_MIN_S)
+    return TimeLimits(first_call_s, point_budget_s, first_call_s + point_budget_s + HARD_LIMIT_GRACE_S)
 
 
 class PointTimeout(Exception):

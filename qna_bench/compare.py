@@ -1,19 +1,28 @@
 """Two result sets side by side, point by point (e.g. two library versions or two commits), with a
-regression exit code.
+regression exit code that holds still when the whole machine drifts.
 
     python -m qna_bench.compare BASE NEW [--fail-over 5%] [--min-rel 5%] [--min-abs-ms 0.01]
-                                [--memory-rel 1%] [--metric median_s|peak_bytes ...] [--by COLUMN ...]
+                                [--memory-rel 1%] [--anchor peers|none] [--metric median_s|peak_bytes ...]
+                                [--by COLUMN ...]
 
 BASE and NEW are results parquets (or run folders holding a ``results.parquet``). Points match on the
 layer and the whole problem (`MATCH_COLUMNS`), never on the environment, which is what is being
 compared; ``--by device_name`` (or another environment column) adds a column to the match when a file
 holds the same problem several times. A file with several rows for one point is refused, naming it.
 
-Metrics are compared where both sides are ``ok``. A latency change is *significant* only when all three
-hold: |new − base| of the medians exceeds ``--min-rel`` of the base median (default 5%), it exceeds
-``--min-abs-ms`` (default 0.01 ms), and the IQR bands q25..q75 of the two sides do not overlap (touching
-bands overlap; a side without q25/q75 counts as its median alone). Peak memory (``peak_bytes``) is
-deterministic, so any change beyond ``--memory-rel`` of the base (default 1%) is reported.
+Latency is judged against its peers (``--anchor peers``, the default): in each round, a point's time is
+divided by the geometric mean of the other layers' times at the same problem, window and mode, measured
+seconds apart in the same round (``round_medians_s``; a row without rounds counts as one round of its
+median). A machine that runs everything 1.3× slower leaves these relative times as they were; one layer
+that got 1.3× slower moves its own. The change is the ratio of the medians over the rounds of the relative
+times, new over base, and its spread runs from the smallest new over the largest base to the largest new
+over the smallest base. A change is *significant* when all three hold: it exceeds ``--min-rel``
+(default 5%), the raw medians differ by more than ``--min-abs-ms`` (default 0.01 ms), and the spread
+excludes 1 (so with several rounds the noise between rounds holds it back). Points without a peer on
+both sides, and ``--anchor none``, use the raw medians instead, with the within-run IQR bands q25..q75
+(which must not overlap) in place of the spread. The raw medians and their ratio are printed either way.
+Peak memory (``peak_bytes``) is deterministic, so any change beyond ``--memory-rel`` of the base
+(default 1%) is reported.
 
 Exit status: 1 when a point regressed — significantly slower by more than ``--fail-over``, memory grown
 by more than ``--fail-over`` (and ``--memory-rel``), or ``ok`` in BASE and not ``ok`` in NEW;
@@ -24,6 +33,7 @@ do not fail the comparison.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from collections.abc import Iterable, Sequence
@@ -49,6 +59,8 @@ Outcome = Literal["slower", "faster", "same", "status_changed", "not_timed", "on
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_ARGUMENTS = 0, 1, 2
 _OBSERVED = ("status", "reason", "median_s", "q25_s", "q75_s", "peak_bytes")
+Anchor = Literal["peers", "none"]
+ANCHORS: tuple[str, ...] = get_args(Anchor)
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,8 @@ class Observation:
     q25_s: float | None
     q75_s: float | None
     peak_bytes: int | None
+    # Each round's median; a row without rounds is one round of its median.
+    round_medians_s: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,10 @@ class MetricComparison:
     change: Change  # "same" unless significant (latency) or beyond memory_rel (memory)
     regression: bool  # worse by more than fail_over, and significant
     why_same: str = ""  # which criterion held it back, when change is "same" and values differ
+    # Latency against the peers: the change of the point's time relative to its peers', and its spread
+    # over the rounds (low, high). None when judged on the raw medians.
+    relative: float | None = None
+    spread: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -142,7 +160,13 @@ def _value(value: Any) -> Any:
 
 
 def _observation(row: dict[str, Any]) -> Observation:
-    return Observation(**{c: _value(row[c]) for c in _OBSERVED})
+    observed = Observation(**{c: _value(row[c]) for c in _OBSERVED})
+    medians = row.get("round_medians_s")
+    if medians is not None and not isinstance(medians, float) and len(medians):
+        return dataclasses.replace(observed, round_medians_s=tuple(float(m) for m in medians))
+    if observed.median_s is not None:
+        return dataclasses.replace(observed, round_medians_s=(float(observed.median_s),))
+    return observed
 
 
 def describe_point(key: Iterable[tuple[str, Any]]) -> str:
@@ -180,6 +204,42 @@ def _index(frame: pd.DataFrame, columns: tuple[str, ...], side: str) -> dict[tup
                     if differ else "they do not differ in any --by column")
             raise DuplicatePointError(f"{side}: {len(rows)} rows for the point {describe_point(key)}; {hint}")
     return points
+
+
+def relative_rounds(point: Observation, peers: Sequence[Observation]) -> list[float]:
+    """The point's round medians over the geometric mean of its peers' in the same rounds (rounds that
+    every one of them has)."""
+    count = min(len(o.round_medians_s) for o in (point, *peers))
+    return [
+        point.round_medians_s[r] / math.exp(sum(math.log(p.round_medians_s[r]) for p in peers) / len(peers))
+        for r in range(count)
+    ]
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def _anchored(base: Observation, new: Observation, base_peers: Sequence[Observation],
+              new_peers: Sequence[Observation], t: Thresholds) -> MetricComparison:
+    """Latency judged relative to the peers measured in the same rounds (see the module's docstring)."""
+    b_rel, n_rel = relative_rounds(base, base_peers), relative_rounds(new, new_peers)
+    b, n = float(base.median_s), float(new.median_s)
+    relative = _median(n_rel) / _median(b_rel)
+    low, high = min(n_rel) / max(b_rel), max(n_rel) / min(b_rel)
+    why_same = ""
+    if abs(relative - 1) <= t.min_rel:
+        why_same = f"|Δ vs peers| ≤ {t.min_rel:.1%}"
+    elif abs(n - b) <= t.min_abs_s:
+        why_same = f"|Δ| ≤ {t.min_abs_s * 1e3:g} ms"
+    elif low <= 1 <= high:
+        why_same = "spread over rounds includes 1"
+    change: Change = "same" if why_same else ("worse" if relative > 1 else "better")
+    regression = change == "worse" and relative - 1 > t.fail_over
+    return MetricComparison("median_s", b, n, n / b if b else None, change, regression,
+                            why_same if relative != 1 else "", relative, (low, high))
 
 
 def _latency(base: Observation, new: Observation, t: Thresholds) -> MetricComparison | None:
@@ -237,31 +297,51 @@ def compare_results(
     *,
     by: Sequence[str] = (),
     metrics: Sequence[str] = METRICS,
+    anchor: str = "peers",
 ) -> list[PointComparison]:
     """Every point of either side, sorted by layer, shape, mode and window.
 
     Points match on `MATCH_COLUMNS` plus ``by``. Metrics are compared where both sides are ``ok`` and
-    have a value. Raises `DuplicatePointError` when a side has several rows for one point, and
+    have a value; with ``anchor="peers"``, latency relative to the other layers timed on both sides at
+    the same problem, window and mode. Raises `DuplicatePointError` when a side has several rows for one point, and
     ValueError for an unknown ``by`` column or metric.
     """
     unknown_by = [c for c in by if c not in BY_COLUMNS]
     if unknown_by:
         raise ValueError(f"by={unknown_by}: allowed columns are {', '.join(BY_COLUMNS)}")
+    if anchor not in ANCHORS:
+        raise ValueError(f"anchor={anchor!r}: allowed values are {', '.join(ANCHORS)}")
     unknown_metrics = [m for m in metrics if m not in METRICS]
     if unknown_metrics:
         raise ValueError(f"metrics={unknown_metrics}: allowed metrics are {', '.join(METRICS)}")
     columns = MATCH_COLUMNS + tuple(dict.fromkeys(by))
     base_points = _index(base, columns, "BASE")
     new_points = _index(new, columns, "NEW")
+    timed = {key for key in base_points.keys() & new_points.keys()
+             if _timed(base_points[key]) and _timed(new_points[key])}
+    peers: dict[tuple, list[tuple]] = {}
+    for key in timed:
+        peers.setdefault(tuple(kv for kv in key if kv[0] != "layer"), []).append(key)
     comparisons = []
     for key in sorted(base_points.keys() | new_points.keys(), key=_sort_key):
         b, n = base_points.get(key), new_points.get(key)
         latency = memory = None
         if b is not None and n is not None and b.status == n.status == "ok":
-            latency = _latency(b, n, thresholds) if "median_s" in metrics else None
+            others = [k for k in peers.get(tuple(kv for kv in key if kv[0] != "layer"), []) if k != key]
+            if "median_s" not in metrics:
+                latency = None
+            elif anchor == "peers" and key in timed and others:
+                latency = _anchored(b, n, [base_points[k] for k in others], [new_points[k] for k in others],
+                                    thresholds)
+            else:
+                latency = _latency(b, n, thresholds)
             memory = _memory(b, n, thresholds) if "peak_bytes" in metrics else None
         comparisons.append(PointComparison(key, b, n, latency, memory))
     return comparisons
+
+
+def _timed(obs: Observation) -> bool:
+    return obs.status == "ok" and obs.median_s is not None and all(m > 0 for m in obs.round_medians_s)
 
 
 # ---------------------------------------------------------------------------------------- formatting
@@ -292,6 +372,15 @@ def _ratio(metric: MetricComparison | None) -> str:
     return "—" if metric.ratio is None else f"{metric.ratio:.3f}×"
 
 
+def _relative(metric: MetricComparison | None) -> str:
+    if metric is None:
+        return ""
+    if metric.relative is None:
+        return "raw"
+    low, high = metric.spread
+    return f"{metric.relative:.3f}× ({low:.2f}–{high:.2f})"
+
+
 def _row(point: PointComparison, metrics: Sequence[str], by: Sequence[str]) -> list[str]:
     b, n = point.base, point.new
     only = {"only_in_base": "only in BASE", "only_in_new": "only in NEW"}.get(point.outcome)
@@ -303,7 +392,7 @@ def _row(point: PointComparison, metrics: Sequence[str], by: Sequence[str]) -> l
         lat = point.latency
         label = only or ("status changed" if point.status_change else
                          _LATENCY_LABELS[lat.change] if lat else "not timed")
-        cells += [_ms(b.median_s if b else None), _ms(n.median_s if n else None), _ratio(lat), label]
+        cells += [_ms(b.median_s if b else None), _ms(n.median_s if n else None), _ratio(lat), _relative(lat), label]
     if "peak_bytes" in metrics:
         mem = point.memory
         if only:  # said once, in the latency column when there is one
@@ -330,7 +419,7 @@ def format_table(points: Sequence[PointComparison], metrics: Sequence[str] = MET
     right = {1}
     if "median_s" in metrics:
         right |= {len(header), len(header) + 1, len(header) + 2}
-        header += ["base ms", "new ms", "new/base", "latency"]
+        header += ["base ms", "new ms", "new/base", "vs peers (spread)", "latency"]
     if "peak_bytes" in metrics:
         right |= {len(header), len(header) + 1, len(header) + 2}
         header += ["base peak", "new peak", "new/base", "memory"]
@@ -359,10 +448,13 @@ def format_summary(points: Sequence[PointComparison], thresholds: Thresholds, me
     return line
 
 
-def format_rule(thresholds: Thresholds) -> str:
-    return (f"significant: |Δ median| > {thresholds.min_rel:.1%} and > {thresholds.min_abs_s * 1e3:g} ms and IQR bands "
-            f"(q25..q75) apart; memory reported beyond {thresholds.memory_rel:.1%}; "
-            f"fails over {thresholds.fail_over:.1%} or when ok becomes not ok")
+def format_rule(thresholds: Thresholds, anchor: str = "peers") -> str:
+    latency = (f"|Δ| relative to the same-point peers > {thresholds.min_rel:.1%} with its spread over the rounds "
+               f"excluding 1 (no peers: |Δ median| > {thresholds.min_rel:.1%} and IQR bands apart)"
+               if anchor == "peers" else
+               f"|Δ median| > {thresholds.min_rel:.1%} and IQR bands (q25..q75) apart")
+    return (f"significant: {latency}, and > {thresholds.min_abs_s * 1e3:g} ms; memory reported beyond "
+            f"{thresholds.memory_rel:.1%}; fails over {thresholds.fail_over:.1%} or when ok becomes not ok")
 
 
 def describe_side(name: str, path: Path, frame: pd.DataFrame) -> str:
@@ -426,6 +518,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="a latency change smaller than this many ms is noise (default %(default)s)")
     parser.add_argument("--memory-rel", type=parse_fraction, default=defaults.memory_rel, metavar="FRACTION",
                         help="a peak-memory change smaller than this fraction is not reported (default %(default)s)")
+    parser.add_argument("--anchor", choices=ANCHORS, default="peers",
+                        help="judge latency relative to the other layers at the same point, measured in the same "
+                             "rounds (peers: machine drift cancels), or on the raw medians (none); default %(default)s")
     parser.add_argument("--metric", action="append", choices=METRICS, default=None,
                         help="compare only this metric (repeatable; default: both)")
     parser.add_argument("--by", action="append", choices=BY_COLUMNS, default=None, metavar="COLUMN",
@@ -455,13 +550,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics = tuple(dict.fromkeys(args.metric or METRICS))
         by = tuple(dict.fromkeys(args.by or ()))
         base, new = _read(args.base, "BASE"), _read(args.new, "NEW")
-        points = compare_results(base, new, thresholds, by=by, metrics=metrics)
+        points = compare_results(base, new, thresholds, by=by, metrics=metrics, anchor=args.anchor)
     except (BadArguments, ValueError) as exc:
         print(f"compare: error: {exc}", file=sys.stderr)
         return EXIT_BAD_ARGUMENTS
     print(describe_side("BASE", args.base, base))
     print(describe_side("NEW ", args.new, new))
-    print(format_rule(thresholds))
+    print(format_rule(thresholds, args.anchor))
     print()
     if points:
         print(format_table(points, metrics, by))

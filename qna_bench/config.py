@@ -47,9 +47,12 @@ class MeasureConfig:
     # CPU only: the process's address-space cap above its size at the start of the sweep, so a point
     # that needs more fails as an `oom` row instead of waking the OOM killer. 0: 80% of available memory.
     memory_cap_gib: Any = 0
-    # Once a layer hits `oom` or `timeout` at a window, larger windows of the same layer and problem
-    # are recorded as `skipped` instead of being run.
+    # Once a layer whose cost grows with the window hits `oom` or `timeout` at a window, its larger
+    # windows at the same problem are recorded as `skipped` instead of being run.
     skip_larger_after_failure: Any = True
+    # Times every point is measured, the layers of a point back to back in an order rotated each round;
+    # a row's median_s is the median of its round medians.
+    rounds: Any = 1
 
 
 @dataclass

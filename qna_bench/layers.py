@@ -53,6 +53,7 @@ def _flags(module: nn.Module, problem: Problem) -> dict:
 
 _QNA = dict(
     family="qna",
+    cost_grows_with_window=True,
     layout="nhwc",
     odd_window=True,
     constraints=_constraints,

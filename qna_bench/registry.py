@@ -46,6 +46,10 @@ class LayerSpec:
     odd_window: bool = False
     uses_window: bool = True
     window_within_map: bool = False
+    # Cost (time and memory) never falls as the window grows, so after an `oom` or `timeout` at one window
+    # the sweep records larger windows as `skipped`. False (e.g. Swin, whose padding to whole windows
+    # makes some larger windows cheaper): every window runs.
+    cost_grows_with_window: bool = False
     description: str = ""
     # Invalid input beyond the generic checks: messages naming the field and what is allowed.
     constraints: Callable[[Problem], list[str]] | None = None

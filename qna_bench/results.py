@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import tempfile
@@ -20,16 +19,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qna_bench import identity
+
 Status = Literal["ok", "oom", "unsupported", "error", "timeout", "skipped"]
 STATUSES: tuple[str, ...] = get_args(Status)
 
 RESULTS_FILE = "results.parquet"
 
-PROBLEM_COLUMNS = (
-    "batch", "height", "width", "channels", "heads", "window", "stride", "dilation", "dtype", "device", "mode", "seed",
-)
-# What identifies a measured point: the layer, its problem and the environment that affects timing.
-POINT_KEY_COLUMNS = ("layer", *PROBLEM_COLUMNS, "device_name", "torch_version", "threads")
+PROBLEM_COLUMNS = identity.problem_fields()
 
 SCHEMA = pa.schema(
     [
@@ -68,6 +65,9 @@ SCHEMA = pa.schema(
         ("n", pa.int64()),
         ("number_per_run", pa.int64()),
         ("times_s", pa.list_(pa.float64())),
+        # each round's median (median_s is their median) and how many rounds are in this row
+        ("round_medians_s", pa.list_(pa.float64())),
+        ("rounds", pa.int64()),
         ("threads", pa.int64()),
         ("first_call_s", pa.float64()),
         # memory, bytes
@@ -89,9 +89,13 @@ SCHEMA = pa.schema(
         ("cpu_model", pa.string()),
         ("hostname", pa.string()),
         ("git_commit", pa.string()),
+        # the layer's code version (its modules' source hash, wrapped libraries' versions) and the
+        # measurement settings (JSON): a resumed sweep measures a row again when either changed
+        ("code_version", pa.string()),
+        ("measure_settings", pa.string()),
         ("point_seconds", pa.float64()),
-    # 1-minute system load average when the point started: other work on the cores spoils timings.
-    ("load_avg", pa.float64()),
+        # 1-minute system load average when the point started: other work on the cores spoils timings.
+        ("load_avg", pa.float64()),
     ]
 )
 COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
@@ -110,12 +114,6 @@ class ResultsFileError(Exception):
     """The results path holds something that is not a qna-bench results parquet."""
 
 
-def point_key(row: dict[str, Any]) -> str:
-    """A stable id of the measured point (see `POINT_KEY_COLUMNS`)."""
-    identity = json.dumps([row.get(c) for c in POINT_KEY_COLUMNS], default=str)
-    return hashlib.sha1(identity.encode()).hexdigest()[:16]
-
-
 def make_row(**values: Any) -> dict[str, Any]:
     """A complete row: every schema column present (missing ones null), unknown columns refused."""
     unknown = set(values) - set(COLUMNS)
@@ -126,7 +124,7 @@ def make_row(**values: Any) -> dict[str, Any]:
         raise ValueError(f"status={row['status']!r}: allowed values are {', '.join(STATUSES)}")
     if isinstance(row["layer_flags"], dict):
         row["layer_flags"] = json.dumps(row["layer_flags"], sort_keys=True, default=str)
-    row["point_key"] = point_key(row)
+    row["point_key"] = identity.point_key(row)
     return row
 
 
@@ -221,14 +219,13 @@ def append_rows(path: str | os.PathLike, rows: list[dict[str, Any]], replace_poi
         _write_atomic(new, path)
 
 
-def measured_keys(path: str | os.PathLike, statuses: Iterable[str]) -> set[str]:
-    """Point keys already in the file with one of ``statuses`` (for resuming a sweep)."""
+def rows_by_key(path: str | os.PathLike, statuses: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Rows already in the file with one of ``statuses``, by point key (for resuming a sweep)."""
     path = Path(path)
     if not path.exists():
-        return set()
-    table = read_table(path)
+        return {}
     wanted = set(statuses)
-    return {k for k, s in zip(table.column("point_key").to_pylist(), table.column("status").to_pylist()) if s in wanted}
+    return {row["point_key"]: row for row in read_table(path).to_pylist() if row["status"] in wanted}
 
 
 def merge_results(paths: Iterable[str | os.PathLike], out_path: str | os.PathLike) -> pa.Table:

@@ -1,17 +1,15 @@
-"""Runs sweep points: build → first call (on CPU: the memory pass) → FLOPs → latency → row. Failures become rows.
+"""The sweep loop: which points run, in what order, and how their rows reach the parquet.
 
-`plan_sweep` expands the config's lists into points, `sweep_errors` finds invalid ones before any
-work, `run_point` measures one point and `run_sweep` appends each finished row to the parquet before
-starting the next.
+`plan_sweep` expands the config's lists into points, problem → window → mode → layer, so the layers
+of one point run back to back; `plan_rounds` repeats that set ``measure.rounds`` times with the layer
+order rotated each round; `sweep_errors` finds invalid points before any work. `run_sweep` measures
+each in a worker process (`qna_bench.point` measures one point) and writes each row before the next
+starts, replacing it as further rounds add to it.
 """
 
 from __future__ import annotations
 
-import ctypes
-import dataclasses
-import gc
 import itertools
-import os
 import sys
 import time
 import uuid
@@ -20,53 +18,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import torch
-
-from qna_bench import results
-from qna_bench.budget import PointBudget, PointTimeout
-from qna_bench.environment import Environment, utc_now
-from qna_bench.measure.flops import count_flops
-from qna_bench.measure.latency import LatencyStats, measure_latency
-from qna_bench.measure.memory import MemoryStats, measure_peak_memory, untracked
-from qna_bench.measure.params import count_parameters, parameter_bytes
+from qna_bench import results, rounds
+from qna_bench.budget import time_limits
+from qna_bench.environment import Environment
+from qna_bench.identity import is_current, point_identity
+from qna_bench.point import (
+    MeasureSettings,
+    PointStep,
+    SweepPoint,
+    base_row,
+    is_out_of_memory,
+    run_point,
+    warm_up_process,
+)
 from qna_bench.problem import Problem
 from qna_bench.progress import Progress
-from qna_bench.registry import LayerSpec, UnsupportedProblem
-from qna_bench.worker import PointWorker, WorkerLost, WorkerSetup, hard_limit_s, layer_modules
+from qna_bench.registry import LayerSpec
+from qna_bench.worker import PointWorker, WorkerLost, WorkerSetup, layer_modules
 
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-except OSError:  # not glibc: nothing to trim
-    _LIBC = None
+# Callers import the point's measurement from here as well.
+__all__ = [
+    "MeasureSettings", "PointStep", "SweepPoint", "SweepOutcome", "base_row", "is_out_of_memory", "plan_rounds",
+    "plan_sweep", "point_is_valid", "run_point", "run_sweep", "sweep_errors", "warm_up_process",
+]
 
-# Statuses a resumed sweep does not measure again (an `error` is retried).
+# Statuses a resumed sweep does not measure again (an `error` is retried), when the row is current.
 FINAL_STATUSES = ("ok", "unsupported", "oom", "timeout", "skipped")
-# The first (warm-up, compiling) call may take this many point budgets, at least a minute.
-FIRST_CALL_BUDGET_FACTOR = 3
-# A layer that ran out of memory or time at one window will at every larger one (cost grows with k).
+# A layer whose cost grows with the window and ran out of memory or time at one window will at every
+# larger one.
 GROWING_FAILURES = ("oom", "timeout")
-
-
-@dataclass(frozen=True)
-class MeasureSettings:
-    threads: int
-    min_run_time_s: float = 0.5
-    min_replicates: int = 5
-    point_budget_s: float | None = 120.0
-    memory: bool = True
-    flops: bool = True
-    skip_larger_after_failure: bool = True
-
-
-@dataclass(frozen=True)
-class SweepPoint:
-    layer: LayerSpec
-    problem: Problem
-
-    @property
-    def label(self) -> str:
-        p = self.problem
-        return f"{self.layer.name} k={p.window} {p.mode} {p.batch}x{p.height}x{p.width}x{p.channels}"
 
 
 @dataclass(frozen=True)
@@ -83,11 +63,19 @@ def plan_sweep(
     modes: Sequence[str],
     problems: Sequence[Problem],
 ) -> list[SweepPoint]:
-    """The product problems × layers × windows × modes, in that nesting order."""
+    """The product problems × windows × modes × layers, in that nesting order: the layers of one
+    problem, window and mode run back to back, so the two sides of a ratio are seconds apart."""
     return [
         SweepPoint(layer, problem.replace(window=window, mode=mode))
-        for problem, layer, window, mode in itertools.product(problems, layers, windows, modes)
+        for problem, window, mode, layer in itertools.product(problems, windows, modes, layers)
     ]
+
+
+def plan_rounds(points: Sequence[SweepPoint], count: int) -> list[tuple[int, SweepPoint]]:
+    """(round, point) in the order they run: the whole set ``count`` times, each run of points with the
+    same problem in its planned order, rotated by the round (round 1 starts at its second layer)."""
+    groups = [list(group) for _, group in itertools.groupby(points, key=lambda p: p.problem)]
+    return [(r, point) for r in range(count) for group in groups for point in rounds.rotated(group, r)]
 
 
 def sweep_errors(points: Iterable[SweepPoint]) -> list[str]:
@@ -104,197 +92,10 @@ def point_is_valid(point: SweepPoint) -> bool:
     return not point.problem.errors() and not point.layer.input_errors(point.problem)
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and (
-        "can't allocate memory" in text or "out of memory" in text.lower() or "DefaultCPUAllocator" in text
-    )
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0][:400] if lines else ''}".rstrip(": ")
-
-
-def base_row(point: SweepPoint, env: Environment, settings: MeasureSettings, run_id: str) -> dict[str, Any]:
-    """The row's identity: layer, problem and environment, before anything is measured."""
-    layer = point.layer
-    row = dict(
-        run_id=run_id,
-        timestamp=utc_now(),
-        layer=layer.name,
-        family=layer.family,
-        implementation=layer.implementation,
-        layout=layer.layout,
-        uses_window=layer.uses_window,
-        threads=settings.threads,
-        load_avg=os.getloadavg()[0],
-        **point.problem.as_dict(),
-        **env.as_dict(),
-    )
-    row["point_key"] = results.point_key(row)
-    return row
-
-
-@dataclass
-class PointStep:
-    """The callable to measure and what it holds on to; a train step makes its upstream gradient from
-    the output of its first call (untracked: it is an input, like ``x``)."""
-
-    module: torch.nn.Module
-    x: torch.Tensor
-    problem: Problem
-    grad_out: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
-
-    def __call__(self) -> None:
-        if self.problem.mode == "forward":
-            with torch.inference_mode():
-                self.module(self.x)
-            return
-        self.x.grad = None
-        for p in self.params:
-            p.grad = None
-        out = self.module(self.x)
-        if self.grad_out is None:
-            with untracked():
-                self.grad_out = self.problem.make_output_grad(out)
-        out.backward(self.grad_out)
-
-    @property
-    def base_bytes(self) -> int:
-        """Bytes that exist before a call: input, upstream gradient, parameters."""
-        grad_bytes = self.grad_out.nbytes if self.grad_out is not None else 0
-        return self.x.nbytes + grad_bytes + parameter_bytes(self.module)
-
-
-def _timed_call(step: PointStep, device: torch.device) -> float:
-    start = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
-def _first_call(step: PointStep, device: torch.device, memory: bool) -> tuple[float, MemoryStats | None]:
-    """Run the first (warm-up, compiling) call; its seconds, and on CPU its memory.
-
-    On CPU the live-storage tracker counts storages, not allocator state, so the first call doubles as
-    the memory pass (one call fewer per point). On CUDA the memory pass comes after the warm-up, which
-    owns the one-off workspaces and autotuning.
-    """
-    if not (memory and device.type == "cpu"):
-        return _timed_call(step, device), None
-    stats = measure_peak_memory(step, device, base_bytes=0)
-    if stats.call_s is None:  # the tracker cannot see inside (flex attention): a plain first call
-        first_call_s = _timed_call(step, device)
-    else:
-        first_call_s = stats.call_s
-    return first_call_s, dataclasses.replace(stats, base_bytes=step.base_bytes)
-
-
-def run_point(point: SweepPoint, settings: MeasureSettings, env: Environment, run_id: str) -> dict[str, Any]:
-    """Measure one point; whatever goes wrong becomes the row's status and reason."""
-    layer, problem = point.layer, point.problem
-    row = base_row(point, env, settings, run_id)
-    started = time.perf_counter()
-    reason = layer.unsupported_reason(problem)
-    if reason is not None:
-        return results.make_row(**row, status="unsupported", reason=reason, point_seconds=0.0)
-    module = x = step = None
-    try:
-        # The first call compiles compiled layers (seconds to minutes): it gets a budget of its own.
-        with PointBudget(first_call_budget_s(settings.point_budget_s)).alarm():
-            torch.set_num_threads(settings.threads)
-            module = layer.build(problem)
-            row["params"] = count_parameters(module)
-            if layer.analytic_flops is not None:
-                row["flops_analytic"] = int(layer.analytic_flops(problem))
-            x = problem.make_input(layer.layout)
-            step = PointStep(module, x, problem)
-            row["first_call_s"], memory = _first_call(step, problem.torch_device, settings.memory)
-            row["base_bytes"] = step.base_bytes
-            row["layer_flags"] = layer.layer_flags(module, problem)
-        budget = PointBudget(settings.point_budget_s)
-        with budget.alarm():
-            # The seconds of one call, for the budget and the autorange: a call after the warm-up, or on
-            # CPU the tracked first call (a slight overestimate of an eager layer's steady call).
-            one_call_s = memory.call_s if memory is not None else None
-            if settings.memory and memory is None:
-                memory = measure_peak_memory(step, problem.torch_device, row["base_bytes"])
-                one_call_s = memory.call_s
-            if memory is not None:
-                row.update(peak_bytes=memory.peak_bytes, memory_method=memory.method, memory_note=memory.note)
-            if one_call_s is None:
-                one_call_s = _timed_call(step, problem.torch_device)
-            if settings.flops:
-                budget.check(one_call_s, calls_left=3 + settings.min_replicates, extra_s=settings.min_run_time_s)
-                flops = count_flops(step, layer.flop_formulas)
-                row.update(flops=flops.flops, flops_method=flops.method)
-                if flops.note:
-                    row["reason"] = flops.note
-            stats = measure_latency(
-                step,
-                threads=settings.threads,
-                min_run_time_s=settings.min_run_time_s,
-                min_replicates=settings.min_replicates,
-                one_call_s=one_call_s,
-                budget=budget if settings.point_budget_s is not None else None,
-                label=point.label,
-            )
-        row.update(_latency_columns(stats), status="ok")
-    except PointTimeout as exc:
-        row.update(status="timeout", reason=str(exc))
-        if exc.one_call_s is not None:
-            row.update(_latency_columns(LatencyStats.from_times([exc.one_call_s])))
-    except UnsupportedProblem as exc:
-        row.update(status="unsupported", reason=str(exc))
-    except Exception as exc:  # noqa: BLE001 - a sweep outlives any layer's failure
-        row.update(status="oom" if is_out_of_memory(exc) else "error", reason=_one_line(exc))
-    finally:
-        del module, x, step
-        release_memory(problem.device)
-    row["point_seconds"] = time.perf_counter() - started
-    return results.make_row(**row)
-
-
-def warm_up_process(point: SweepPoint, settings: MeasureSettings, calls: int = 3) -> None:
-    """Run ``point``'s step a few times and record nothing: the process's first calls run slow
-    (qna's first point measured ~2× its later self until any layer had run), whichever point is first."""
-    if point.layer.unsupported_reason(point.problem) is not None:
-        return
-    try:
-        with PointBudget(first_call_budget_s(settings.point_budget_s)).alarm():
-            torch.set_num_threads(settings.threads)
-            step = PointStep(point.layer.build(point.problem), point.problem.make_input(point.layer.layout), point.problem)
-            for _ in range(calls):
-                step()
-    except Exception:  # noqa: BLE001 - the point itself will run again and report what went wrong
-        pass
-    finally:
-        step = None
-        release_memory(point.problem.device)
-
-
-def first_call_budget_s(point_budget_s: float | None) -> float | None:
-    return None if point_budget_s is None else max(FIRST_CALL_BUDGET_FACTOR * point_budget_s, 60.0)
-
-
-def release_memory(device: str) -> None:
-    """Free what a point left behind, so a heavy point does not slow the next (facts.md: up to 6×)."""
-    gc.collect()
-    if device == "cuda" and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    elif _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _latency_columns(stats: LatencyStats) -> dict[str, Any]:
-    return {**dataclasses.asdict(stats), "times_s": list(stats.times_s)}
+def _rounds_left(row: dict[str, Any] | None, count: int) -> int:
+    if row is None:
+        return count
+    return max(0, count - (row["rounds"] or 0)) if row["status"] == "ok" else 0
 
 
 def run_sweep(
@@ -308,24 +109,35 @@ def run_sweep(
     cap_memory: bool = False,
     stream: TextIO = sys.stderr,
 ) -> SweepOutcome:
-    """Measure every point in a `PointWorker`, appending each row to ``results_path`` as soon as it is done.
+    """Measure every point ``settings.rounds`` times in a `PointWorker`, in `plan_rounds` order.
 
-    With ``resume``, points already in the file with a final status are skipped. Ctrl-C stops after
-    the rows written so far, which stay on disk. ``memory_cap_bytes`` (None: 80% of what is free)
-    caps the worker's memory when ``cap_memory``.
+    A point's row is written after its first round and replaced after each further one, so Ctrl-C or a
+    kill loses at most the round in flight. With ``resume``, a point whose row in the file is current
+    (`qna_bench.identity.is_current`) with a final status is not measured again, and a current ``ok`` row
+    with fewer rounds than asked for gets the rounds it lacks.
     """
     run_id = uuid.uuid4().hex[:12]
-    done = results.measured_keys(results_path, FINAL_STATUSES) if resume else set()
-    todo = [p for p in points if base_row(p, env, settings, run_id)["point_key"] not in done]
-    skipped = len(points) - len(todo)
+    count = settings.rounds
+    keys = [point_identity(p.layer, p.problem, env, settings) for p in points]
+    key_of = {id(p): identity["point_key"] for p, identity in zip(points, keys)}
+    rows: dict[str, dict[str, Any]] = {}
+    if resume:
+        on_disk = results.rows_by_key(results_path, FINAL_STATUSES)
+        for identity in keys:
+            row = on_disk.get(identity["point_key"])
+            if row is not None and is_current(row, identity):
+                rows[identity["point_key"]] = row
+    left = {key_of[id(p)]: _rounds_left(rows.get(key_of[id(p)]), count) for p in points}
+    todo = sum(1 for n in left.values() if n)
+    skipped = len(points) - todo
     if skipped:
-        print(f"resume: {skipped} of {len(points)} points already in {results_path}; measuring {len(todo)}", file=stream)
+        print(f"resume: {skipped} of {len(points)} points already in {results_path}; measuring {todo}", file=stream)
     failed_at: dict[tuple[str, Problem], tuple[int, str]] = {}
-    measured_once: dict[tuple[str, Problem], dict[str, Any]] = {}
-    statuses: dict[str, int] = {}
-    written = 0
-    limit_s = hard_limit_s(settings.point_budget_s, first_call_budget_s(settings.point_budget_s))
-    setup = WorkerSetup(layer_modules([p.layer for p in todo]), settings, env, memory_cap_bytes, cap_memory)
+    measured_once: dict[tuple[str, Problem, int], str] = {}
+    written: dict[str, str] = {}
+    limits = time_limits(settings.point_budget_s)
+    setup = WorkerSetup(layer_modules([p.layer for p in points if left[key_of[id(p)]]]), settings, env,
+                        memory_cap_bytes, cap_memory)
     with PointWorker(setup) as worker:
         try:
             if todo:
@@ -333,14 +145,19 @@ def run_sweep(
                 if worker.memory_cap is not None:
                     print(f"memory cap: {worker.memory_cap / 2**30:.1f} GiB above the measuring process's start "
                           "(points beyond it become oom rows)", file=stream)
-            progress = Progress(len(todo), stream=stream)
-            for point in todo:
-                progress.start(point.label)
+            progress = Progress(sum(left.values()), stream=stream)
+            for round_index, point in plan_rounds(points, count):
+                key = key_of[id(point)]
+                row = rows.get(key)
+                if row is not None and (row["status"] != "ok" or row["rounds"] > round_index):
+                    continue
+                label = point.label if count == 1 else f"{point.label} round {round_index + 1}/{count}"
+                progress.start(label)
                 group = (point.layer.name, point.problem.replace(window=0))
-                failure = failed_at.get(group) if settings.skip_larger_after_failure and point.layer.uses_window else None
-                if not point.layer.uses_window and group in measured_once:
-                    row = _same_as(measured_once[group], point, env, settings, run_id)
-                elif failure is not None and point.problem.window > failure[0]:
+                failure = failed_at.get(group)
+                if not point.layer.uses_window and (*group, round_index) in measured_once:
+                    row = _same_as(rows[measured_once[(*group, round_index)]], point, env, settings, run_id)
+                elif row is None and failure is not None and point.problem.window > failure[0]:
                     row = results.make_row(
                         **base_row(point, env, settings, run_id),
                         status="skipped",
@@ -348,21 +165,45 @@ def run_sweep(
                     )
                 else:
                     started = time.perf_counter()
-                    row = worker.run(point.layer.name, point.problem, run_id, limit_s)
-                    if isinstance(row, WorkerLost):
-                        row = _lost_row(row, point, env, settings, run_id, limit_s)
-                        row["point_seconds"] = time.perf_counter() - started
-                    measured_once[group] = row
-                    if row["status"] in GROWING_FAILURES:
+                    measured = worker.run(point.layer.name, point.problem, run_id, limits.hard_kill_s,
+                                          first_round=row is None)
+                    if isinstance(measured, WorkerLost):
+                        measured = _lost_row(measured, point, env, settings, run_id, limits.hard_kill_s)
+                        measured["point_seconds"] = time.perf_counter() - started
+                    row = measured if row is None else _with_round(row, measured, round_index, run_id)
+                    measured_once[(*group, round_index)] = key
+                    if (row["status"] in GROWING_FAILURES and settings.skip_larger_after_failure
+                            and point.layer.cost_grows_with_window):
                         failed_at[group] = (point.problem.window, row["status"])
+                rows[key] = row
                 results.append_rows(results_path, [row])
-                written += 1
-                statuses[row["status"]] = statuses.get(row["status"], 0) + 1
+                written[key] = row["status"]
                 progress.finish(_summary(row))
+                if row["status"] != "ok":  # no further rounds of a point that did not measure
+                    progress.total -= count - 1 - round_index
         except KeyboardInterrupt:
-            print(f"\ninterrupted: {written} of {len(todo)} points written to {results_path}", file=stream)
-            return SweepOutcome(written, skipped, True, statuses)
-    return SweepOutcome(written, skipped, False, statuses)
+            print(f"\ninterrupted: {len(written)} of {todo} points written to {results_path}", file=stream)
+            return SweepOutcome(len(written), skipped, True, _count(written))
+    return SweepOutcome(len(written), skipped, False, _count(written))
+
+
+def _count(statuses: dict[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for status in statuses.values():
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def _with_round(row: dict[str, Any], measured: dict[str, Any], round_index: int, run_id: str) -> dict[str, Any]:
+    """``row`` with round ``round_index``'s measurement added; a round that failed leaves the earlier rounds
+    and says so in the reason."""
+    values = {**row, "run_id": run_id, "point_seconds": (row["point_seconds"] or 0.0) + measured["point_seconds"]}
+    if measured["status"] == "ok":
+        values.update(rounds.add_round(row, measured["times_s"]))
+    else:
+        note = f"round {round_index + 1}: {measured['status']}: {measured['reason']}"
+        values["reason"] = f"{row['reason']}; {note}" if row["reason"] else note
+    return results.make_row(**values)
 
 
 def _lost_row(
@@ -373,7 +214,7 @@ def _lost_row(
         reason = (f"ran past the hard limit of {limit_s:g} s inside a native op that the budget's alarm cannot "
                   "interrupt; its worker process was killed")
         return results.make_row(**base_row(point, env, settings, run_id), status="timeout", reason=reason)
-    reason = f"the measuring worker process died (exit code {lost.exitcode}); a fresh one runs the next point"
+    reason = f"the measuring worker process died ({lost.describe()}); a fresh one runs the next point"
     return results.make_row(**base_row(point, env, settings, run_id), status="error", reason=reason)
 
 

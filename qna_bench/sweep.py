@@ -5,6 +5,7 @@ Bad input is refused before any measurement with one line per problem and exit s
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import sys
@@ -35,7 +36,8 @@ from qna_bench.summary import summary_table
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
-PROBLEM_FIELDS = ("batch", "height", "width", "channels", "heads", "stride", "dilation", "dtype", "device", "seed")
+# The problem fields a config sets (window and mode come from their own lists).
+PROBLEM_FIELDS = tuple(f.name for f in dataclasses.fields(Problem) if f.name not in ("window", "mode"))
 
 
 class BadInput(Exception):
@@ -150,6 +152,9 @@ def _settings(cfg: DictConfig) -> tuple[MeasureSettings, int | None]:
     if min_replicates != int(min_replicates):
         raise BadInput([f"measure.min_replicates={min_replicates!r}: must be a positive integer"])
     cap_gib = _number(measure.memory_cap_gib, "measure.memory_cap_gib", allow_zero=True)
+    rounds = _number(measure.rounds, "measure.rounds")
+    if rounds != int(rounds):
+        raise BadInput([f"measure.rounds={rounds!r}: must be a positive integer"])
     settings = MeasureSettings(
         threads=int(threads) or torch.get_num_threads(),
         min_run_time_s=float(_number(measure.min_run_time_s, "measure.min_run_time_s")),
@@ -158,6 +163,7 @@ def _settings(cfg: DictConfig) -> tuple[MeasureSettings, int | None]:
         memory=_flag(measure.memory, "measure.memory"),
         flops=_flag(measure.flops, "measure.flops"),
         skip_larger_after_failure=_flag(measure.skip_larger_after_failure, "measure.skip_larger_after_failure"),
+        rounds=int(rounds),
     )
     return settings, int(cap_gib * 2**30) if cap_gib else None
 

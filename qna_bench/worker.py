@@ -21,13 +21,13 @@ from typing import Any
 
 from qna_bench.environment import Environment
 from qna_bench.memcap import address_space_cap
+from qna_bench.point import MeasureSettings, SweepPoint, run_point, warm_up_process
 from qna_bench.problem import Problem
 from qna_bench.registry import get_layer
 
-# Past the first call's and the measurement's budgets, how long a point may still take before its
-# worker is killed (the budgets' alarms end well-behaved points long before).
-HARD_LIMIT_GRACE_S = 30.0
 _PR_SET_PDEATHSIG = 1
+# How long a worker whose pipe closed may take to be reaped before its exit code is read.
+REAP_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class WorkerSetup:
     the measurement settings, the environment recorded in rows and the memory cap."""
 
     layer_modules: tuple[str, ...]
-    settings: Any  # runner.MeasureSettings
+    settings: MeasureSettings
     env: Environment
     memory_cap_bytes: int | None
     cap_memory: bool
@@ -48,6 +48,22 @@ class WorkerLost:
 
     killed: bool
     exitcode: int | None
+
+    def describe(self) -> str:
+        """``exit code 3``, ``signal SIGKILL`` or ``exit code unknown``."""
+        return describe_exit(self.exitcode)
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """A process's end as multiprocessing reports it: a negative exit code is the signal that ended it."""
+    if exitcode is None:
+        return "exit code unknown"
+    if exitcode < 0:
+        try:
+            return f"signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
 
 
 class PointWorker:
@@ -68,14 +84,16 @@ class PointWorker:
         self._conn = parent_end
         message = self._receive(timeout_s=None)
         if isinstance(message, WorkerLost):
-            raise RuntimeError(f"the measuring worker process failed to start (exit code {message.exitcode})")
+            raise RuntimeError(f"the measuring worker process failed to start ({message.describe()})")
         self.memory_cap = message
 
-    def run(self, layer_name: str, problem: Problem, run_id: str, timeout_s: float | None) -> dict[str, Any] | WorkerLost:
+    def run(
+        self, layer_name: str, problem: Problem, run_id: str, timeout_s: float | None, *, first_round: bool = True
+    ) -> dict[str, Any] | WorkerLost:
         """The point's row, or `WorkerLost` (the worker is then gone; the next call starts another)."""
         if self._process is None:
             self.start()
-        self._conn.send((layer_name, problem, run_id))
+        self._conn.send((layer_name, problem, run_id, first_round))
         return self._receive(timeout_s)
 
     def _receive(self, timeout_s: float | None) -> Any:
@@ -87,6 +105,8 @@ class PointWorker:
         else:
             self.close()
             return WorkerLost(killed=True, exitcode=None)
+        # The pipe closes as the process exits, a moment before it is reaped: wait for its exit code.
+        self._process.join(timeout=REAP_TIMEOUT_S)
         exitcode = self._process.exitcode
         self.close()
         return WorkerLost(killed=False, exitcode=exitcode)
@@ -109,12 +129,6 @@ class PointWorker:
         self.close()
 
 
-def hard_limit_s(point_budget_s: float | None, first_call_budget_s: float | None) -> float | None:
-    if point_budget_s is None or first_call_budget_s is None:
-        return None
-    return first_call_budget_s + point_budget_s + HARD_LIMIT_GRACE_S
-
-
 def _die_with_parent() -> None:
     """Linux: end this worker when the sweep process ends, even by SIGKILL."""
     try:
@@ -124,8 +138,6 @@ def _die_with_parent() -> None:
 
 
 def _serve(conn: Connection, setup: WorkerSetup) -> None:
-    from qna_bench.runner import SweepPoint, run_point, warm_up_process
-
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the sweep's to handle: it kills this process
     for module in setup.layer_modules:
@@ -136,14 +148,14 @@ def _serve(conn: Connection, setup: WorkerSetup) -> None:
         warmed_up = False
         while True:
             try:
-                layer_name, problem, run_id = conn.recv()
+                layer_name, problem, run_id, first_round = conn.recv()
             except EOFError:
                 return
             point = SweepPoint(get_layer(layer_name), problem)
             if not warmed_up:
                 warm_up_process(point, setup.settings)
                 warmed_up = True
-            conn.send(run_point(point, setup.settings, setup.env, run_id))
+            conn.send(run_point(point, setup.settings, setup.env, run_id, first_round=first_round))
 
 
 def layer_modules(layers: Sequence[Any]) -> tuple[str, ...]:

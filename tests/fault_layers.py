@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -60,7 +62,7 @@ def build_hog(problem: Problem) -> nn.Module:
     return Hog()
 
 
-@register_layer("fault_sleeps", **_FAULT)
+@register_layer("fault_sleeps", cost_grows_with_window=True, **_FAULT)
 def build_sleeps(problem: Problem) -> nn.Module:
     return Sleeps(problem.window / 10)
 
@@ -92,3 +94,38 @@ def build_native_hang(problem: Problem) -> nn.Module:
 @register_layer("fault_exits", **_FAULT)
 def build_exits(problem: Problem) -> nn.Module:
     return Exits()
+
+
+class KillsItself(nn.Module):
+    """Ends its process with SIGKILL, as the kernel's OOM killer would."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@register_layer("fault_kills_itself", **_FAULT)
+def build_kills_itself(problem: Problem) -> nn.Module:
+    return KillsItself()
+
+
+@register_layer("fault_sleeps_flat", **_FAULT)
+def build_sleeps_flat(problem: Problem) -> nn.Module:
+    """`fault_sleeps` without a cost declared monotone in the window: no window of it is skipped."""
+    return Sleeps(problem.window / 10)
+
+
+# Layers that log each build to the file named by $QNA_BENCH_ORDER_LOG: the order points ran in.
+ORDER_LOG = "QNA_BENCH_ORDER_LOG"
+
+
+def _logged(name: str):
+    def build(problem: Problem) -> nn.Module:
+        with Path(os.environ[ORDER_LOG]).open("a") as log:
+            log.write(f"{name} {problem.window} {problem.mode}\n")
+        return Sleeps(0.0)
+
+    return build
+
+
+for _name in ("order_a", "order_b", "order_c"):
+    register_layer(_name, **_FAULT)(_logged(_name))

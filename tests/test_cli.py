@@ -15,8 +15,10 @@ REPO = Path(__file__).resolve().parent.parent
 FAST = ["problem=tiny", "measure.min_run_time_s=0.01"]
 
 
-def run_cli(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path = REPO, timeout: int = 300, path: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(path), os.environ.get("PYTHONPATH", "")])
     return subprocess.run(
         [sys.executable, str(REPO / "run_bench.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
     )
@@ -52,6 +54,35 @@ def test_rerunning_a_sweep_measures_nothing_new_and_resume_false_remeasures(tmp_
     assert len(remeasured) == 1 and remeasured.loc[0, "run_id"] != first.loc[0, "run_id"]
 
 
+PLUGIN = """
+from torch import nn
+from qna_bench.registry import register_layer
+
+@register_layer("{name}", family="plugin", implementation="tests: a 1x1 convolution", layout="nchw")
+def build(problem):
+    return nn.Conv2d(problem.channels, problem.channels, 1)
+"""
+
+
+def test_editing_a_layers_source_remeasures_that_layer_only(tmp_path):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    for name in ("plug_a", "plug_b"):
+        (plugins / f"{name}.py").write_text(PLUGIN.format(name=name))
+    args = ("layers=[plug_a,plug_b,conv_dw]", "plugins=[plug_a,plug_b]", "windows=3", "modes=forward", *FAST,
+            f"results_dir={tmp_path}", "plots=false")
+    assert run_cli(*args, path=plugins).returncode == 0
+    first = results.read_results(tmp_path / results.RESULTS_FILE).set_index("layer")
+    (plugins / "plug_a.py").write_text(PLUGIN.format(name="plug_a") + "# edited\n")
+    again = run_cli(*args, path=plugins)
+    assert again.returncode == 0 and "2 of 3 points already" in again.stderr, again.stderr[-3000:]
+    second = results.read_results(tmp_path / results.RESULTS_FILE).set_index("layer")
+    assert len(second) == 3
+    assert second.loc["plug_a", "run_id"] != first.loc["plug_a", "run_id"]
+    assert second.loc["plug_a", "code_version"] != first.loc["plug_a", "code_version"]
+    assert (second.loc[["plug_b", "conv_dw"], "run_id"] == first.loc[["plug_b", "conv_dw"], "run_id"]).all()
+
+
 BAD_INPUTS = [
     (["layers=nope"], "layers='nope': unknown layer; known layers are"),
     (["layers=[conv_dw,42]"], "layers=42: unknown layer"),
@@ -69,6 +100,8 @@ BAD_INPUTS = [
     (["problem.size=big"], "problem.size='big': must be a positive integer"),
     (["measure.point_budget_s=-1"], "measure.point_budget_s=-1: must be a positive number or null"),
     (["measure.threads=1.5"], "measure.threads=1.5: must be 0 (all cores) or a positive integer"),
+    (["measure.rounds=0"], "measure.rounds=0: must be a positive number"),
+    (["measure.rounds=1.5"], "measure.rounds=1.5: must be a positive integer"),
     (["resume=maybe"], "resume='maybe': allowed values are true, false"),
     (["results_dir=/proc/forbidden/place"], "results_dir=/proc/forbidden/place: cannot create it"),
 ]

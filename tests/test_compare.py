@@ -5,6 +5,8 @@ Synthetic rows only; nothing is measured.
 
 from __future__ import annotations
 
+import random
+import statistics
 import subprocess
 import sys
 
@@ -228,3 +230,56 @@ def test_the_cli_process_exits_2_on_a_missing_file(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stdout == "" and done.stderr.splitlines() == [f"compare: error: NEW {tmp_path}/nope.parquet: no such file"]
+
+
+# ------------------------------------------------------------------------- the gate against the peers
+
+GATE_LAYERS = {"qna": 2.0, "swin_fused": 3.0, "conv_dw": 0.5}  # ms at k=3
+
+
+def _rounds_run(seed, scale=None, machine=1.0, rounds=3, jitter=0.02):
+    """qna, swin_fused and conv_dw at k = 3, 7, 13, both modes, measured in ``rounds`` rounds.
+
+    Each round the whole machine runs up to 30% faster or slower (the same for the layers of a point,
+    measured seconds apart); each point jitters by ``jitter`` on its own. ``scale[layer]`` slows a layer.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for window in (3, 7, 13):
+        for mode in ("forward", "train"):
+            drift = [machine * rng.uniform(0.7, 1.3) for _ in range(rounds)]
+            for layer, ms in GATE_LAYERS.items():
+                medians = [ms * window / 3 * (scale or {}).get(layer, 1.0) * d * rng.uniform(1 - jitter, 1 + jitter)
+                           for d in drift]
+                rows.append(_row(layer=layer, window=window, mode=mode, ms=statistics.median(medians), spread=0.01,
+                                 round_medians_s=[m / 1e3 for m in medians], rounds=rounds))
+    return _frame(rows)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_two_runs_of_unchanged_code_raise_no_alarm_however_the_machine_drifts(seed):
+    points = compare_results(_rounds_run(seed), _rounds_run(seed + 100), Thresholds(fail_over=0.05))
+    assert len(points) == 18 and all(p.latency.relative is not None for p in points)
+    assert not any(p.regression for p in points)
+
+
+def test_a_whole_machine_1_3x_slower_is_no_regression_against_the_peers_but_is_on_the_raw_medians():
+    base, slower = _rounds_run(1), _rounds_run(1, machine=1.3)
+    assert not any(p.regression for p in compare_results(base, slower, Thresholds()))
+    assert any(p.regression for p in compare_results(base, slower, Thresholds(), anchor="none"))
+
+
+def test_one_layer_1_3x_slower_is_flagged_and_its_peers_are_not():
+    points = compare_results(_rounds_run(1), _rounds_run(2, scale={"swin_fused": 1.3}), Thresholds(fail_over=0.05))
+    flagged = {(p.get("layer"), p.get("window"), p.get("mode")) for p in points if p.regression}
+    assert flagged == {("swin_fused", w, m) for w in (3, 7, 13) for m in ("forward", "train")}
+    swin = next(p for p in points if p.get("layer") == "swin_fused")
+    assert 1.2 < swin.latency.relative < 1.4 and swin.latency.spread[0] > 1
+
+
+def test_the_table_shows_the_raw_medians_beside_the_change_against_the_peers():
+    points = compare_results(_rounds_run(1), _rounds_run(2, scale={"swin_fused": 1.3}), Thresholds())
+    table = compare.format_table(points)
+    assert "new/base" in table and "vs peers (spread)" in table
+    swin = next(line for line in table.splitlines() if line.startswith("swin_fused"))
+    assert "REGRESSION" in swin and "×" in swin

@@ -14,12 +14,13 @@ import pandas as pd
 from qna_bench import results
 from qna_bench.environment import read_environment
 from qna_bench.runner import MeasureSettings
-from qna_bench.worker import PointWorker, WorkerLost, WorkerSetup
+from qna_bench.worker import PointWorker, WorkerLost, WorkerSetup, describe_exit
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 TINY = ["problem=tiny", "plots=false", "plugins=[fault_layers]"]
 FAST = [*TINY, "measure.min_run_time_s=0.01", "measure.min_replicates=1"]
+ORDER_LOG = "QNA_BENCH_ORDER_LOG"  # fault_layers' order_* layers log each build there
 
 
 def _command(*args: str) -> list[str]:
@@ -54,6 +55,21 @@ def test_a_point_over_its_time_budget_becomes_a_timeout_row(tmp_path):
     row = results.read_results(tmp_path / results.RESULTS_FILE).iloc[0]
     assert row["status"] == "timeout"
     assert "budget" in row["reason"] and row["first_call_s"] >= 0.5
+    # One cold call is not a median: the latency statistics stay empty.
+    assert all(row[c] is pd.NA for c in ("median_s", "q25_s", "q75_s", "min_s", "mean_s", "n"))
+
+
+def test_a_larger_budget_measures_the_timeouts_again(tmp_path):
+    common = ("layers=fault_sleeps", "windows=[5,7]", "modes=forward", "measure.min_run_time_s=0.01",
+              "measure.min_replicates=1", *TINY, f"results_dir={tmp_path}")
+    first = _run(*common, "measure.point_budget_s=0.6")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = results.read_results(tmp_path / results.RESULTS_FILE).set_index("window")
+    assert list(before["status"]) == ["timeout", "skipped"]
+    again = _run(*common, "measure.point_budget_s=5")
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = results.read_results(tmp_path / results.RESULTS_FILE).set_index("window")
+    assert list(after["status"]) == ["ok", "ok"] and len(after) == 2
 
 
 def _wait_for_rows(path: Path, count: int, process: subprocess.Popen, limit_s: float = 120) -> None:
@@ -106,14 +122,18 @@ def test_sigint_stops_cleanly_with_every_finished_row_written(tmp_path):
 
 def test_larger_windows_after_a_timeout_are_skipped_not_run(tmp_path):
     # 0.1 s per call at k=1 fits a 3 s budget easily; 0.9 s per call at k=9 does not.
-    done = _run("layers=fault_sleeps", "windows=[1,9,11,13]", "modes=forward", "measure.point_budget_s=3",
+    done = _run("layers=[fault_sleeps,fault_sleeps_flat]", "windows=[1,9,11,13]", "modes=forward", "measure.point_budget_s=3",
                 *FAST, f"results_dir={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]
-    frame = results.read_results(tmp_path / results.RESULTS_FILE).set_index("window")
+    frame = results.read_results(tmp_path / results.RESULTS_FILE)
+    flat = frame[frame["layer"] == "fault_sleeps_flat"].set_index("window")
+    frame = frame[frame["layer"] == "fault_sleeps"].set_index("window")
     assert frame.loc[1, "status"] == "ok" and frame.loc[9, "status"] == "timeout"
     assert list(frame.loc[[11, 13], "status"]) == ["skipped", "skipped"]
     assert frame.loc[11, "reason"] == "not run: timeout already at window 9 for this layer and problem"
     assert frame.loc[11, "median_s"] is pd.NA and frame.loc[11, "point_seconds"] is pd.NA
+    # A layer that does not declare its cost monotone in the window runs every window.
+    assert list(flat["status"]) == ["ok", "timeout", "timeout", "timeout"]
 
 
 def _worker() -> PointWorker:
@@ -138,3 +158,32 @@ def test_a_worker_that_dies_becomes_an_error_row_and_the_sweep_goes_on(tmp_path)
     assert frame.loc["fault_exits", "status"] == "error"
     assert "worker process died (exit code 3)" in frame.loc["fault_exits", "reason"]
     assert frame.loc["conv_dw", "status"] == "ok"
+
+
+def test_a_dead_worker_is_reported_with_its_exit_code_or_its_signal(tiny_problem):
+    problem = tiny_problem.replace(mode="forward")
+    with _worker() as worker:
+        assert worker.run("fault_exits", problem, "test", timeout_s=300) == WorkerLost(killed=False, exitcode=3)
+        lost = worker.run("fault_kills_itself", problem, "test", timeout_s=300)
+    assert lost == WorkerLost(killed=False, exitcode=-signal.SIGKILL)
+    assert lost.describe() == "signal SIGKILL" and describe_exit(3) == "exit code 3"
+
+
+def test_the_layers_of_a_point_run_back_to_back_and_rotate_with_the_rounds(tmp_path):
+    log = tmp_path / "order.log"
+    done = subprocess.run(
+        _command("layers=[order_a,order_b,order_c]", "windows=[3,5]", "modes=forward", "measure.rounds=2",
+                 *FAST, f"results_dir={tmp_path}"),
+        capture_output=True, text=True, timeout=300, env={**_env(), ORDER_LOG: str(log)}, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    warm_up, *ran = log.read_text().splitlines()
+    assert warm_up == ran[0]  # the worker's warm-up builds the first point's layer, before it runs
+    assert ran == [
+        "order_a 3 forward", "order_b 3 forward", "order_c 3 forward",
+        "order_a 5 forward", "order_b 5 forward", "order_c 5 forward",
+        "order_b 3 forward", "order_c 3 forward", "order_a 3 forward",
+        "order_b 5 forward", "order_c 5 forward", "order_a 5 forward",
+    ]
+    frame = results.read_results(tmp_path / results.RESULTS_FILE)
+    assert len(frame) == 6 and (frame["rounds"] == 2).all()
+    assert all(len(m) == 2 for m in frame["round_medians_s"])

@@ -1,0 +1,251 @@
+"""Measures one sweep point: build → first call (on CPU: the memory pass) → FLOPs → latency → row.
+
+The worker process runs `run_point`; whatever goes wrong becomes the row's status and reason. The
+sweep loop (`qna_bench.runner`) decides which points run and in what order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import gc
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qna_bench import results
+from qna_bench.budget import PointBudget, PointTimeout, time_limits
+from qna_bench.environment import Environment, utc_now
+from qna_bench.identity import point_identity
+from qna_bench.measure.flops import count_flops
+from qna_bench.measure.latency import LatencyStats, measure_latency
+from qna_bench.measure.memory import MemoryStats, measure_peak_memory, untracked
+from qna_bench.measure.params import count_parameters, parameter_bytes
+from qna_bench.problem import Problem
+from qna_bench.registry import LayerSpec, UnsupportedProblem
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc: nothing to trim
+    _LIBC = None
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    threads: int
+    min_run_time_s: float = 0.5
+    min_replicates: int = 5
+    point_budget_s: float | None = 120.0
+    memory: bool = True
+    flops: bool = True
+    skip_larger_after_failure: bool = True
+    # Times the sweep measures every point, the layers of a point back to back in a rotated order.
+    rounds: int = 1
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    layer: LayerSpec
+    problem: Problem
+
+    @property
+    def label(self) -> str:
+        p = self.problem
+        return f"{self.layer.name} k={p.window} {p.mode} {p.batch}x{p.height}x{p.width}x{p.channels}"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower() or "DefaultCPUAllocator" in text
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:400] if lines else ''}".rstrip(": ")
+
+
+def base_row(point: SweepPoint, env: Environment, settings: MeasureSettings, run_id: str) -> dict[str, Any]:
+    """The row's identity: layer, problem, environment and settings, before anything is measured."""
+    layer = point.layer
+    row = dict(
+        run_id=run_id,
+        timestamp=utc_now(),
+        family=layer.family,
+        implementation=layer.implementation,
+        layout=layer.layout,
+        uses_window=layer.uses_window,
+        load_avg=os.getloadavg()[0],
+        **point_identity(layer, point.problem, env, settings),
+    )
+    return row
+
+
+@dataclass
+class PointStep:
+    """The callable to measure and what it holds on to; a train step makes its upstream gradient from
+    the output of its first call (untracked: it is an input, like ``x``)."""
+
+    module: torch.nn.Module
+    x: torch.Tensor
+    problem: Problem
+    grad_out: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+
+    def __call__(self) -> None:
+        if self.problem.mode == "forward":
+            with torch.inference_mode():
+                self.module(self.x)
+            return
+        self.x.grad = None
+        for p in self.params:
+            p.grad = None
+        out = self.module(self.x)
+        if self.grad_out is None:
+            with untracked():
+                self.grad_out = self.problem.make_output_grad(out)
+        out.backward(self.grad_out)
+
+    @property
+    def base_bytes(self) -> int:
+        """Bytes that exist before a call: input, upstream gradient, parameters."""
+        grad_bytes = self.grad_out.nbytes if self.grad_out is not None else 0
+        return self.x.nbytes + grad_bytes + parameter_bytes(self.module)
+
+
+def _timed_call(step: PointStep, device: torch.device) -> float:
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _first_call(step: PointStep, device: torch.device, memory: bool) -> tuple[float, MemoryStats | None]:
+    """Run the first (warm-up, compiling) call; its seconds, and on CPU its memory.
+
+    On CPU the live-storage tracker counts storages, not allocator state, so the first call doubles as
+    the memory pass (one call fewer per point). On CUDA the memory pass comes after the warm-up, which
+    owns the one-off workspaces and autotuning.
+    """
+    if not (memory and device.type == "cpu"):
+        return _timed_call(step, device), None
+    stats = measure_peak_memory(step, device, base_bytes=0)
+    if stats.call_s is None:  # the tracker cannot see inside (flex attention): a plain first call
+        first_call_s = _timed_call(step, device)
+    else:
+        first_call_s = stats.call_s
+    return first_call_s, dataclasses.replace(stats, base_bytes=step.base_bytes)
+
+
+def run_point(
+    point: SweepPoint, settings: MeasureSettings, env: Environment, run_id: str, *, first_round: bool = True
+) -> dict[str, Any]:
+    """Measure one point; whatever goes wrong becomes the row's status and reason.
+
+    A later round (``first_round=False``) measures the latency alone: memory and FLOPs do not change
+    from round to round.
+    """
+    layer, problem = point.layer, point.problem
+    row = base_row(point, env, settings, run_id)
+    started = time.perf_counter()
+    reason = layer.unsupported_reason(problem)
+    if reason is not None:
+        return results.make_row(**row, status="unsupported", reason=reason, point_seconds=0.0)
+    track_memory, count = settings.memory and first_round, settings.flops and first_round
+    limits = time_limits(settings.point_budget_s)
+    module = x = step = None
+    try:
+        # The first call compiles compiled layers (seconds to minutes): it gets a budget of its own.
+        with PointBudget(limits.first_call_s).alarm():
+            torch.set_num_threads(settings.threads)
+            module = layer.build(problem)
+            row["params"] = count_parameters(module)
+            if layer.analytic_flops is not None:
+                row["flops_analytic"] = int(layer.analytic_flops(problem))
+            x = problem.make_input(layer.layout)
+            step = PointStep(module, x, problem)
+            row["first_call_s"], memory = _first_call(step, problem.torch_device, track_memory)
+            row["base_bytes"] = step.base_bytes
+            row["layer_flags"] = layer.layer_flags(module, problem)
+        budget = PointBudget(limits.point_s)
+        with budget.alarm():
+            # The seconds of one call, for the budget and the autorange: a call after the warm-up, or on
+            # CPU the tracked first call (a slight overestimate of an eager layer's steady call).
+            one_call_s = memory.call_s if memory is not None else None
+            if track_memory and memory is None:
+                memory = measure_peak_memory(step, problem.torch_device, row["base_bytes"])
+                one_call_s = memory.call_s
+            if memory is not None:
+                row.update(peak_bytes=memory.peak_bytes, memory_method=memory.method, memory_note=memory.note)
+            if one_call_s is None:
+                one_call_s = _timed_call(step, problem.torch_device)
+            if count:
+                budget.check(one_call_s, calls_left=3 + settings.min_replicates, extra_s=settings.min_run_time_s)
+                flops = count_flops(step, layer.flop_formulas)
+                row.update(flops=flops.flops, flops_method=flops.method)
+                if flops.note:
+                    row["reason"] = flops.note
+            stats = measure_latency(
+                step,
+                threads=settings.threads,
+                min_run_time_s=settings.min_run_time_s,
+                min_replicates=settings.min_replicates,
+                one_call_s=one_call_s,
+                budget=budget if limits.point_s is not None else None,
+                label=point.label,
+            )
+        row.update(_latency_columns(stats), status="ok")
+    except PointTimeout as exc:
+        # The latency statistics stay empty: one cold call is not a median.
+        row.update(status="timeout", reason=str(exc))
+    except UnsupportedProblem as exc:
+        row.update(status="unsupported", reason=str(exc))
+    except Exception as exc:  # noqa: BLE001 - a sweep outlives any layer's failure
+        row.update(status="oom" if is_out_of_memory(exc) else "error", reason=_one_line(exc))
+    finally:
+        del module, x, step
+        release_memory(problem.device)
+    row["point_seconds"] = time.perf_counter() - started
+    return results.make_row(**row)
+
+
+def warm_up_process(point: SweepPoint, settings: MeasureSettings, calls: int = 3) -> None:
+    """Run ``point``'s step a few times and record nothing: the process's first calls run slow
+    (qna's first point measured ~2× its later self until any layer had run), whichever point is first."""
+    if point.layer.unsupported_reason(point.problem) is not None:
+        return
+    step = None
+    try:
+        with PointBudget(time_limits(settings.point_budget_s).first_call_s).alarm():
+            torch.set_num_threads(settings.threads)
+            step = PointStep(point.layer.build(point.problem), point.problem.make_input(point.layer.layout), point.problem)
+            for _ in range(calls):
+                step()
+    except Exception:  # noqa: BLE001 - the point itself will run again and report what went wrong
+        pass
+    finally:
+        step = None
+        release_memory(point.problem.device)
+
+
+def release_memory(device: str) -> None:
+    """Free what a point left behind, so a heavy point does not slow the next (facts.md: up to 6×)."""
+    gc.collect()
+    if device == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    elif _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _latency_columns(stats: LatencyStats) -> dict[str, Any]:
+    columns = {**dataclasses.asdict(stats), "times_s": list(stats.times_s)}
+    return {**columns, "round_medians_s": [stats.median_s], "rounds": 1}
