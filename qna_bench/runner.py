@@ -126,6 +126,7 @@ def base_row(point: SweepPoint, env: Environment, settings: MeasureSettings, run
         timestamp=utc_now(),
         layer=layer.name,
         family=layer.family,
+        role=layer.role,
         implementation=layer.implementation,
         layout=layer.layout,
         uses_window=layer.uses_window,
