@@ -8,9 +8,8 @@ from pathlib import Path
 import jupyter_client.kernelspec
 import nbclient
 import nbformat
-import pytest
-
 import pandas as pd
+import pytest
 
 from qna_bench import analysis as A
 from qna_bench import registry, report, results
