@@ -191,12 +191,14 @@ def ratio_figure(frame: pd.DataFrame) -> Figure | None:
             (axes[2 * i], "latency_ratio", "median latency / QnA's (×, log scale)", CLAIMED_SPEED_FACTOR),
             (axes[2 * i + 1], "memory_ratio", "peak memory / QnA's (×, log scale)", CLAIMED_MEMORY_FACTOR),
         ):
-            for layer, rows in panel.groupby("layer", sort=True):
+            several = panel["subject"].nunique() > 1
+            for (layer, subject), rows in panel.groupby(["layer", "subject"], sort=True):
                 rows = rows[rows[column].notna()].sort_values("window")
                 if len(rows):
+                    label = _layer_label(layer, rows["role"].iloc[0], rows["family"].iloc[0])
                     ax.plot(
                         rows["window"], rows[column].astype(float), marker="o", ms=4,
-                        label=_layer_label(layer, rows["role"].iloc[0], rows["family"].iloc[0]), **styles[layer],
+                        label=f"{label} / {subject}" if several else label, **styles[layer],
                     )
             ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
             ax.axhline(claim, color="tab:red", linewidth=1, linestyle="-.", label=f"claimed: {claim:g}×")

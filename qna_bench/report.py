@@ -254,13 +254,18 @@ def _ratio_headline(best: pd.DataFrame, claim: Claim) -> str:
 
 
 def _scaling_headline(comparisons: pd.DataFrame) -> str:
-    votes = comparisons[comparisons["vote"].notna()]
-    silent = len(comparisons) - len(votes)
     if not len(comparisons):
         return "no attention peer that uses the window measured next to QnA"
+    votes = comparisons[comparisons["vote"].notna()]
     wins = int(votes["vote"].astype(bool).sum())
-    return (f"QnA grows more slowly in {wins} of {len(votes)} voting comparisons"
-            f"{f'; {silent} do not vote (poor fit or < {MIN_GROWTH_POINTS} shared windows)' if silent else ''}")
+    by_metric = ", ".join(
+        f"{metric} {int(votes.loc[votes['metric'] == metric, 'vote'].astype(bool).sum())} of "
+        f"{int((votes['metric'] == metric).sum())}"
+        for metric in ("latency", "memory")
+    )
+    silent = len(comparisons) - len(votes)
+    return (f"QnA grows more slowly in {wins} of {len(votes)} voting comparisons ({by_metric})"
+            + (f"; {silent} do not vote (poor fit or < {MIN_GROWTH_POINTS} shared windows)" if silent else ""))
 
 
 def _headline(analysis: Analysis, claim: Claim, problem: str, mode: str, subject: str) -> str:
@@ -387,7 +392,8 @@ def _by_head_size(verdicts: pd.DataFrame, problems: pd.DataFrame) -> list[str]:
             by_dim[int(dim)] = (overall(group["verdict"].tolist()), sorted(group["problem"].unique(), key=lambda p: int(p[1:])))
         text = "; ".join(f"head dim {dim} ({', '.join(ps)}): {v}" for dim, (v, ps) in by_dim.items())
         differs = len({v for v, _ in by_dim.values()}) > 1
-        lines.append(f"- **{claim.title}**, overall **{overall(mine['verdict'].tolist())}** — {text}"
+        lines.append(f"- **{claim.title}**, overall **{overall(mine['verdict'].tolist())}**"
+                     + (f" — {text}" if len(by_dim) > 1 else "")
                      + (" — **the verdict depends on the head size**" if differs else "") + ".")
     return lines
 
