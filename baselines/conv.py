@@ -37,7 +37,7 @@ def conv_flops(problem: Problem, groups: int) -> int:
     return forward * (3 if problem.mode == "train" else 1)
 
 
-_CONV = dict(family="conv", layout="nchw_channels_last", odd_window=True, cost_grows_with_window=True)
+_CONV = dict(role="baseline", family="conv", layout="nchw_channels_last", odd_window=True, cost_grows_with_window=True)
 
 
 @register_layer(

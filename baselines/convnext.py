@@ -40,6 +40,7 @@ def convnext_flops(problem: Problem) -> int:
 
 @register_layer(
     "convnext_mixer",
+    role="baseline",
     family="conv",
     cost_grows_with_window=True,
     implementation="torch: Linear, Conv2d groups=C (channels_last), Linear",

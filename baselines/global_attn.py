@@ -51,6 +51,7 @@ def _unsupported(problem: Problem) -> str | None:
 
 @register_layer(
     "global_attn",
+    role="peer",
     family="global",
     implementation="torch scaled_dot_product_attention, no mask",
     layout="nhwc",

@@ -110,6 +110,7 @@ def _flops(problem: Problem) -> int:
 
 @register_layer(
     "na",
+    role="peer",
     family="neighborhood",
     cost_grows_with_window=True,
     implementation="natten.NeighborhoodAttention2D (backend chosen by NATTEN; flex-fna eager on CPU)",

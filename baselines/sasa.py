@@ -72,6 +72,7 @@ def _flops(problem: Problem) -> int:
 
 @register_layer(
     "sasa",
+    role="peer",
     family="sasa",
     cost_grows_with_window=True,
     implementation="plain PyTorch: F.unfold of keys and values, einsum, masked softmax",

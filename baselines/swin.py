@@ -113,6 +113,7 @@ def _register(name: str, shifted: bool, fused: bool) -> None:
 
     @register_layer(
         name,
+        role="peer",
         family="swin",
         implementation=f"timm SwinTransformerBlock._attn, {path}",
         layout="nhwc",

@@ -58,6 +58,7 @@ def _flops(problem: Problem) -> int:
 
 @register_layer(
     "na_torch",
+    role="reference",
     family="neighborhood",
     cost_grows_with_window=True,
     implementation="plain PyTorch: scaled_dot_product_attention with a (HW)² 0/-inf neighbourhood mask",

@@ -65,6 +65,7 @@ _QNA = dict(
 
 @register_layer(
     "qna",
+    role="subject",
     implementation="qna_bench.qna.QnA impl=fast: two depthwise convolutions, custom backward",
     description="QnA, fast form (the layer under test), 2 learned queries",
     **_QNA,
@@ -75,6 +76,7 @@ def build_qna(problem: Problem) -> nn.Module:
 
 @register_layer(
     "qna_reference",
+    role="reference",
     implementation="qna_bench.qna.QnA impl=reference: unfolded k×k windows, autograd",
     description="QnA, naive reference form (unfolded windows), same parameters as qna",
     **_QNA,

@@ -16,107 +16,69 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from qna_bench.analysis import (
+    CLAIMED_MEMORY_FACTOR,
+    CLAIMED_SPEED_FACTOR,
+    SUBJECT,
+    latest_rows,
+    mode_order,
+    ratio_frame,
+    settings,
+    with_roles,
+)
 from qna_bench.results import read_results
 
-REFERENCE_LAYER = "qna"
-CONV_FAMILY = "conv"
-QNA_FAMILY = "qna"
-# What makes two rows the same problem (with mode and window): the report's ratios use the same key.
-SHAPE_COLUMNS = ["device_name", "dtype", "batch", "height", "width", "channels", "heads", "stride", "dilation"]
-POINT_COLUMNS = ["layer", *SHAPE_COLUMNS, "mode", "window"]
-MODE_ORDER = ("forward", "train")
-# The abstract's factors: "up-to x10 less memory while being up-to x5 faster".
-CLAIMED_MEMORY_FACTOR = 10.0
-CLAIMED_SPEED_FACTOR = 5.0
 MIB = 2**20
+ROLE_LABELS = {SUBJECT: "under test", "reference": "reference", "baseline": "baseline"}
 
 
-def shape_title(shape: dict, with_device: bool = False) -> str:
+def shape_title(setting: dict, with_context: bool = False) -> str:
     return (
-        (f"{shape['device_name']}: " if with_device else "")
-        + f"B={shape['batch']}, {shape['height']}×{shape['width']}, C={shape['channels']}, "
-        f"{shape['heads']} heads, {shape['dtype']}"
-        + (f", stride {shape['stride']}" if shape["stride"] != 1 else "")
-        + (f", dilation {shape['dilation']}" if shape["dilation"] != 1 else "")
+        (f"{setting['device_name']}, {setting['threads']} threads, torch {setting['torch_version']}: " if with_context else "")
+        + f"B={setting['batch']}, {setting['height']}×{setting['width']}, C={setting['channels']}, "
+        f"{setting['heads']} heads, {setting['dtype']}"
+        + (f", stride {setting['stride']}" if setting["stride"] != 1 else "")
+        + (f", dilation {setting['dilation']}" if setting["dilation"] != 1 else "")
     )
-
-
-def mode_order(modes) -> list[str]:
-    """Modes in reading order: forward, train, then any others alphabetically."""
-    modes = set(modes)
-    return [m for m in MODE_ORDER if m in modes] + sorted(modes - set(MODE_ORDER))
-
-
-def latest_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per (layer, problem, mode, window): where a merged file measured a point twice (another
-    thread count or torch version), the latest row wins, so lines and ratios never mix two runs."""
-    order = frame.assign(_ts=frame["timestamp"].fillna(""), _key=frame["point_key"].fillna(""))
-    order = order.sort_values(["_ts", "_key"], kind="mergesort")
-    kept = order.drop_duplicates(POINT_COLUMNS, keep="last").drop(columns=["_ts", "_key"])
-    return kept.sort_values(POINT_COLUMNS, kind="mergesort").reset_index(drop=True)
-
-
-def ratio_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """Each measured non-QnA row with its latency and memory divided by QnA's at the same problem, mode and
-    window (``latency_ratio`` = layer median_s / QnA median_s; above 1: QnA is faster / leaner;
-    ``latency_ratio_low`` = layer q25_s / QnA q75_s, the ratio the timing spread still supports)."""
-    keys = SHAPE_COLUMNS + ["mode", "window"]
-    rows = latest_rows(frame)
-    # A `timeout` row stopped after its memory pass: its peak memory is a full measurement, its latency is not.
-    rows = rows[rows["status"].isin(["ok", "timeout"])]
-    reference = rows[rows["layer"] == REFERENCE_LAYER][keys + ["status", "median_s", "q25_s", "q75_s", "peak_bytes"]]
-    merged = rows[rows["layer"] != REFERENCE_LAYER].merge(reference, on=keys, suffixes=("", "_qna"))
-    both_ok = (merged["status"] == "ok") & (merged["status_qna"] == "ok")
-    latency = merged["median_s"].astype("Float64").where(both_ok)
-    latency_qna = merged["median_s_qna"].astype("Float64").where(both_ok)
-    peak = merged["peak_bytes"].astype("Float64")
-    peak_qna = merged["peak_bytes_qna"].astype("Float64")
-    merged["latency_ratio"] = (latency / latency_qna).where((latency > 0) & (latency_qna > 0))
-    merged["memory_ratio"] = (peak / peak_qna).where((peak > 0) & (peak_qna > 0))
-    # A cautious speed ratio: the layer's fast quartile against QnA's slow one.
-    low, high_qna = merged["q25_s"].astype("Float64").where(both_ok), merged["q75_s_qna"].astype("Float64").where(both_ok)
-    merged["latency_ratio_low"] = (low / high_qna).where((low > 0) & (high_qna > 0))
-    return merged.sort_values(POINT_COLUMNS, kind="mergesort").reset_index(drop=True)
 
 
 def _panels(frame: pd.DataFrame) -> list[tuple[dict, str, pd.DataFrame]]:
     panels = []
-    for shape_values, shape_frame in frame.groupby(SHAPE_COLUMNS, sort=True, dropna=False):
-        shape = dict(zip(SHAPE_COLUMNS, shape_values))
-        for mode in mode_order(shape_frame["mode"].unique()):
-            panels.append((shape, mode, shape_frame[shape_frame["mode"] == mode]))
+    for setting, rows in settings(frame):
+        for mode in mode_order(rows["mode"].unique()):
+            panels.append((setting, mode, rows[rows["mode"] == mode]))
     return panels
 
 
+def _many_contexts(frame: pd.DataFrame) -> bool:
+    return len(frame[["device_name", "threads", "torch_version"]].drop_duplicates()) > 1
+
+
 def _layer_styles(frame: pd.DataFrame) -> dict[str, dict]:
-    """Line style per layer, stable across figures: QnA thick black, its other forms dashed black-grey,
-    convolutions dotted, attention peers solid in colour."""
-    families = frame.drop_duplicates("layer").set_index("layer")["family"].to_dict()
-    peers = sorted(layer for layer, family in families.items() if family not in (QNA_FAMILY, CONV_FAMILY))
-    convs = sorted(layer for layer, family in families.items() if family == CONV_FAMILY)
+    """Line style per layer by its declared role, stable across figures: the subject thick black,
+    references dashed grey, baselines dotted grey, peers solid in colour."""
+    roles = frame.drop_duplicates("layer").set_index("layer")["role"].to_dict()
+    peers = sorted(layer for layer, role in roles.items() if role not in ROLE_LABELS)
+    baselines = sorted(layer for layer, role in roles.items() if role == "baseline")
     cmap = matplotlib.colormaps["tab10" if len(peers) <= 10 else "tab20"]
-    conv_cmap = matplotlib.colormaps["Greys"]
+    grey = matplotlib.colormaps["Greys"]
     styles: dict[str, dict] = {}
-    for layer, family in families.items():
-        if layer == REFERENCE_LAYER:
+    for layer, role in roles.items():
+        if role == SUBJECT:
             styles[layer] = dict(color="black", linewidth=2.6, linestyle="-", zorder=5)
-        elif family == QNA_FAMILY:
+        elif role == "reference":
             styles[layer] = dict(color="dimgray", linewidth=1.6, linestyle="--", zorder=4)
-        elif family == CONV_FAMILY:
-            shade = 0.45 + 0.4 * convs.index(layer) / max(len(convs), 1)
-            styles[layer] = dict(color=conv_cmap(shade), linewidth=1.4, linestyle=":", zorder=3)
+        elif role == "baseline":
+            shade = 0.45 + 0.4 * baselines.index(layer) / max(len(baselines), 1)
+            styles[layer] = dict(color=grey(shade), linewidth=1.4, linestyle=":", zorder=3)
         else:
             styles[layer] = dict(color=cmap(peers.index(layer) % cmap.N), linewidth=1.5, linestyle="-", zorder=3)
     return styles
 
 
-def _layer_label(layer: str, family: str) -> str:
-    if layer == REFERENCE_LAYER:
-        return "qna (under test)"
-    if family == QNA_FAMILY:
-        return f"{layer} (QnA naive form)" if layer == "qna_reference" else f"{layer} (QnA variant)"
-    if family == CONV_FAMILY:
-        return f"{layer} (conv)"
+def _layer_label(layer: str, role: str, family: str) -> str:
+    if role in ROLE_LABELS:
+        return f"{layer} ({ROLE_LABELS[role]})"
     return layer if family == layer else f"{layer} ({family})"
 
 
@@ -147,12 +109,12 @@ def _metric_figure(
     ylabel: str,
     title: str,
 ) -> Figure | None:
-    frame = latest_rows(frame)
+    frame = latest_rows(with_roles(frame))
     panels = _panels(frame)
     if not panels:
         return None
     styles = _layer_styles(frame)
-    many_devices = frame["device_name"].nunique() > 1
+    many_devices = _many_contexts(frame)
     fig, axes = _figure(len(panels), ncols=2)
     for ax, (shape, mode, panel) in zip(axes, panels):
         plotted = False
@@ -162,7 +124,7 @@ def _metric_figure(
             ok = rows[(rows["status"] == "ok") & values.notna()]
             failed = rows[(rows["status"] != "ok") | values.isna()]
             style = styles[layer]
-            label = _layer_label(layer, rows["family"].iloc[0])
+            label = _layer_label(layer, rows["role"].iloc[0], rows["family"].iloc[0])
             if len(ok):
                 plotted = True
                 ax.plot(ok["window"], value(ok).astype(float), marker="o", ms=4, label=label, **style)
@@ -216,24 +178,27 @@ def memory_figure(frame: pd.DataFrame) -> Figure | None:
 
 def ratio_figure(frame: pd.DataFrame) -> Figure | None:
     """Each layer's latency and memory divided by QnA's at the same point, with the claimed factors."""
+    frame = latest_rows(with_roles(frame))
     ratios = ratio_frame(frame)
     panels = _panels(ratios)
     if not panels:
         return None
     styles = _layer_styles(frame)  # the whole frame, so each layer keeps its colour across figures
-    many_devices = ratios["device_name"].nunique() > 1
+    many_devices = _many_contexts(frame)
     fig, axes = _figure(2 * len(panels), ncols=2)
     for i, (shape, mode, panel) in enumerate(panels):
         for ax, column, label, claim in (
             (axes[2 * i], "latency_ratio", "median latency / QnA's (×, log scale)", CLAIMED_SPEED_FACTOR),
             (axes[2 * i + 1], "memory_ratio", "peak memory / QnA's (×, log scale)", CLAIMED_MEMORY_FACTOR),
         ):
-            for layer, rows in panel.groupby("layer", sort=True):
+            several = panel["subject"].nunique() > 1
+            for (layer, subject), rows in panel.groupby(["layer", "subject"], sort=True):
                 rows = rows[rows[column].notna()].sort_values("window")
                 if len(rows):
+                    label = _layer_label(layer, rows["role"].iloc[0], rows["family"].iloc[0])
                     ax.plot(
                         rows["window"], rows[column].astype(float), marker="o", ms=4,
-                        label=_layer_label(layer, rows["family"].iloc[0]), **styles[layer],
+                        label=f"{label} / {subject}" if several else label, **styles[layer],
                     )
             ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
             ax.axhline(claim, color="tab:red", linewidth=1, linestyle="-.", label=f"claimed: {claim:g}×")
@@ -250,13 +215,13 @@ def ratio_figure(frame: pd.DataFrame) -> Figure | None:
 def pareto_figure(frame: pd.DataFrame) -> Figure | None:
     """Latency (x, log) against peak memory (y, log): one marker series per layer joined in window order,
     markers sized and labelled by window. Lower left is better on both."""
-    frame = latest_rows(frame)
+    frame = latest_rows(with_roles(frame))
     ok = frame[(frame["status"] == "ok") & frame["median_s"].notna() & (frame["peak_bytes"].astype("Float64") > 0)]
     panels = _panels(ok)
     if not panels:
         return None
     styles = _layer_styles(frame)
-    many_devices = frame["device_name"].nunique() > 1
+    many_devices = _many_contexts(frame)
     windows = sorted(ok["window"].unique())
     k_min, k_max = windows[0], windows[-1]
     fig, axes = _figure(len(panels), ncols=2, panel_size=(7.2, 5.4))
@@ -271,7 +236,8 @@ def pareto_figure(frame: pd.DataFrame) -> Figure | None:
             ax.plot(x, y, color=style["color"], linewidth=style["linewidth"] * 0.7,
                     linestyle=style["linestyle"], zorder=style["zorder"], alpha=0.8)
             ax.scatter(x, y, s=sizes, color=style["color"], edgecolor="white", linewidth=0.5,
-                       zorder=style["zorder"] + 0.5, label=_layer_label(layer, rows["family"].iloc[0]))
+                       zorder=style["zorder"] + 0.5,
+                       label=_layer_label(layer, rows["role"].iloc[0], rows["family"].iloc[0]))
             for xi, yi, ki in zip(x, y, k):
                 ax.annotate(f"{ki}", (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=6.5,
                             color=style["color"], zorder=6)
@@ -294,19 +260,11 @@ def figures(frame: pd.DataFrame) -> dict[str, Figure]:
         "latency": latency_figure,
         "memory": memory_figure,
     }
-    if (frame["layer"] == REFERENCE_LAYER).any():
+    if (with_roles(frame)["role"] == SUBJECT).any():
         makers["ratio_to_qna"] = ratio_figure
     makers["pareto"] = pareto_figure
     made = {name: make(frame) for name, make in makers.items()}
     return {name: fig for name, fig in made.items() if fig is not None}
-
-
-def draw_ratio_figure(frame: pd.DataFrame, path: Path) -> Path | None:
-    fig = ratio_figure(frame)
-    if fig is None:
-        return None
-    fig.savefig(path, dpi=90)
-    return path
 
 
 def draw_figures(results_path: str | Path, out_dir: str | Path | None = None) -> list[Path]:

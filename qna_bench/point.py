@@ -78,6 +78,7 @@ def base_row(point: SweepPoint, env: Environment, settings: MeasureSettings, run
         run_id=run_id,
         timestamp=utc_now(),
         family=layer.family,
+        role=layer.role,
         implementation=layer.implementation,
         layout=layer.layout,
         uses_window=layer.uses_window,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -18,6 +18,12 @@ from torch import nn
 from qna_bench.problem import DEVICES, DTYPES, MODES, Layout, Problem
 
 LayerFactory = Callable[[Problem], nn.Module]
+# What a layer is in the comparison, declared at registration (nothing infers it from a name):
+# subject: QnA, the layer under test; peer: an attention layer QnA is judged against (grouped by family:
+# swin, neighborhood, sasa, halo, global); baseline: a convolution, shown but outside the verdicts;
+# reference: an exact oracle kept for correctness (e.g. qna_reference, na_torch), outside the verdicts.
+Role = Literal["subject", "peer", "baseline", "reference"]
+ROLES: tuple[str, ...] = get_args(Role)
 FlopFormula = Callable[..., int]
 
 _BUILTIN_MODULES = ("qna_bench.layers", "baselines", "qna_bench.models")
@@ -34,6 +40,8 @@ class LayerSpec:
 
     name: str
     factory: LayerFactory
+    role: Role
+    # The peer family group (swin, neighborhood, sasa, halo, global; conv for baselines; qna for QnA).
     family: str
     implementation: str
     # "layer": a token mixer taking the problem's feature map; "model": a whole backbone taking images
@@ -61,6 +69,10 @@ class LayerSpec:
     flop_formulas: Mapping[Any, FlopFormula] = field(default_factory=dict)
     # Independent closed-form FLOP count, kept as a cross-check of the counter.
     analytic_flops: Callable[[Problem], int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"layer {self.name}: role={self.role!r}; allowed values are {', '.join(ROLES)}")
 
     def input_errors(self, problem: Problem) -> list[str]:
         """Why this layer cannot be asked for this problem at all (bad input → exit 2)."""
@@ -155,12 +167,19 @@ def resolve_layers(names: list[str]) -> list[LayerSpec]:
     return [get_layer(name) for name in names]
 
 
+def role_of(name: str) -> str | None:
+    """The declared role of a registered layer, or None for a name the registry does not know."""
+    _ensure_loaded()
+    spec = _REGISTRY.get(name)
+    return spec.role if spec is not None else None
+
+
 def describe_layers() -> str:
-    """One line per registered layer: name, family, layout, modes, implementation."""
+    """One line per registered layer: name, role, family, layout, modes, implementation."""
     _ensure_loaded()
     width = max(len(name) for name in _REGISTRY)
     return "\n".join(
-        f"{spec.name:<{width}}  {spec.family:<10} {spec.layout}  {'/'.join(spec.modes):<13} {spec.implementation}"
+        f"{spec.name:<{width}}  {spec.role:<9} {spec.family:<12} {spec.layout}  {'/'.join(spec.modes):<13} {spec.implementation}"
         for spec in _REGISTRY.values()
     )
 

@@ -36,6 +36,8 @@ SCHEMA = pa.schema(
         # layer
         ("layer", pa.string()),
         ("family", pa.string()),
+        # subject, peer, baseline or reference, as registered (qna_bench.registry.Role)
+        ("role", pa.string()),
         ("implementation", pa.string()),
         ("layout", pa.string()),
         ("uses_window", pa.bool_()),

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 
+from qna_bench.analysis import latest_rows, settings
+
 MIB = 2**20
-SHAPE = ["device_name", "dtype", "batch", "height", "width", "channels", "heads", "stride", "dilation"]
 
 
 def _cell(row: pd.Series) -> str:
@@ -16,17 +17,22 @@ def _cell(row: pd.Series) -> str:
 
 
 def summary_table(frame: pd.DataFrame) -> str:
-    """One block per problem shape and mode: rows are layers, columns windows, cells 'median ms / peak MiB'."""
+    """One block per setting (problem shape and context) and mode: rows are layers, columns windows,
+    cells 'median ms / peak MiB'; the newest row of each point."""
     blocks = []
-    for (_shape, mode), rows in frame.groupby([frame[SHAPE].astype(str).agg(" ".join, axis=1), "mode"], sort=True):
-        first = rows.iloc[0]
-        title = (
-            f"{mode}: B={first['batch']}, {first['height']}×{first['width']}, C={first['channels']}, "
-            f"{first['heads']} heads, {first['dtype']}, {first['device_name']}"
-        )
-        cells = rows.assign(cell=rows.apply(_cell, axis=1)).pivot_table(
-            index="layer", columns="window", values="cell", aggfunc="first"
-        )
-        cells.columns = [f"k={k}" for k in cells.columns]
-        blocks.append(f"{title}  (median latency / peak memory above inputs)\n{cells.fillna('').to_string()}")
+    for setting, in_setting in settings(latest_rows(frame)):
+        for mode, rows in in_setting.groupby("mode", sort=True):
+            blocks.append(_block(setting, mode, rows))
     return "\n\n".join(blocks)
+
+
+def _block(setting: dict, mode: str, rows: pd.DataFrame) -> str:
+    title = (
+        f"{mode}: B={setting['batch']}, {setting['height']}×{setting['width']}, C={setting['channels']}, "
+        f"{setting['heads']} heads, {setting['dtype']}, {setting['device_name']}, {setting['threads']} threads"
+    )
+    cells = rows.assign(cell=rows.apply(_cell, axis=1)).pivot_table(
+        index="layer", columns="window", values="cell", aggfunc="first"
+    )
+    cells.columns = [f"k={k}" for k in cells.columns]
+    return f"{title}  (median latency / peak memory above inputs)\n{cells.fillna('').to_string()}"

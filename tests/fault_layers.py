@@ -49,7 +49,7 @@ class Sleeps(nn.Module):
         return x * self.weight
 
 
-_FAULT = dict(family="fault", implementation="tests/fault_layers.py", layout="nhwc")
+_FAULT = dict(role="peer", family="fault", implementation="tests/fault_layers.py", layout="nhwc")
 
 
 @register_layer("fault_raises", **_FAULT)

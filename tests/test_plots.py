@@ -40,7 +40,7 @@ def test_pareto_has_one_series_per_layer_labelled_by_window(claims_frame):
     assert forward.get_title().startswith("forward: B=1, 16×16")
     assert "cpu: synthetic" in figure.get_suptitle()
     labels = [text.get_text() for text in forward.get_legend().get_texts()]
-    assert labels == ["conv_dw (conv)", "qna (under test)", "qna_reference (QnA naive form)", "sasa", "swin"]
+    assert labels == ["conv_dw (baseline)", "qna (under test)", "qna_reference (reference)", "sasa", "swin"]
     assert len(forward.get_lines()) == 5
     assert sorted(t.get_text() for t in forward.texts) == sorted(str(k) for k in range(3, 12, 2) for _ in range(5))
     # In train mode SASA stopped at k=9 (oom) and NA never ran: no point, no label.
@@ -85,16 +85,13 @@ def test_without_qna_there_is_no_ratio_figure_and_without_ok_rows_no_pareto(tmp_
     assert [p.name for p in plots.draw_figures(failed)] == ["latency.png", "memory.png"]
 
 
-def test_a_remeasured_point_is_drawn_once(tmp_path):
-    # Another thread count is another point key, so a merged file can hold the same point twice.
+def test_rows_at_another_thread_count_get_their_own_panel_never_a_shared_line(tmp_path):
     path = tmp_path / "results.parquet"
     results.append_rows(path, power_law_rows("qna", "forward", (1e-3, 1.0), (1000, 1.0)))
     results.append_rows(path, [synthetic_row("qna", 3, "forward", 9.0, 10**9, threads=1,
                                              timestamp="2027-01-01T00:00:00+00:00")])
     frame = results.read_results(path)
-    assert len(frame) == 6
-    latest = plots.latest_rows(frame)
-    assert len(latest) == 5
-    assert float(latest.loc[latest["window"] == 3, "median_s"].item()) == 9.0
-    line = plots.latency_figure(frame).axes[0].get_lines()[0]
-    assert list(line.get_xdata()) == [3, 5, 7, 9, 11]
+    figure = plots.latency_figure(frame)
+    panels = [ax for ax in figure.axes if ax.has_data()]
+    assert len(panels) == 2
+    assert sorted(len(ax.get_lines()[0].get_xdata()) for ax in panels) == [1, 5]

@@ -25,7 +25,7 @@ from qna_bench.models.qna_vit import (
     qna_vit_macs,
 )
 from qna_bench.problem import Problem
-from qna_bench.registry import register_layer
+from qna_bench.registry import Role, register_layer
 
 NUM_CLASSES = 1000
 IMAGE_CHANNELS = 3
@@ -106,6 +106,7 @@ def _qna_vit_entry(name: str, config: QnAViTConfig, description: str) -> None:
 
     register_layer(
         name,
+        role="subject",
         implementation="qna_bench.models.qna_vit.QnAViT: qna_bench.qna.QnA (fast) + window self-attention",
         description=description,
         constraints=constraints,
@@ -132,7 +133,9 @@ _qna_vit_entry(
 # timm peers
 
 
-def _timm_entry(name: str, timm_name: str, description: str, image_size_arg: bool, attention: bool) -> None:
+def _timm_entry(
+    name: str, timm_name: str, description: str, image_size_arg: bool, attention: bool, role: Role
+) -> None:
     def build(problem: Problem) -> nn.Module:
         kwargs: dict[str, Any] = {"num_classes": NUM_CLASSES}
         if image_size_arg:
@@ -148,6 +151,7 @@ def _timm_entry(name: str, timm_name: str, description: str, image_size_arg: boo
 
     register_layer(
         name,
+        role=role,
         implementation=f"timm.create_model({timm_name!r}, pretrained=False)",
         description=description,
         constraints=lambda problem: image_constraints(problem, name),
@@ -163,6 +167,7 @@ _timm_entry(
     "Swin-T from timm (shifted 7×7 windows): published 28.3M params, 4.5 GMACs at 224²",
     image_size_arg=True,
     attention=True,
+    role="peer",
 )
 _timm_entry(
     "convnext_tiny",
@@ -170,6 +175,7 @@ _timm_entry(
     "ConvNeXt-T from timm (7×7 depthwise convolutions): published 28.6M params, 4.5 GMACs at 224²",
     image_size_arg=False,
     attention=False,
+    role="baseline",
 )
 
 
@@ -205,6 +211,7 @@ def _build_nat(problem: Problem) -> nn.Module:
 
 register_layer(
     "nat_tiny",
+    role="peer",
     implementation="qna_bench.models.nat.NAT: natten.NeighborhoodAttention2D (flex-fna eager on CPU)",
     description=(
         "NAT-Tiny on natten (7×7 neighbourhoods, no rpb in natten 0.21): published 28M params, 4.3 GMACs; "

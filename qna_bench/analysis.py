@@ -1,0 +1,452 @@
+"""What the results say, as pure functions over a results frame: the newest row per point, pairing with
+QnA, ratios, the strongest peer per point and per family, growth fits and the verdicts. The report, the
+figures, the console summary and `compare` read from here; they only write and draw.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from qna_bench.registry import ROLES, role_of
+
+# A problem's shape, without its window and mode.
+SHAPE_COLUMNS: tuple[str, ...] = ("batch", "height", "width", "channels", "heads", "stride", "dilation")
+# Rows compare only within one context: never QnA at 1 thread against a peer at 2, nor two torch versions.
+CONTEXT_COLUMNS: tuple[str, ...] = ("device_name", "dtype", "threads", "torch_version")
+SETTING_COLUMNS: tuple[str, ...] = (*CONTEXT_COLUMNS, *SHAPE_COLUMNS)
+# Two rows pair (a layer against QnA) when all of these agree.
+PAIR_COLUMNS: tuple[str, ...] = (*SETTING_COLUMNS, "mode", "window")
+POINT_COLUMNS: tuple[str, ...] = ("layer", *PAIR_COLUMNS)
+# Per-round medians of interleaved rounds (one per round; absent in older files).
+ROUNDS_COLUMN = "round_medians_s"
+
+MODE_ORDER = ("forward", "train")
+UNDECLARED = "undeclared"
+ROLE_ORDER: tuple[str, ...] = (*ROLES, UNDECLARED)
+SUBJECT, PEER = "subject", "peer"
+
+# The abstract's factors: "up-to x10 less memory while being up-to x5 faster".
+CLAIMED_MEMORY_FACTOR = 10.0
+CLAIMED_SPEED_FACTOR = 5.0
+# QnA counts as leaner / faster only by at least this factor (a 1.02× difference is no claim).
+BEAT_FACTOR = 1.1
+# QnA grows more slowly in k only if its exponent is at least this much lower, fitted over the same windows.
+EXPONENT_MARGIN = 0.1
+# A growth fit below this R² is poor: it is shown, and it does not vote.
+POOR_FIT_R2 = 0.9
+# ... and points straying from the power law by more than this (RMS of log residuals, ~5%).
+POOR_FIT_RMS = 0.05
+# A growth comparison needs at least this many windows where both layers were measured.
+MIN_GROWTH_POINTS = 3
+# Timing spread (q75 − q25) / median above which a point counts as noisy.
+NOISY_SPREAD = 0.25
+MIN_REPLICATES = 3
+# Above this share of timed points with a warning, the verdicts carry a caution.
+CAUTION_SHARE = 0.05
+
+HOLDS, PARTLY, NOT_HOLD, NOT_TESTED = "holds", "holds partly", "does not hold on this device", "not tested"
+
+# Which statuses carry a number: a `timeout` row stopped after its memory pass, so its memory counts.
+MEASURED = {"latency_ratio": ("ok",), "memory_ratio": ("ok", "timeout")}
+
+
+@dataclass(frozen=True)
+class Claim:
+    key: str
+    title: str
+    quote: str
+    ratio_column: str | None = None
+    target: float | None = None
+    verb: str = ""
+
+
+MEMORY = Claim("memory", "Memory: up to 10× less", "requiring up-to x10 less memory", "memory_ratio",
+               CLAIMED_MEMORY_FACTOR, "leaner")
+SPEED = Claim("speed", "Speed: up to 5× faster", "while being up-to x5 faster", "latency_ratio",
+              CLAIMED_SPEED_FACTOR, "faster")
+SCALING = Claim("scaling", "Scaling with window", "scales especially well with window size")
+CLAIMS = (MEMORY, SPEED, SCALING)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rows
+
+
+def missing(value) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+def mode_order(modes: Iterable[str]) -> list[str]:
+    """Modes in reading order: forward, train, then any others alphabetically."""
+    modes = set(modes)
+    return [m for m in MODE_ORDER if m in modes] + sorted(modes - set(MODE_ORDER))
+
+
+def with_roles(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with every row's `role`: as recorded, or (files from before the column) as the registry
+    declares the layer; a layer neither knows is `undeclared` and outside every verdict."""
+    recorded = frame["role"] if "role" in frame else pd.Series(pd.NA, index=frame.index, dtype="string")
+    if recorded.notna().all():
+        return frame.assign(role=recorded.astype(str))
+    fallback = frame["layer"].map(lambda name: role_of(name) or UNDECLARED)
+    return frame.assign(role=recorded.astype(object).where(recorded.notna(), fallback).astype(str))
+
+
+def latest_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per point (layer, setting, mode, window): where a file holds a point twice (merged or
+    re-measured), the newest by timestamp wins, whatever the file order."""
+    order = frame.assign(_ts=frame["timestamp"].fillna(""), _key=frame["point_key"].fillna(""))
+    order = order.sort_values(["_ts", "_key"], kind="mergesort")
+    kept = order.drop_duplicates(list(POINT_COLUMNS), keep="last").drop(columns=["_ts", "_key"])
+    return kept.sort_values(list(POINT_COLUMNS), kind="mergesort").reset_index(drop=True)
+
+
+def settings(frame: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
+    """Each distinct setting (context and shape) with its rows, in sorted order."""
+    out = []
+    for values, rows in frame.groupby(list(SETTING_COLUMNS), sort=True, dropna=False):
+        out.append((dict(zip(SETTING_COLUMNS, values)), rows))
+    return out
+
+
+def problem_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each distinct setting with a short id P1, P2, ... in sorted order, and its head dimension."""
+    shapes = pd.DataFrame([setting for setting, _ in settings(frame)], columns=list(SETTING_COLUMNS))
+    shapes.insert(0, "problem", [f"P{i + 1}" for i in range(len(shapes))])
+    shapes["head_dim"] = [c // h if h else pd.NA for c, h in zip(shapes["channels"], shapes["heads"])]
+    return shapes
+
+
+def with_problems(frame: pd.DataFrame, problems: pd.DataFrame) -> pd.DataFrame:
+    """The frame with each row's problem id (rows of one setting share it)."""
+    ids = {tuple(p[c] for c in SETTING_COLUMNS): p["problem"] for _, p in problems.iterrows()}
+    keys = frame[list(SETTING_COLUMNS)].astype(object).itertuples(index=False, name=None)
+    return frame.assign(problem=[ids[_key(k)] for k in keys])
+
+
+def _key(values: tuple) -> tuple:
+    return tuple(pd.NA if missing(v) else v for v in values)
+
+
+def sort_rows(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """Sort by ``columns``: roles in `ROLE_ORDER`, modes forward before train, problems by number."""
+    if not len(frame):
+        return frame.reset_index(drop=True)
+    modes = mode_order(frame["mode"].unique()) if "mode" in frame else []
+    keyed = frame.assign(
+        _role=frame["role"].map(ROLE_ORDER.index) if "role" in frame else 0,
+        _mode=frame["mode"].map(modes.index) if "mode" in frame else 0,
+        _problem=frame["problem"].map(lambda p: int(p[1:])) if "problem" in frame else 0,
+    )
+    replace = {"role": "_role", "mode": "_mode", "problem": "_problem"}
+    order = [replace.get(c, c) for c in columns]
+    return keyed.sort_values(order, kind="mergesort").drop(columns=["_role", "_mode", "_problem"]).reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pairing and ratios
+
+
+def pair_with_subject(frame: pd.DataFrame, statuses: Sequence[str] = ("ok", "timeout")) -> pd.DataFrame:
+    """Every non-subject row next to the subject (QnA) row of the same setting, mode and window: the
+    subject's columns carry the suffix ``_qna`` and `subject` names it. Rows of another thread count,
+    torch version, device or dtype never pair."""
+    rows = frame[frame["status"].isin(statuses)]
+    carried = [c for c in ("layer", "status", "median_s", "q25_s", "q75_s", "peak_bytes", ROUNDS_COLUMN) if c in rows]
+    subject = rows[rows["role"] == SUBJECT][[*PAIR_COLUMNS, *carried]].rename(columns={"layer": "subject"})
+    others = rows[rows["role"] != SUBJECT]
+    return others.merge(subject, on=list(PAIR_COLUMNS), suffixes=("", "_qna"))
+
+
+def round_ratios(rounds: Sequence[float] | None, subject_rounds: Sequence[float] | None) -> tuple[float, float, float, int] | None:
+    """The layer's per-round median over the subject's, round r with round r: (median, min, max, number of
+    rounds) of those ratios; None unless both have the same number (≥ 1) of positive per-round medians."""
+    if not isinstance(rounds, list | tuple | np.ndarray) or not isinstance(subject_rounds, list | tuple | np.ndarray):
+        return None
+    mine, theirs = [float(v) for v in rounds], [float(v) for v in subject_rounds]
+    if not mine or len(mine) != len(theirs) or min(mine + theirs) <= 0:
+        return None
+    ratios = [a / b for a, b in zip(mine, theirs)]
+    return float(np.median(ratios)), min(ratios), max(ratios), len(ratios)
+
+
+def ratio_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each paired non-subject row with ``latency_ratio`` (its latency / the subject's: above 1, QnA is
+    faster; the median over interleaved rounds where the rows have them, else the ratio of the medians),
+    its spread over rounds ``latency_ratio_min`` / ``latency_ratio_max`` (equal to the ratio without
+    rounds), ``latency_rounds`` (0 without rounds) and ``memory_ratio`` (peak memory / the subject's)."""
+    merged = pair_with_subject(frame)
+    both_ok = (merged["status"] == "ok") & (merged["status_qna"] == "ok")
+    latency = merged["median_s"].astype("Float64").where(both_ok)
+    latency_qna = merged["median_s_qna"].astype("Float64").where(both_ok)
+    ratio = (latency / latency_qna).where((latency > 0) & (latency_qna > 0)).astype(float)
+    spread = [
+        round_ratios(a, b) if ok else None
+        for a, b, ok in zip(
+            merged[ROUNDS_COLUMN] if ROUNDS_COLUMN in merged else [None] * len(merged),
+            merged[f"{ROUNDS_COLUMN}_qna"] if ROUNDS_COLUMN in merged else [None] * len(merged),
+            both_ok & ratio.notna(),
+        )
+    ]
+    merged["latency_ratio"] = [s[0] if s else r for s, r in zip(spread, ratio)]
+    merged["latency_ratio_min"] = [s[1] if s else r for s, r in zip(spread, ratio)]
+    merged["latency_ratio_max"] = [s[2] if s else r for s, r in zip(spread, ratio)]
+    merged["latency_rounds"] = [s[3] if s else 0 for s in spread]
+    peak, peak_qna = merged["peak_bytes"].astype("Float64"), merged["peak_bytes_qna"].astype("Float64")
+    merged["memory_ratio"] = (peak / peak_qna).where((peak > 0) & (peak_qna > 0)).astype(float)
+    for column in ("latency_ratio", "latency_ratio_min", "latency_ratio_max"):
+        merged[column] = merged[column].astype(float)
+    return merged.sort_values(["subject", *POINT_COLUMNS], kind="mergesort").reset_index(drop=True)
+
+
+def strongest(ratios: pd.DataFrame, column: str, by: Sequence[str] = ()) -> pd.DataFrame:
+    """At each point (and each value of ``by``, e.g. ``family``), the row with the smallest ratio: the
+    leanest or fastest layer measured there, QnA's strongest opponent. Ties go to the first layer by name."""
+    rows = ratios[ratios[column].notna()]
+    keys = ["subject", *PAIR_COLUMNS, *by]
+    ranked = rows.sort_values([column, "layer"], kind="mergesort")
+    return ranked.drop_duplicates(keys).sort_values(keys, kind="mergesort").reset_index(drop=True)
+
+
+def weakest(ratios: pd.DataFrame, column: str) -> pd.Series | None:
+    """The row with the largest ratio (ties: the first by problem, window, layer): the "up to" figure."""
+    rows = ratios[ratios[column].notna()]
+    if not len(rows):
+        return None
+    ranked = rows.assign(_neg=-rows[column]).sort_values(["_neg", *(["problem"] if "problem" in rows else []),
+                                                         "window", "layer"], kind="mergesort")
+    return ranked.iloc[0]
+
+
+def ratio_verdict(best_per_point: pd.DataFrame, column: str, target: float) -> str:
+    """`holds` when, at some point, QnA is at least ``target`` times better than the strongest opponent
+    measured there; `holds partly` at least `BEAT_FACTOR` times; otherwise it does not hold."""
+    values = best_per_point[column].dropna()
+    if not len(values):
+        return NOT_TESTED
+    top = float(values.max())
+    return HOLDS if top >= target else PARTLY if top >= BEAT_FACTOR else NOT_HOLD
+
+
+def unmeasured(data: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Peer rows without a number for ``column`` where the subject has one at the same setting, mode and
+    window (timeout, oom, skipped, unsupported, error, or no memory reading): named, never counted."""
+    statuses = MEASURED[column]
+    value = "median_s" if column == "latency_ratio" else "peak_bytes"
+    subject = data[(data["role"] == SUBJECT) & data["status"].isin(statuses) & data[value].notna()]
+    peers = data[(data["role"] == PEER) & (~data["status"].isin(statuses) | data[value].isna())]
+    return peers.merge(subject[list(PAIR_COLUMNS)].drop_duplicates(), on=list(PAIR_COLUMNS))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Growth in k
+
+
+def fit_growth(windows: Iterable[float], values: Iterable[float]) -> tuple[float, float, int, float] | None:
+    """Least-squares slope of log(value) on log(window), its R², the number of points and the RMS of the
+    residuals in log space; None below two distinct windows. Non-positive or missing values are left out."""
+    pairs = [(float(k), float(v)) for k, v in zip(windows, values) if not missing(v) and float(v) > 0 and float(k) > 0]
+    if len({k for k, _ in pairs}) < 2:
+        return None
+    x = np.log(np.array([k for k, _ in pairs]))
+    y = np.log(np.array([v for _, v in pairs]))
+    dx, dy = x - x.mean(), y - y.mean()
+    slope = float((dx * dy).sum() / (dx * dx).sum())
+    residual = y - (y.mean() + slope * dx)
+    ss_tot = float((dy * dy).sum())
+    r2 = 1.0 - float((residual * residual).sum()) / ss_tot if ss_tot > 0 else 1.0
+    return slope, r2, len(pairs), float(np.sqrt((residual * residual).mean()))
+
+
+def poor_fit(fit: tuple[float, float, int, float]) -> bool:
+    """R² below `POOR_FIT_R2` with points straying from the power law by over `POOR_FIT_RMS` (a flat
+    metric has a low R² from tiny wiggles, yet k^0 describes it well)."""
+    return fit[1] < POOR_FIT_R2 and fit[3] > POOR_FIT_RMS
+
+
+GROWTH_METRICS = (("latency", "median_s"), ("memory", "peak_bytes"))
+
+
+def growth_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per layer, problem and mode: latency and memory growth exponents in k over the layer's own ok
+    windows, with R² and point count (a description; the scaling verdict compares over shared windows)."""
+    rows = []
+    for (problem, mode, layer), group in frame.groupby(["problem", "mode", "layer"], sort=True):
+        ok = group[group["status"] == "ok"].sort_values("window")
+        record = dict(
+            problem=problem, mode=mode, layer=layer, family=group["family"].iloc[0], role=group["role"].iloc[0],
+            uses_window=bool(group["uses_window"].fillna(True).iloc[0]), windows=len(group), ok_windows=len(ok),
+        )
+        for metric, column in GROWTH_METRICS:
+            fit = fit_growth(ok["window"], ok[column].astype("Float64"))
+            record[f"{metric}_exponent"] = fit[0] if fit else float("nan")
+            record[f"{metric}_r2"] = fit[1] if fit else float("nan")
+            record[f"{metric}_n"] = fit[2] if fit else 0
+            record[f"{metric}_poor"] = bool(fit and poor_fit(fit))
+        rows.append(record)
+    columns = [
+        "problem", "mode", "layer", "family", "role", "uses_window", "windows", "ok_windows",
+        "latency_exponent", "latency_r2", "latency_n", "latency_poor", "memory_exponent", "memory_r2", "memory_n",
+        "memory_poor",
+    ]
+    return sort_rows(pd.DataFrame(rows, columns=columns), ["problem", "mode", "role", "layer"])
+
+
+def growth_comparisons(frame: pd.DataFrame) -> pd.DataFrame:
+    """QnA against each attention peer that uses the window, per problem, mode and metric, both exponents
+    fitted over the windows BOTH measured (ok, positive). ``vote`` is True when QnA grows more slowly
+    (e_QnA ≤ e_peer − `EXPONENT_MARGIN`), False when not, None when the comparison does not vote:
+    fewer than `MIN_GROWTH_POINTS` shared windows, or a poor fit (`poor_fit`) on either side (``why``)."""
+    records = []
+    ok = frame[frame["status"] == "ok"]
+    for (problem, mode), group in ok.groupby(["problem", "mode"], sort=True):
+        subjects = group[group["role"] == SUBJECT]
+        peers = group[(group["role"] == PEER) & group["uses_window"].fillna(True).astype(bool)]
+        for subject, own in subjects.groupby("layer", sort=True):
+            for layer, theirs in peers.groupby("layer", sort=True):
+                for metric, column in GROWTH_METRICS:
+                    a = own[own[column].notna() & (own[column].astype(float) > 0)].set_index("window")[column]
+                    b = theirs[theirs[column].notna() & (theirs[column].astype(float) > 0)].set_index("window")[column]
+                    shared = sorted(set(a.index) & set(b.index))
+                    fit_qna = fit_growth(shared, [a[k] for k in shared])
+                    fit_peer = fit_growth(shared, [b[k] for k in shared])
+                    if len(shared) < MIN_GROWTH_POINTS or fit_qna is None or fit_peer is None:
+                        vote, why = None, f"{len(shared)} shared window{'s' if len(shared) != 1 else ''}"
+                    elif poor_fit(fit_qna) or poor_fit(fit_peer):
+                        vote, why = None, "poor fit"
+                    else:
+                        vote, why = bool(fit_qna[0] <= fit_peer[0] - EXPONENT_MARGIN), ""
+                    records.append(dict(
+                        problem=problem, mode=mode, subject=subject, layer=layer, family=theirs["family"].iloc[0],
+                        role=PEER, metric=metric, windows=tuple(int(k) for k in shared), n=len(shared),
+                        subject_exponent=fit_qna[0] if fit_qna else float("nan"),
+                        subject_r2=fit_qna[1] if fit_qna else float("nan"),
+                        peer_exponent=fit_peer[0] if fit_peer else float("nan"),
+                        peer_r2=fit_peer[1] if fit_peer else float("nan"),
+                        subject_poor=bool(fit_qna and poor_fit(fit_qna)), peer_poor=bool(fit_peer and poor_fit(fit_peer)),
+                        vote=vote, why=why,
+                    ))
+    columns = ["problem", "mode", "subject", "layer", "family", "role", "metric", "windows", "n", "subject_exponent",
+               "subject_r2", "peer_exponent", "peer_r2", "subject_poor", "peer_poor", "vote", "why"]
+    return sort_rows(pd.DataFrame(records, columns=columns), ["problem", "mode", "subject", "metric", "layer"])
+
+
+def scaling_verdict(comparisons: pd.DataFrame) -> str:
+    """`holds` when QnA grows more slowly in every voting comparison, `holds partly` in some, otherwise it
+    does not hold; `not tested` without a voting comparison."""
+    votes = [v for v in comparisons["vote"] if v is not None and not missing(v)]
+    if not votes:
+        return NOT_TESTED
+    return HOLDS if all(votes) else PARTLY if any(votes) else NOT_HOLD
+
+
+# ----------------------------------------------------------------------------------------------------
+# Verdicts
+
+
+def overall(verdicts: Sequence[str]) -> str:
+    """`holds` if every tested verdict holds, `holds partly` if one holds or holds partly, else not."""
+    tested = [v for v in verdicts if v != NOT_TESTED]
+    if not tested:
+        return NOT_TESTED
+    if all(v == HOLDS for v in tested):
+        return HOLDS
+    if any(v in (HOLDS, PARTLY) for v in tested):
+        return PARTLY
+    return NOT_HOLD
+
+
+def verdict_table(data: pd.DataFrame, ratios: pd.DataFrame, comparisons: pd.DataFrame) -> pd.DataFrame:
+    """One verdict per device, problem, subject, mode and claim, against the attention peers only."""
+    records = []
+    peers = ratios[ratios["role"] == PEER]
+    for (device, problem), here in data.groupby(["device_name", "problem"], sort=True, dropna=False):
+        subjects = sorted(here.loc[here["role"] == SUBJECT, "layer"].unique())
+        for subject in subjects:
+            for mode in mode_order(here["mode"].unique()):
+                for claim in CLAIMS:
+                    if claim.ratio_column:
+                        mine = peers[(peers["problem"] == problem) & (peers["mode"] == mode) & (peers["subject"] == subject)]
+                        verdict = ratio_verdict(strongest(mine, claim.ratio_column), claim.ratio_column, claim.target)
+                    else:
+                        verdict = scaling_verdict(comparisons[(comparisons["problem"] == problem)
+                                                              & (comparisons["mode"] == mode)
+                                                              & (comparisons["subject"] == subject)])
+                    records.append(dict(device_name=device, problem=problem, subject=subject, mode=mode,
+                                        claim=claim.key, verdict=verdict))
+    table = pd.DataFrame(records, columns=["device_name", "problem", "subject", "mode", "claim", "verdict"])
+    return sort_rows(table, ["device_name", "problem", "subject", "mode"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Timing quality
+
+
+def timed(data: pd.DataFrame) -> pd.DataFrame:
+    return data[(data["status"] == "ok") & data["median_s"].notna()]
+
+
+def timing_flags(ok: pd.DataFrame) -> dict[str, pd.Series]:
+    """Per timed row: started on a busy machine, too few replicates, a wide spread."""
+    # The sweep's own threads count in the load average: a core's worth beyond them is other work.
+    if "load_avg" in ok:
+        busy = (ok["load_avg"].astype(float) > ok["threads"].astype(float) + 1).fillna(False)
+    else:
+        busy = pd.Series(False, index=ok.index)
+    return {
+        "busy": busy,
+        "few": ok["n"].fillna(0).astype(int) < MIN_REPLICATES,
+        "wide": ((ok["q75_s"].astype(float) - ok["q25_s"].astype(float)) / ok["median_s"].astype(float)) > NOISY_SPREAD,
+    }
+
+
+def timings_unreliable(data: pd.DataFrame) -> bool:
+    """More than `CAUTION_SHARE` of the timed points carry a timing warning."""
+    ok = timed(data)
+    if not len(ok):
+        return False
+    flags = timing_flags(ok)
+    return (flags["busy"] | flags["few"] | flags["wide"]).sum() > CAUTION_SHARE * len(ok)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Everything at once
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Everything the report says, as tables (the notebook shows the same frames)."""
+
+    frame: pd.DataFrame  # the newest row per point, with `problem` (P1, P2, ...) and `role`
+    rows_in_file: int
+    problems: pd.DataFrame  # problem id, its setting columns and head_dim
+    ratios: pd.DataFrame  # one row per non-subject layer paired with a subject at a point
+    growth: pd.DataFrame  # one row per layer, problem and mode (own windows)
+    comparisons: pd.DataFrame  # QnA vs each peer, per problem, mode and metric, over shared windows
+    verdicts: pd.DataFrame  # one row per device, problem, subject, mode and claim
+    failures: pd.DataFrame  # non-ok rows
+
+
+def analyse(frame: pd.DataFrame) -> Analysis:
+    """Ratios, growth exponents and verdicts of a results frame (as read by `read_results`)."""
+    data = latest_rows(with_roles(frame))
+    problems = problem_table(data)
+    data = with_problems(data, problems)
+    ratios = sort_rows(ratio_frame(data), ["problem", "mode", "subject", "role", "layer", "window"])
+    comparisons = growth_comparisons(data)
+    failed = data[data["status"] != "ok"][["problem", "mode", "role", "layer", "window", "status", "reason"]]
+    return Analysis(
+        frame=sort_rows(data, ["problem", "mode", "role", "layer", "window"]),
+        rows_in_file=len(frame),
+        problems=problems,
+        ratios=ratios,
+        growth=growth_table(data),
+        comparisons=comparisons,
+        verdicts=verdict_table(data, ratios, comparisons),
+        failures=sort_rows(failed, ["problem", "mode", "role", "layer", "window"]),
+    )
