@@ -80,6 +80,10 @@ SCHEMA = pa.schema(
         ("flops_method", pa.string()),
         ("flops_analytic", pa.int64()),
         ("params", pa.int64()),
+        # this run's machine probes (qna_bench.measure.probes): peak FLOP/s and bytes/s, and how measured
+        ("peak_flops_probe", pa.float64()),
+        ("peak_bytes_per_s_probe", pa.float64()),
+        ("probe_method", pa.string()),
         # environment
         ("torch_version", pa.string()),
         ("timm_version", pa.string()),

@@ -124,6 +124,7 @@ def _die_with_parent() -> None:
 
 
 def _serve(conn: Connection, setup: WorkerSetup) -> None:
+    from qna_bench.measure.probes import machine_probes
     from qna_bench.runner import SweepPoint, run_point, warm_up_process
 
     _die_with_parent()
@@ -143,7 +144,8 @@ def _serve(conn: Connection, setup: WorkerSetup) -> None:
             if not warmed_up:
                 warm_up_process(point, setup.settings)
                 warmed_up = True
-            conn.send(run_point(point, setup.settings, setup.env, run_id))
+            probes = machine_probes(problem.device, problem.dtype, setup.settings.threads)
+            conn.send({**run_point(point, setup.settings, setup.env, run_id), **probes.columns()})
 
 
 def layer_modules(layers: Sequence[Any]) -> tuple[str, ...]:
