@@ -57,6 +57,8 @@ class LayerSpec:
     flop_formulas: Mapping[Any, FlopFormula] = field(default_factory=dict)
     # Independent closed-form FLOP count, kept as a cross-check of the counter.
     analytic_flops: Callable[[Problem], int] | None = None
+    # Closed-form bytes one call moves at minimum (`qna_bench.measure.traffic`), for the roofline.
+    analytic_bytes: Callable[[Problem], int] | None = None
 
     def input_errors(self, problem: Problem) -> list[str]:
         """Why this layer cannot be asked for this problem at all (bad input → exit 2)."""
