@@ -79,6 +79,8 @@ SCHEMA = pa.schema(
         ("flops", pa.int64()),
         ("flops_method", pa.string()),
         ("flops_analytic", pa.int64()),
+        # the layer's closed-form minimum bytes moved per call (LayerSpec.analytic_bytes)
+        ("bytes_analytic", pa.int64()),
         ("params", pa.int64()),
         # this run's machine probes (qna_bench.measure.probes): peak FLOP/s and bytes/s, and how measured
         ("peak_flops_probe", pa.float64()),

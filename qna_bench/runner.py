@@ -214,6 +214,8 @@ def run_point(point: SweepPoint, settings: MeasureSettings, env: Environment, ru
             row["params"] = count_parameters(module)
             if layer.analytic_flops is not None:
                 row["flops_analytic"] = int(layer.analytic_flops(problem))
+            if layer.analytic_bytes is not None:
+                row["bytes_analytic"] = int(layer.analytic_bytes(problem))
             x = problem.make_input(layer.layout)
             step = PointStep(module, x, problem)
             row["first_call_s"], memory = _first_call(step, problem.torch_device, settings.memory)
