@@ -50,6 +50,8 @@ class MeasureConfig:
     # Once a layer hits `oom` or `timeout` at a window, larger windows of the same layer and problem
     # are recorded as `skipped` instead of being run.
     skip_larger_after_failure: Any = True
+    # Write a per-op breakdown (torch.profiler, after the timed calls) of every point under profiles/.
+    profile: Any = False
 
 
 @dataclass

@@ -98,6 +98,8 @@ SCHEMA = pa.schema(
         ("point_seconds", pa.float64()),
     # 1-minute system load average when the point started: other work on the cores spoils timings.
     ("load_avg", pa.float64()),
+    # measure.profile=true: the point's per-op breakdown, relative to the parquet's folder
+    ("profile_file", pa.string()),
     ]
 )
 COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)

@@ -29,6 +29,7 @@ from qna_bench.measure.flops import count_flops
 from qna_bench.measure.latency import LatencyStats, measure_latency
 from qna_bench.measure.memory import MemoryStats, measure_peak_memory, untracked
 from qna_bench.measure.params import count_parameters, parameter_bytes
+from qna_bench.measure.profile import write_profile
 from qna_bench.problem import Problem
 from qna_bench.progress import Progress
 from qna_bench.registry import LayerSpec, UnsupportedProblem
@@ -56,6 +57,8 @@ class MeasureSettings:
     memory: bool = True
     flops: bool = True
     skip_larger_after_failure: bool = True
+    # measure.profile=true: the results folder, under whose profiles/ each point writes its per-op profile.
+    profile_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,8 @@ def run_point(point: SweepPoint, settings: MeasureSettings, env: Environment, ru
                 label=point.label,
             )
         row.update(_latency_columns(stats), status="ok")
+        if settings.profile_dir is not None:  # after the timed calls: the profiler's overhead stays out of them
+            row["profile_file"] = write_profile(step, problem.torch_device, row, settings.profile_dir)
     except PointTimeout as exc:
         row.update(status="timeout", reason=str(exc))
         if exc.one_call_s is not None:
