@@ -397,7 +397,7 @@ def roofline_figure(frame: pd.DataFrame) -> Figure | None:
     for ax in axes[len(shapes):]:
         ax.axis("off")
     legend_width = 2.8 / fig.get_figwidth()
-    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1 - legend_width, 0.5), fontsize=8, frameon=False)
     fig.suptitle(f"Roofline: achieved FLOP/s under the probed roofs — {_devices(points)}", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1 - legend_width, 1 - 0.35 / fig.get_figheight()))
     return fig

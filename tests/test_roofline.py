@@ -76,3 +76,53 @@ def test_no_committed_point_lies_more_than_ten_percent_above_its_roof(path):
     points = roofline.roofline_frame(results.read_results(path))
     above = roofline.above_roof(points)
     assert above.empty, above[["layer", "mode", "window", "roof_fraction"]].to_string()
+
+
+def _sweep_rows() -> list[dict]:
+    """QnA and Swin at k = 3, 5 in both modes, every point at half its roof but QnA train k=5 (1%),
+    which has a profile."""
+    rows = []
+    for layer in ("qna", "swin"):
+        for mode in ("forward", "train"):
+            for window in (3, 5):
+                fraction = 0.01 if (layer, mode, window) == ("qna", "train", 5) else 0.5
+                # intensity 2 → memory roof 20 GFLOP/s; 1e9 FLOPs at fraction f of it take 0.05 / f s
+                rows.append(synthetic_row(
+                    layer, window, mode, latency_s=0.05 / fraction, flops=10**9, bytes_analytic=5 * 10**8,
+                    profile_file="profiles/p.md" if fraction < 0.1 else None, **PROBES,
+                ))
+    return rows
+
+
+def test_the_report_section_gives_each_layers_fraction_and_links_the_far_below_points(frame_of):
+    from qna_bench import report
+
+    text = report.roofline_section(report.analyse(frame_of(_sweep_rows())))
+    assert "100.0 GFLOP/s, 10.0 GB/s (ridge at 10.0 FLOP/byte)" in text
+    assert "| qna | train | memory | 50.0% | 1.0% | 25.5% |" in text
+    assert "| qna | train | 16×16 (P1) | 5 | 1.0% | 0.20 | 2.0 | [profile](profiles/p.md) |" in text
+    assert "above their roof" not in text
+    assert report.roofline_section(report.analyse(frame_of([synthetic_row("qna", 3, latency_s=0.01)]))) == ""
+
+
+def test_the_roofline_figure_is_log_log_with_both_roofs_units_and_a_legend_outside(frame_of, tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from qna_bench import plots
+
+    frame = frame_of(_sweep_rows())
+    figure = plots.roofline_figure(frame)
+    (ax,) = [ax for ax in figure.axes if ax.has_data()]
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    assert "FLOP/byte" in ax.get_xlabel() and "GFLOP/s" in ax.get_ylabel()
+    (roof,) = ax.get_lines()
+    assert list(roof.get_ydata())[1:] == [100.0, 100.0]  # the compute roof, from the ridge on
+    assert roof.get_xdata()[1] == pytest.approx(10.0)  # the ridge: peak / bandwidth
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 8  # a marker per layer, mode and window
+    legend = figure.legends[0]
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    assert legend.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1
+    path = tmp_path / "roofline.png"
+    figure.savefig(path, dpi=90)
+    assert path.stat().st_size < 200_000
+    assert plots.roofline_figure(frame_of([synthetic_row("qna", 3, latency_s=0.01)])) is None
