@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qna_bench.measure.traffic import traffic_bytes
 from qna_bench.problem import Problem
 from qna_bench.registry import register_layer
 
@@ -37,6 +38,18 @@ def conv_flops(problem: Problem, groups: int) -> int:
     return forward * (3 if problem.mode == "train" else 1)
 
 
+def conv_bytes(problem: Problem, groups: int) -> int:
+    """Input, weights and bias read, output written; nothing in between."""
+    out_h, out_w = problem.output_hw
+    c = problem.channels
+    return traffic_bytes(
+        problem,
+        inputs=problem.batch * problem.height * problem.width * c,
+        params=c * (c // groups) * problem.window**2 + c,
+        outputs=problem.batch * out_h * out_w * c,
+    )
+
+
 _CONV = dict(role="baseline", family="conv", layout="nchw_channels_last", odd_window=True, cost_grows_with_window=True)
 
 
@@ -45,6 +58,7 @@ _CONV = dict(role="baseline", family="conv", layout="nchw_channels_last", odd_wi
     implementation="torch.nn.Conv2d, channels_last",
     description="dense k×k convolution, C→C channels",
     analytic_flops=lambda p: conv_flops(p, groups=1),
+    analytic_bytes=lambda p: conv_bytes(p, groups=1),
     **_CONV,
 )
 def build_conv_dense(problem: Problem) -> nn.Module:
@@ -56,6 +70,7 @@ def build_conv_dense(problem: Problem) -> nn.Module:
     implementation="torch.nn.Conv2d groups=C, channels_last",
     description="depthwise k×k convolution",
     analytic_flops=lambda p: conv_flops(p, groups=p.channels),
+    analytic_bytes=lambda p: conv_bytes(p, groups=p.channels),
     **_CONV,
 )
 def build_conv_dw(problem: Problem) -> nn.Module:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from baselines.conv import same_conv2d
+from qna_bench.measure.traffic import traffic_bytes
 from qna_bench.problem import Problem
 from qna_bench.registry import register_layer
 
@@ -38,6 +39,21 @@ def convnext_flops(problem: Problem) -> int:
     return 2 * macs * (3 if problem.mode == "train" else 1)
 
 
+def convnext_bytes(problem: Problem) -> int:
+    """The two pointwise outputs' inputs (the first projection's and the depthwise convolution's
+    outputs) are written and read back."""
+    out_h, out_w = problem.output_hw
+    c = problem.channels
+    pixels, out_pixels = problem.batch * problem.height * problem.width, problem.batch * out_h * out_w
+    return traffic_bytes(
+        problem,
+        inputs=pixels * c,
+        params=2 * (c * c + c) + c * problem.window**2 + c,
+        outputs=out_pixels * c,
+        intermediates=(pixels * c, out_pixels * c),
+    )
+
+
 @register_layer(
     "convnext_mixer",
     role="baseline",
@@ -51,6 +67,7 @@ def convnext_flops(problem: Problem) -> int:
         "3C²+2C+4hk² (C=128, h=4, k=7: 39,424 vs 50,192)"
     ),
     analytic_flops=convnext_flops,
+    analytic_bytes=convnext_bytes,
 )
 def build_convnext_mixer(problem: Problem) -> nn.Module:
     return ConvNeXtMixer(problem.channels, problem.window, problem.stride, problem.dilation)

@@ -13,6 +13,7 @@ from baselines._common import (
     FLEX_CPU_BACKWARD,
     NA_STRIDE_WHY,
     ProjectedAttention,
+    attention_bytes,
     attention_flops,
     first_reason,
     flex_dispatch_mode_guard,
@@ -108,6 +109,12 @@ def _flops(problem: Problem) -> int:
     return attention_flops(problem, qkv_tokens=tokens, out_tokens=tokens, pairs=pairs)
 
 
+def _bytes(problem: Problem) -> int:
+    """The attention shell only: the compiled kernel keeps its score blocks on chip."""
+    tokens = problem.batch * problem.height * problem.width
+    return attention_bytes(problem, qkv_tokens=tokens, out_tokens=tokens)
+
+
 def _flags(module: FlexNeighborhoodAttention, problem: Problem) -> dict:
     return {
         "flex_compiled": True,
@@ -143,6 +150,7 @@ def _unsupported(problem: Problem) -> str | None:
     unsupported=_unsupported,
     flags=_flags,
     analytic_flops=_flops,
+    analytic_bytes=_bytes,
 )
 def build_na_flex(problem: Problem) -> nn.Module:
     return FlexNeighborhoodAttention(

@@ -10,6 +10,7 @@ from baselines._common import (
     CPU_SDPA_FLOP_FORMULAS,
     FUSED_SDPA_BACKWARD,
     ProjectedAttention,
+    attention_bytes,
     attention_flops,
     first_reason,
     from_sequence,
@@ -61,6 +62,9 @@ def _unsupported(problem: Problem) -> str | None:
     flags=lambda module, problem: {"window_ignored": True},
     flop_formulas=CPU_SDPA_FLOP_FORMULAS,
     analytic_flops=_flops,
+    analytic_bytes=lambda p: attention_bytes(  # fused SDPA: no scores leave the kernel
+        p, qkv_tokens=p.batch * p.height * p.width, out_tokens=p.batch * p.height * p.width
+    ),
 )
 def build_global_attn(problem: Problem) -> nn.Module:
     return GlobalAttention(problem.channels, problem.heads)

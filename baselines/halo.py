@@ -8,6 +8,7 @@ from timm.layers.halo_attn import HaloAttn
 from torch import nn
 
 from baselines._common import first_reason, no_dilation_reason
+from qna_bench.measure.traffic import traffic_bytes
 from qna_bench.problem import Problem
 from qna_bench.registry import register_layer
 
@@ -101,6 +102,36 @@ def halo_flops(problem: Problem) -> int:
     return 2 * macs * (3 if problem.mode == "train" else 1)
 
 
+def halo_bytes(problem: Problem) -> int:
+    """x read; q, k and v written and read; keys and values unfolded into (block + 2·halo)² windows per
+    block; the content logits, relative logits and probabilities (queries, heads, window²) each; the
+    attention output; the output projection's output written."""
+    b, c, s = problem.batch, problem.channels, problem.stride
+    attn = HaloAttn(
+        c, c, stride=s, num_heads=problem.heads, block_size=BLOCK_SIZE, halo_size=halo_size(problem.window),
+        qkv_bias=True, device="meta",
+    )
+    qk, v = attn.dim_out_qk, attn.dim_out_v
+    pixels = b * problem.height * problem.width
+    queries = pixels // s**2
+    blocks = pixels // BLOCK_SIZE**2
+    area = attn.win_size**2
+    rel_positions = 2 * attn.win_size - 1
+    return traffic_bytes(
+        problem,
+        inputs=pixels * c,
+        params=c * qk + c * (qk + v) + 2 * qk + v + 2 * rel_positions * qk // problem.heads + v * c + c,
+        outputs=queries * c,
+        intermediates=(
+            queries * qk,
+            pixels * (qk + v),
+            blocks * area * (qk + v),
+            3 * queries * problem.heads * area,
+            queries * v,
+        ),
+    )
+
+
 @register_layer(
     "halo",
     role="peer",
@@ -118,6 +149,7 @@ def halo_flops(problem: Problem) -> int:
     unsupported=_unsupported,
     flags=_flags,
     analytic_flops=halo_flops,
+    analytic_bytes=halo_bytes,
 )
 def build_halo(problem: Problem) -> nn.Module:
     return HaloAttention(problem.channels, problem.heads, problem.window, problem.stride)

@@ -15,6 +15,7 @@ from torch import nn
 from baselines._common import (
     FLEX_CPU_BACKWARD,
     NA_STRIDE_WHY,
+    attention_bytes,
     attention_flops,
     first_reason,
     flex_dispatch_mode_guard,
@@ -108,6 +109,14 @@ def _flops(problem: Problem) -> int:
     )
 
 
+def natten_bytes(problem: Problem) -> int:
+    """The attention shell, and eager flex attention's full (B, heads, HW, HW) scores written and read."""
+    tokens = problem.batch * problem.height * problem.width
+    pixels = problem.height * problem.width
+    scores = problem.batch * problem.heads * pixels * pixels
+    return attention_bytes(problem, qkv_tokens=tokens, out_tokens=tokens, core_intermediates=(scores,))
+
+
 @register_layer(
     "na",
     role="peer",
@@ -126,6 +135,7 @@ def _flops(problem: Problem) -> int:
     unsupported=_unsupported,
     flags=_flags,
     analytic_flops=_flops,
+    analytic_bytes=natten_bytes,
 )
 def build_na(problem: Problem) -> nn.Module:
     return NattenNeighborhoodAttention(problem.channels, problem.heads, problem.window, problem.dilation)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from baselines._common import ProjectedAttention, attention_flops, no_dilation_reason
+from baselines._common import ProjectedAttention, attention_bytes, attention_flops, no_dilation_reason
 from qna_bench.problem import Problem
 from qna_bench.registry import register_layer
 
@@ -70,6 +70,24 @@ def _flops(problem: Problem) -> int:
     )
 
 
+def sasa_bytes(problem: Problem) -> int:
+    """The attention shell, plus the unfolded keys and values (B, C, k², L) each, the scaled queries,
+    and the logits and probabilities (B, heads, k², L) each, all written and read back."""
+    out_h, out_w = problem.output_hw
+    out_tokens = problem.batch * out_h * out_w
+    taps = problem.window**2
+    return attention_bytes(
+        problem,
+        qkv_tokens=problem.batch * problem.height * problem.width,
+        out_tokens=out_tokens,
+        core_intermediates=(
+            2 * out_tokens * problem.channels * taps,
+            out_tokens * problem.channels,
+            2 * out_tokens * problem.heads * taps,
+        ),
+    )
+
+
 @register_layer(
     "sasa",
     role="peer",
@@ -82,6 +100,7 @@ def _flops(problem: Problem) -> int:
     unsupported=lambda p: no_dilation_reason(p, "sasa"),
     flags=lambda module, problem: {"unfolded_kv_bytes": _unfolded_bytes(problem)},
     analytic_flops=_flops,
+    analytic_bytes=sasa_bytes,
 )
 def build_sasa(problem: Problem) -> nn.Module:
     return UnfoldSASA(problem.channels, problem.heads, problem.window, problem.stride)

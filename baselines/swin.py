@@ -11,6 +11,7 @@ from torch import nn
 
 from baselines._common import (
     CPU_SDPA_FLOP_FORMULAS,
+    attention_bytes,
     attention_flops,
     first_reason,
     no_dilation_reason,
@@ -96,6 +97,34 @@ def _flops(problem: Problem) -> int:
     )
 
 
+def swin_bytes(problem: Problem, shifted: bool, fused: bool) -> int:
+    """The attention shell over the padded map, the relative-position bias table read and its gathered
+    (heads, M², M²) bias written and read; the eager path (and the fused one in train mode, SDPA's math
+    fallback on CPU) also writes and reads the scores and the probabilities, (windows, heads, M², M²)
+    each. Shifted windows read the (windows, M², M²) shift mask; the fused path adds it to the bias
+    into a mask as large as the scores."""
+    window = clamped_window(problem)
+    padded_h, padded_w = padded_map(problem.height, problem.width, window)
+    tokens = problem.batch * padded_h * padded_w
+    area, heads = window[0] * window[1], problem.heads
+    shift = shifted and (window[0] < problem.height or window[1] < problem.width)
+    windows = padded_h * padded_w // area
+    scores = tokens * heads * area
+    core = [heads * area * area]
+    if not fused or problem.mode == "train":
+        core += [scores, scores]
+    elif shift:
+        core.append(scores)
+    return attention_bytes(
+        problem,
+        qkv_tokens=tokens,
+        out_tokens=tokens,
+        core_reads=windows * area * area if shift else 0,
+        core_params=(2 * window[0] - 1) * (2 * window[1] - 1) * heads,
+        core_intermediates=tuple(core),
+    )
+
+
 def _unsupported(problem: Problem) -> str | None:
     return first_reason(
         no_stride_reason(problem, "swin", "its downsampling is a separate patch-merging layer"),
@@ -122,6 +151,7 @@ def _register(name: str, shifted: bool, fused: bool) -> None:
         flags=_flags,
         flop_formulas=CPU_SDPA_FLOP_FORMULAS if fused else {},
         analytic_flops=_flops,
+        analytic_bytes=lambda p: swin_bytes(p, shifted, fused),
     )
     def build(problem: Problem) -> nn.Module:
         return SwinWindowAttention(

@@ -11,6 +11,7 @@ from baselines._common import (
     FUSED_SDPA_BACKWARD,
     NA_STRIDE_WHY,
     ProjectedAttention,
+    attention_bytes,
     attention_flops,
     from_sequence,
     na_constraints,
@@ -56,6 +57,14 @@ def _flops(problem: Problem) -> int:
     )
 
 
+def na_torch_bytes(problem: Problem) -> int:
+    """The attention shell and the (HW)² additive mask read once; the fused SDPA kernel writes no
+    scores (its backward recomputes them)."""
+    tokens = problem.batch * problem.height * problem.width
+    pixels = problem.height * problem.width
+    return attention_bytes(problem, qkv_tokens=tokens, out_tokens=tokens, core_reads=pixels * pixels)
+
+
 @register_layer(
     "na_torch",
     role="reference",
@@ -74,6 +83,7 @@ def _flops(problem: Problem) -> int:
     flags=lambda module, problem: {"scores": "dense (HW)^2, masked", "mask_bytes": module.mask.nbytes},
     flop_formulas=CPU_SDPA_FLOP_FORMULAS,
     analytic_flops=_flops,
+    analytic_bytes=na_torch_bytes,
 )
 def build_na_torch(problem: Problem) -> nn.Module:
     return MaskedNeighborhoodAttention(

@@ -53,6 +53,8 @@ class MeasureConfig:
     # Times every point is measured, the layers of a point back to back in an order rotated each round;
     # a row's median_s is the median of its round medians.
     rounds: Any = 1
+    # Write a per-op breakdown (torch.profiler, after the timed calls) of every point under profiles/.
+    profile: Any = False
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from qna_bench.measure.traffic import traffic_bytes
 from qna_bench.problem import Problem
 from qna_bench.qna import STRIDES, QnA
 from qna_bench.registry import register_layer
@@ -51,6 +52,60 @@ def _flags(module: nn.Module, problem: Problem) -> dict:
     return {"impl": module.impl, "num_queries": module.num_queries, "normalize_queries": module.normalize_queries}
 
 
+def _qna_reads(problem: Problem, num_queries: int) -> dict[str, int]:
+    """The input read and the parameters: key weights, queries, value and output projections (no
+    biases), relative-position biases and query mixing weights."""
+    c, heads = problem.channels, problem.heads
+    return dict(
+        inputs=problem.batch * problem.height * problem.width * c,
+        params=c * c + num_queries * c + 2 * c * c + 2 * num_queries * heads * problem.window**2,
+    )
+
+
+def qna_bytes(problem: Problem, num_queries: int = NUM_QUERIES) -> int:
+    """Bytes the fast form moves: values and scores packed (B, H, W, C + Nq·h), exp(scores), the
+    denominator (B, H', W', Nq·h), per query the weighted values (B, H, W, C) and the numerator
+    (B, H', W', C), and z (B, H', W', C) written and read back; the output written."""
+    c, heads = problem.channels, problem.heads
+    out_h, out_w = problem.output_hw
+    pixels, out_pixels = problem.batch * problem.height * problem.width, problem.batch * out_h * out_w
+    return traffic_bytes(
+        problem,
+        **_qna_reads(problem, num_queries),
+        outputs=out_pixels * c,
+        intermediates=(
+            pixels * (c + num_queries * heads),
+            pixels * num_queries * heads,
+            out_pixels * num_queries * heads,
+            num_queries * (pixels + out_pixels) * c,
+            out_pixels * c,
+        ),
+    )
+
+
+def qna_reference_bytes(problem: Problem, num_queries: int = NUM_QUERIES) -> int:
+    """Bytes the reference form moves: scores (B, H, W, Nq·h) and values (B, H, W, C); the unfolded
+    scores, logits and probabilities (B, Nq·h, k², L) each; the mixed weights (B, h, k², L); the
+    unfolded values (B, C, k², L); z; the output written."""
+    c, heads = problem.channels, problem.heads
+    out_h, out_w = problem.output_hw
+    pixels, out_pixels = problem.batch * problem.height * problem.width, problem.batch * out_h * out_w
+    taps = problem.window**2
+    return traffic_bytes(
+        problem,
+        **_qna_reads(problem, num_queries),
+        outputs=out_pixels * c,
+        intermediates=(
+            pixels * num_queries * heads,
+            pixels * c,
+            3 * out_pixels * num_queries * heads * taps,
+            out_pixels * heads * taps,
+            out_pixels * c * taps,
+            out_pixels * c,
+        ),
+    )
+
+
 _QNA = dict(
     family="qna",
     cost_grows_with_window=True,
@@ -68,6 +123,7 @@ _QNA = dict(
     role="subject",
     implementation="qna_bench.qna.QnA impl=fast: two depthwise convolutions, custom backward",
     description="QnA, fast form (the layer under test), 2 learned queries",
+    analytic_bytes=qna_bytes,
     **_QNA,
 )
 def build_qna(problem: Problem) -> nn.Module:
@@ -79,6 +135,7 @@ def build_qna(problem: Problem) -> nn.Module:
     role="reference",
     implementation="qna_bench.qna.QnA impl=reference: unfolded k×k windows, autograd",
     description="QnA, naive reference form (unfolded windows), same parameters as qna",
+    analytic_bytes=qna_reference_bytes,
     **_QNA,
 )
 def build_qna_reference(problem: Problem) -> nn.Module:

@@ -19,11 +19,13 @@ from matplotlib.figure import Figure
 from qna_bench.analysis import (
     CLAIMED_MEMORY_FACTOR,
     CLAIMED_SPEED_FACTOR,
+    SHAPE_COLUMNS,
     SUBJECT,
     latest_rows,
     mode_order,
     ratio_frame,
     settings,
+    sort_rows,
     with_roles,
 )
 from qna_bench.results import read_results
@@ -263,6 +265,7 @@ def figures(frame: pd.DataFrame) -> dict[str, Figure]:
     if (with_roles(frame)["role"] == SUBJECT).any():
         makers["ratio_to_qna"] = ratio_figure
     makers["pareto"] = pareto_figure
+    makers["roofline"] = roofline_figure
     made = {name: make(frame) for name, make in makers.items()}
     return {name: fig for name, fig in made.items() if fig is not None}
 
@@ -288,6 +291,77 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for path in draw_figures(args.results, args.out):
         print(path)
+
+
+ROOFLINE_MARKERS = {"forward": "o", "train": "^"}
+
+
+def _window_size(window: int) -> float:
+    """Marker area (points²) growing with the window, so one layer's windows read as a trail."""
+    return 12.0 + 4.0 * window
+
+
+def roofline_figure(frame: pd.DataFrame) -> Figure | None:
+    """Achieved GFLOP/s against arithmetic intensity, log-log, one panel per problem shape: one marker
+    per layer, window and mode under the roofs the run's machine probes measured. None without probes."""
+    from matplotlib.lines import Line2D
+
+    from qna_bench.roofline import roofline_frame
+
+    points = roofline_frame(frame)
+    if points.empty:
+        return None
+    points = with_roles(points)
+    styles = _layer_styles(frame)
+    legend_rows = sort_rows(points.drop_duplicates("layer"), ["role", "layer"])
+    shapes = list(points.groupby(SHAPE_COLUMNS, sort=True, dropna=False))
+    fig, axes = _figure(len(shapes), ncols=2, panel_size=(6.4, 5.0))
+    fig.set_figwidth(fig.get_figwidth() + 2.8)
+    for ax, (shape_values, shape_points) in zip(axes, shapes):
+        peak_flops = float(shape_points["peak_flops_probe"].median())
+        bandwidth = float(shape_points["peak_bytes_per_s_probe"].median())
+        low = min(float(shape_points["intensity"].min()), peak_flops / bandwidth) / 3
+        high = max(float(shape_points["intensity"].max()), peak_flops / bandwidth) * 3
+        ridge = peak_flops / bandwidth
+        ax.plot([low, ridge, high], [low * bandwidth / 1e9, peak_flops / 1e9, peak_flops / 1e9], color="black",
+                linewidth=1.2, zorder=2)
+        ax.annotate(f"peak {peak_flops / 1e9:.1f} GFLOP/s (probe)", (high, peak_flops / 1e9), ha="right",
+                    va="bottom", fontsize=8)
+        ax.annotate(f"{bandwidth / 1e9:.1f} GB/s × intensity", (low, low * bandwidth / 1e9), ha="left",
+                    va="bottom", fontsize=8, rotation=25)
+        for (layer, mode), group in shape_points.groupby(["layer", "mode"], sort=True):
+            ax.scatter(group["intensity"].astype(float), group["achieved_flops_per_s"].astype(float) / 1e9,
+                       s=[_window_size(int(k)) for k in group["window"]], marker=ROOFLINE_MARKERS.get(mode, "s"),
+                       color=styles[layer]["color"], edgecolors="black", linewidths=0.4,
+                       zorder=styles[layer]["zorder"], alpha=0.85)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("arithmetic intensity (FLOP/byte, closed-form bytes)")
+        ax.set_ylabel("achieved GFLOP/s")
+        ax.set_title(shape_title(dict(zip(SHAPE_COLUMNS, shape_values))), fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    handles = [
+        Line2D([], [], linestyle="", marker="o", color=styles[row.layer]["color"],
+               markeredgecolor="black", label=_layer_label(row.layer, row.role, row.family))
+        for row in legend_rows.itertuples()
+    ]
+    handles += [
+        Line2D([], [], linestyle="", marker=marker, color="white", markeredgecolor="black", label=mode)
+        for mode, marker in ROOFLINE_MARKERS.items() if mode in set(points["mode"])
+    ]
+    windows = sorted(points["window"].unique())
+    handles += [
+        Line2D([], [], linestyle="", marker="o", color="lightgray", markeredgecolor="black",
+                                markersize=_window_size(int(k)) ** 0.5, label=f"k = {k}")
+        for k in sorted({windows[0], windows[-1]})
+    ]
+    for ax in axes[len(shapes):]:
+        ax.axis("off")
+    legend_width = 2.8 / fig.get_figwidth()
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1 - legend_width, 0.5), fontsize=8, frameon=False)
+    fig.suptitle(f"Roofline: achieved FLOP/s under the probed roofs — {_devices(points)}", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1 - legend_width, 1 - 0.35 / fig.get_figheight()))
+    return fig
 
 
 if __name__ == "__main__":

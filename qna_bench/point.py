@@ -24,6 +24,7 @@ from qna_bench.measure.flops import count_flops
 from qna_bench.measure.latency import LatencyStats, measure_latency
 from qna_bench.measure.memory import MemoryStats, measure_peak_memory, untracked
 from qna_bench.measure.params import count_parameters, parameter_bytes
+from qna_bench.measure.profile import write_profile
 from qna_bench.problem import Problem
 from qna_bench.registry import LayerSpec, UnsupportedProblem
 
@@ -44,6 +45,8 @@ class MeasureSettings:
     skip_larger_after_failure: bool = True
     # Times the sweep measures every point, the layers of a point back to back in a rotated order.
     rounds: int = 1
+    # measure.profile=true: the results folder, under whose profiles/ each point writes its per-op profile.
+    profile_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,8 @@ def run_point(
             row["params"] = count_parameters(module)
             if layer.analytic_flops is not None:
                 row["flops_analytic"] = int(layer.analytic_flops(problem))
+            if layer.analytic_bytes is not None:
+                row["bytes_analytic"] = int(layer.analytic_bytes(problem))
             x = problem.make_input(layer.layout)
             step = PointStep(module, x, problem)
             row["first_call_s"], memory = _first_call(step, problem.torch_device, track_memory)
@@ -205,6 +210,8 @@ def run_point(
                 label=point.label,
             )
         row.update(_latency_columns(stats), status="ok")
+        if settings.profile_dir is not None and first_round:  # after the timed calls: no profiler overhead in them
+            row["profile_file"] = write_profile(step, problem.torch_device, row, settings.profile_dir)
     except PointTimeout as exc:
         # The latency statistics stay empty: one cold call is not a median.
         row.update(status="timeout", reason=str(exc))

@@ -69,6 +69,8 @@ class LayerSpec:
     flop_formulas: Mapping[Any, FlopFormula] = field(default_factory=dict)
     # Independent closed-form FLOP count, kept as a cross-check of the counter.
     analytic_flops: Callable[[Problem], int] | None = None
+    # Closed-form bytes one call moves at minimum (`qna_bench.measure.traffic`), for the roofline.
+    analytic_bytes: Callable[[Problem], int] | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

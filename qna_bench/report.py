@@ -42,6 +42,7 @@ from qna_bench.analysis import (
     timings_unreliable,
     unmeasured,
     weakest,
+    with_roles,
 )
 from qna_bench.analysis import missing as _missing
 from qna_bench.results import STATUSES, read_results
@@ -545,6 +546,7 @@ def figures_section(figures: Sequence[Path | str]) -> str:
         "memory": "Peak memory vs window",
         "ratio_to_qna": "Each layer relative to QnA (dash-dot: the claimed factor)",
         "pareto": "Latency vs peak memory, marker size: window",
+        "roofline": "Roofline: achieved FLOP/s against arithmetic intensity under the probed roofs",
     }
     lines = ["## Figures"]
     for figure in figures:
@@ -569,6 +571,7 @@ def render(analysis: Analysis, figures: Sequence[Path | str] = ()) -> str:
         growth_section(analysis),
         failures_section(analysis),
         measurements_section(analysis),
+        roofline_section(analysis),
         figures_section(figures),
     ]
     return "\n\n".join(s for s in sections if s).rstrip() + "\n"
@@ -601,6 +604,77 @@ def main(argv: list[str] | None = None) -> None:
     if not args.results.is_file():
         parser.error(f"results={args.results}: no such file (give a results.parquet written by run_bench.py)")
     print(write_report(args.results, args.out, draw=not args.no_figures))
+
+
+# Far-below points listed in the roofline section, lowest fraction first.
+FAR_BELOW_LISTED = 20
+
+
+def _percent(value: float) -> str:
+    return "n/a" if _missing(value) else f"{100 * float(value):.1f}%"
+
+
+def roofline_section(analysis: Analysis) -> str:
+    """How close each layer runs to the probed roofs: the fraction of the roof per layer, mode and window,
+    the points far below it (with their profiles) and any point above it."""
+    from qna_bench import roofline
+
+    points = roofline.roofline_frame(analysis.frame)
+    if points.empty:
+        return ""
+    parts = [
+        "## Roofline: how close each layer runs to this machine's limits",
+        "Fraction of the roof = achieved FLOP/s ÷ min(peak FLOP/s, intensity × peak bytes/s), with the intensity "
+        "from the layer's closed-form minimum bytes moved. The peaks are this run's machine probes (same device, "
+        "dtype and threads as the points): "
+        + "; ".join(
+            f"{device} {dtype}: {_fmt(group['peak_flops_probe'].median() / 1e9, 1)} GFLOP/s, "
+            f"{_fmt(group['peak_bytes_per_s_probe'].median() / 1e9, 1)} GB/s "
+            f"(ridge at {_fmt(group['peak_flops_probe'].median() / group['peak_bytes_per_s_probe'].median(), 1)} "
+            "FLOP/byte)"
+            for (device, dtype), group in points.groupby(["device_name", "dtype"], sort=True)
+        )
+        + ". A memory-bound point's fraction is its achieved bytes/s over the probed bandwidth.",
+    ]
+    above = roofline.above_roof(points)
+    if len(above):
+        parts.append(
+            f"**{len(above)} point(s) lie more than {roofline.ABOVE_ROOF_TOLERANCE:.0%} above their roof**: a probe or "
+            "a count is wrong for them: "
+            + ", ".join(f"{r.layer} {r.mode} k={r.window} ({_percent(r.roof_fraction)})" for r in above.itertuples())
+        )
+    typical = roofline.typical_fractions(points).set_index(["layer", "mode"])
+    for problem, rows in points.groupby("problem", sort=True):
+        windows = sorted(rows["window"].astype(int).unique())
+        table = []
+        for layer in sort_rows(with_roles(rows).drop_duplicates("layer"), ["role", "layer"])["layer"]:
+            for mode in mode_order(rows.loc[rows["layer"] == layer, "mode"].unique()):
+                own = rows[(rows["layer"] == layer) & (rows["mode"] == mode)].set_index("window")
+                line = [layer, mode, typical.loc[(layer, mode), "bound"]]
+                line += [_percent(own.loc[k, "roof_fraction"]) if k in own.index else "—" for k in windows]
+                line.append(_percent(own["roof_fraction"].median()))
+                table.append(line)
+        parts += [
+            f"### {_problem_label(problem, analysis.problems)}: fraction of the roof",
+            markdown_table(["layer", "mode", "bound", *[f"k={k}" for k in windows], "median"], table),
+        ]
+    below = roofline.far_below(points)
+    if len(below):
+        profiled = below["profile_file"].notna().any()
+        lines = [
+            [r.layer, r.mode, _problem_label(r.problem, analysis.problems), r.window, _percent(r.roof_fraction),
+             _fmt(r.achieved_flops_per_s / 1e9, 2), _fmt(r.intensity, 1),
+             f"[profile]({r.profile_file})" if not _missing(r.profile_file) else "—"]
+            for r in below.head(FAR_BELOW_LISTED).itertuples()
+        ]
+        parts += [
+            f"### Far below the roof (under {roofline.FAR_BELOW_FRACTION:.0%})",
+            f"{len(below)} point(s), lowest first"
+            + (f" (the first {FAR_BELOW_LISTED})" if len(below) > FAR_BELOW_LISTED else "")
+            + ("." if profiled else "; `measure.profile=true` writes a per-op profile of every point."),
+            markdown_table(["layer", "mode", "problem", "k", "of roof", "GFLOP/s", "FLOP/byte", "profile"], lines),
+        ]
+    return "\n\n".join(parts)
 
 
 if __name__ == "__main__":

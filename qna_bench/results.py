@@ -81,7 +81,13 @@ SCHEMA = pa.schema(
         ("flops", pa.int64()),
         ("flops_method", pa.string()),
         ("flops_analytic", pa.int64()),
+        # the layer's closed-form minimum bytes moved per call (LayerSpec.analytic_bytes)
+        ("bytes_analytic", pa.int64()),
         ("params", pa.int64()),
+        # this run's machine probes (qna_bench.measure.probes): peak FLOP/s and bytes/s, and how measured
+        ("peak_flops_probe", pa.float64()),
+        ("peak_bytes_per_s_probe", pa.float64()),
+        ("probe_method", pa.string()),
         # environment
         ("torch_version", pa.string()),
         ("timm_version", pa.string()),
@@ -98,6 +104,8 @@ SCHEMA = pa.schema(
         ("point_seconds", pa.float64()),
         # 1-minute system load average when the point started: other work on the cores spoils timings.
         ("load_avg", pa.float64()),
+        # measure.profile=true: the point's per-op breakdown, relative to the parquet's folder
+        ("profile_file", pa.string()),
     ]
 )
 COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)

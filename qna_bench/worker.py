@@ -20,6 +20,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from qna_bench.environment import Environment
+from qna_bench.measure.probes import machine_probes
 from qna_bench.memcap import address_space_cap
 from qna_bench.point import MeasureSettings, SweepPoint, run_point, warm_up_process
 from qna_bench.problem import Problem
@@ -155,7 +156,9 @@ def _serve(conn: Connection, setup: WorkerSetup) -> None:
             if not warmed_up:
                 warm_up_process(point, setup.settings)
                 warmed_up = True
-            conn.send(run_point(point, setup.settings, setup.env, run_id, first_round=first_round))
+            probes = machine_probes(problem.device, problem.dtype, setup.settings.threads)
+            row = run_point(point, setup.settings, setup.env, run_id, first_round=first_round)
+            conn.send({**row, **probes.columns()})
 
 
 def layer_modules(layers: Sequence[Any]) -> tuple[str, ...]:

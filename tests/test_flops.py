@@ -1,4 +1,4 @@
-"""FlopCounterMode totals against closed-form counts for the convolutions."""
+"""FlopCounterMode totals against every layer's closed-form count: close enough to place a point on the roofline."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from qna_bench.measure.flops import count_flops
-from qna_bench.registry import get_layer
+from qna_bench.problem import Problem
+from qna_bench.registry import get_layer, list_layers
 from qna_bench.runner import PointStep
 
 
@@ -21,6 +22,26 @@ def test_counter_matches_analytic_convolution_flops(tiny_problem, name, mode, wi
     step = PointStep(module, x, problem)
     step()  # the first call, as in a sweep (a train step makes its upstream gradient there)
     assert count_flops(step).flops == spec.analytic_flops(problem)
+
+
+# A point's place on the roofline moves with its FLOP count: 2% keeps it where it belongs.
+FLOP_TOLERANCE = 0.02
+COUNTED_PROBLEM = Problem(batch=2, height=16, width=24, channels=16, heads=2, window=5)
+
+
+@pytest.mark.parametrize("mode", ["forward", "train"])
+@pytest.mark.parametrize("name", list_layers())
+def test_closed_form_flops_agree_with_the_counter_within_two_percent(name, mode):
+    spec = get_layer(name)
+    problem = COUNTED_PROBLEM.replace(mode=mode)
+    if spec.unsupported_reason(problem) is not None:
+        pytest.skip(spec.unsupported_reason(problem))
+    step = PointStep(spec.build(problem), problem.make_input(spec.layout), problem)
+    step()
+    counted = count_flops(step, spec.flop_formulas).flops
+    if counted is None:
+        pytest.skip(f"{name}: FlopCounterMode cannot see inside this layer")
+    assert spec.analytic_flops(problem) == pytest.approx(counted, rel=FLOP_TOLERANCE)
 
 
 def test_a_layer_formula_counts_an_op_the_counter_does_not_know():
