@@ -238,6 +238,87 @@ def test_large_rpe_bias_does_not_overflow() -> None:
     compare_with_fp64_reference(module, torch.randn(1, 8, 8, 4), rtol=1e-5)
 
 
+@pytest.fixture
+def recomputed_pixels(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many output pixels each call of the fast form recomputed with their own max."""
+    counts: list[int] = []
+    original = qna_module._recompute_windows
+
+    def counting(z: torch.Tensor, pixels: torch.Tensor | None, *args: object) -> torch.Tensor:
+        counts.append(0 if pixels is None else len(pixels))
+        return original(z, pixels, *args)
+
+    monkeypatch.setattr(qna_module, "_recompute_windows", counting)
+    return counts
+
+
+def split_image(x: torch.Tensor, module: QnA, spread: float) -> torch.Tensor:
+    """``x`` with the first query's logits raised by spread/2 in the left half of every image and lowered
+    by spread/2 in the right half: the right half's windows lie ``spread`` below the image's max."""
+    half = x.shape[2] // 2
+    return torch.cat(
+        [with_large_logits(module, x[:, :, :half], spread / 2), with_large_logits(module, x[:, :, half:], -spread / 2)],
+        dim=2,
+    )
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_fp32_logits_spread_150_within_an_image_match_fp64_reference(
+    stride: int, recomputed_pixels: list[int]
+) -> None:
+    """A spread of 150 underflows every window of the low half (exp(-150) = 0 in fp32): those windows are
+    recomputed with their own max, and output and gradients stay within 1e-4 of the fp64 reference."""
+    module = make_qna(torch.float32, in_channels=8, features=8, heads=2, window=5, stride=stride)
+    x = split_image(torch.randn(2, 11, 16, 8), module, 150.0)
+    compare_with_fp64_reference(module, x, rtol=1e-4)
+    assert recomputed_pixels and min(recomputed_pixels) > 0
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("spread", [30.0, 150.0])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_half_logits_spread_30_within_an_image_match_fp64_reference(
+    dtype: torch.dtype, spread: float, tol: float, stride: int, recomputed_pixels: list[int]
+) -> None:
+    """The core in fp16 / bf16 with logits spread by 30 or 150 between the two halves of an image (exp
+    underflows below -17 in fp16, below -104 in bf16) against the reference in fp64 on the same, exactly
+    representable, inputs: finite, and within the dtype's rounding of the output and of every gradient.
+    At 150 even the fp32 core underflows, and the low half's windows are recomputed."""
+    torch.manual_seed(0)
+    num_queries, heads, features, window = 2, 2, 8, 5
+    scores = torch.randn(2, 11, 16, num_queries * heads)
+    scores[:, :, :8] += spread / 2
+    scores[:, :, 8:] -= spread / 2
+    inputs = [
+        scores,
+        torch.randn(2, 11, 16, features),
+        torch.randn(num_queries, heads, window, window),
+        torch.randn(num_queries, heads, window, window),
+    ]
+    half = [t.to(dtype).requires_grad_(True) for t in inputs]
+    exact = [t.detach().double().requires_grad_(True) for t in half]
+    grad_out = torch.randn(2, qna_output_size(11, window, stride), qna_output_size(16, window, stride), features)
+    out = qna_attention(*half, stride=stride)
+    out.backward(grad_out.to(dtype))
+    expected = qna_attention_reference(*exact, stride=stride)
+    expected.backward(grad_out.double())
+    assert out.dtype == dtype
+    assert torch.exp(torch.tensor(-spread, dtype=dtype)) == 0 or dtype == torch.bfloat16
+    assert (min(recomputed_pixels) > 0) == (spread > 100)
+    assert_close_to_scale(out.double(), expected, tol, f"{dtype} output")
+    for name, a, b in zip(("scores", "values", "rpe_bias", "query_mixing"), half, exact, strict=True):
+        assert a.grad.dtype == dtype
+        assert_close_to_scale(a.grad.double(), b.grad, 2 * tol, f"{dtype} grad {name}")
+
+
+def test_split_logits_in_inference_mode_match_grad_mode() -> None:
+    module = make_qna(torch.float32, in_channels=8, features=8, heads=2, window=3)
+    x = split_image(torch.randn(1, 9, 12, 8), module, 150.0)
+    with torch.inference_mode():
+        out = module(x)
+    torch.testing.assert_close(out, module(x).detach(), rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------
 # gradcheck of the fast form in fp64
 
