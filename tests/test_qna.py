@@ -629,3 +629,45 @@ def test_cuda_half_large_logits_stay_finite() -> None:
         module.float()
         expected = module(x.float())
     assert_close_to_scale(out.float(), expected, 3e-2, "fp16 output with large logits")
+
+
+# ---------------------------------------------------------------------------------------------------
+# FLOPs: the closed form counts what the fast form runs
+
+
+def qna_counted_and_closed_form_flops(mode: str, window: int, stride: int) -> tuple[int, int]:
+    """FLOPs of one step of the registry's QnA by `FlopCounterMode` with the layer's formulas, and by `qna_flops`."""
+    from qna_bench.layers import qna_flops
+    from qna_bench.measure.flops import count_flops
+    from qna_bench.problem import Problem
+    from qna_bench.registry import get_layer
+
+    problem = Problem(batch=2, height=15, width=13, channels=16, heads=2, window=window, stride=stride, mode=mode)
+    spec = get_layer("qna")
+    module = spec.build(problem)
+    x = problem.make_input(spec.layout)
+
+    def step() -> None:
+        out = module(x)
+        if mode == "train":
+            out.backward(problem.make_output_grad(out))
+
+    return count_flops(step, spec.flop_formulas).flops, qna_flops(problem)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("window", [3, 7, 13])
+def test_flop_counter_agrees_with_closed_form_in_train_mode_on_both_kernel_gradient_paths(
+    window: int, stride: int, weight_grad_path: str
+) -> None:
+    """`FlopCounterMode` (with the layer's FFT formulas) within 2% of `qna_flops` on the direct and on
+    the FFT kernel-gradient path."""
+    counted, expected = qna_counted_and_closed_form_flops("train", window, stride)
+    assert counted == pytest.approx(expected, rel=0.02)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("window", [3, 7, 13])
+def test_flop_counter_agrees_with_closed_form_in_forward_mode(window: int, stride: int) -> None:
+    counted, expected = qna_counted_and_closed_form_flops("forward", window, stride)
+    assert counted == pytest.approx(expected, rel=0.02)
