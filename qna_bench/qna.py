@@ -44,11 +44,14 @@ __all__ = [
     "FFT_WEIGHT_GRAD_MIN_WINDOW",
     "IMPLS",
     "STRIDES",
+    "TUNED_ON",
+    "UNDERFLOW_DENOMINATOR",
     "QnA",
     "qna_attention",
     "qna_attention_reference",
     "fft_weight_grad_lengths",
     "qna_output_size",
+    "tuned_thresholds",
     "uses_fft_weight_grad",
 ]
 
@@ -66,6 +69,9 @@ STRIDES: tuple[int, ...] = (1, 2)
 #   stride 2: k=7 102 vs 124, k=9 122 vs 130, k=11 148 vs 133, k=13 182 vs 146
 FFT_WEIGHT_GRAD_MIN_WINDOW: dict[int, int] = {1: 7, 2: 11}
 
+# The machine the thresholds below were measured on; the report prints it with `tuned_thresholds()`.
+TUNED_ON = "2-core AMD EPYC (Zen 4, AVX-512), torch 2.14.1 CPU, fp32, B=8, 56x56, C=128, 4 heads"
+
 # Bytes of one chunk's spectrum in the FFT kernel gradient: about 1 MiB keeps the chunk in cache and its
 # memory (a few such buffers) small next to the activations.
 _FFT_CHUNK_BYTES = 1 << 20
@@ -76,6 +82,18 @@ _FFT_CHUNK_BYTES = 1 << 20
 # numbers with ~2^-60 of headroom for the value and mixing factors of the numerator, and logits of the
 # released models (normalised queries) never spread that far, so the normal case recomputes nothing.
 UNDERFLOW_DENOMINATOR: dict[torch.dtype, float] = {torch.float32: 2.0**-64, torch.float64: 2.0**-600}
+
+
+
+def tuned_thresholds() -> dict[str, object]:
+    """QnA's machine-dependent choices as data, for reports: where each was measured (`TUNED_ON`)."""
+    return {
+        "tuned_on": TUNED_ON,
+        "fft_weight_grad_min_window": dict(FFT_WEIGHT_GRAD_MIN_WINDOW),
+        "fft_chunk_bytes": _FFT_CHUNK_BYTES,
+        "underflow_denominator": {str(k).removeprefix("torch."): v for k, v in UNDERFLOW_DENOMINATOR.items()},
+    }
+
 
 # The official query normalisation epsilon.
 _QUERY_EPS = 1e-6

@@ -671,3 +671,11 @@ def test_flop_counter_agrees_with_closed_form_in_train_mode_on_both_kernel_gradi
 def test_flop_counter_agrees_with_closed_form_in_forward_mode(window: int, stride: int) -> None:
     counted, expected = qna_counted_and_closed_form_flops("forward", window, stride)
     assert counted == pytest.approx(expected, rel=0.02)
+
+
+def test_tuned_thresholds_report_the_live_values_and_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(qna_module, "FFT_WEIGHT_GRAD_MIN_WINDOW", {1: 5, 2: 9})
+    tuned = qna_module.tuned_thresholds()
+    assert tuned["tuned_on"] == qna_module.TUNED_ON and "Zen 4" in tuned["tuned_on"]
+    assert tuned["fft_weight_grad_min_window"] == {1: 5, 2: 9}
+    assert set(tuned["underflow_denominator"]) == {"float32", "float64"}
