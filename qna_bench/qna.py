@@ -273,33 +273,33 @@ def _exp_scores(scores: Tensor) -> Tensor:
     return torch.exp(scores - scores.detach().amax(dim=(1, 2), keepdim=True))
 
 
-def _underflowed(den: Tensor) -> Tensor | None:
-    """Output pixels (n, 3) as (b, row, col) where some query's and head's denominator is below
-    `UNDERFLOW_DENOMINATOR` (their window's logits all lie far below the image's max), or None if none.
+def _underflowed(den: Tensor) -> Tensor:
+    """The output pixels (B, H', W') where some query's and head's denominator is below
+    `UNDERFLOW_DENOMINATOR` (their window's logits all lie far below the image's max).
 
     Writes 1 into those denominators, so that the fast form stays finite there; `_recompute_windows`
     then replaces those pixels. The normal case pays for one comparison and one reduction.
     """
     small = den < UNDERFLOW_DENOMINATOR[den.dtype]
-    pixels = small.flatten(-2).any(-1)
-    if not bool(pixels.any()):
-        return None
     den.masked_fill_(small, 1.0)
-    return pixels.nonzero()
+    return small.flatten(-2).any(-1)
 
 
+@torch.compiler.disable  # data-dependent: the pixels' number; torch.compile runs it eagerly
 def _recompute_windows(
-    z: Tensor, pixels: Tensor | None, packed: Tensor, rpe_bias: Tensor, mixing: Tensor, stride: int
+    z: Tensor, underflowed: Tensor, packed: Tensor, rpe_bias: Tensor, mixing: Tensor, stride: int
 ) -> Tensor:
-    """``z`` with the output ``pixels`` (n, 3) recomputed the reference way, each window with its own
-    max: the windows gathered (clamped at the border, the outside masked with -inf), a softmax in the
-    work dtype, the query mixing and the weighted sum of the values. Differentiable by autograd.
+    """``z`` with the ``underflowed`` output pixels (B, H', W') recomputed the reference way, each window
+    with its own max: the windows gathered (clamped at the border, the outside masked with -inf), a
+    softmax in the work dtype, the query mixing and the weighted sum of the values. Differentiable by
+    autograd.
 
-    Memory grows with n * k^2 * (F + Nq*h): this is the fallback for windows the fast form cannot
-    resolve, not a path for whole images.
+    Memory grows with n * k^2 * (F + Nq*h) for n such pixels: this is the fallback for windows the fast
+    form cannot resolve, not a path for whole images.
     """
-    if pixels is None:
+    if not bool(underflowed.any()):
         return z
+    pixels = underflowed.nonzero()
     num_queries, heads, window, _ = rpe_bias.shape
     _, height, width, channels = packed.shape
     features = channels - num_queries * heads
@@ -321,7 +321,7 @@ def _recompute_windows(
 
 def _qna_forward(
     exp_scores: Tensor, values: Tensor, rpe_exp: Tensor, mixing: Tensor, stride: int, padding: int
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """The fast form on exponentiated scores (B, H, W, Nq, h) in the work dtype; returns z (B, H', W', F)
     and den (B, H', W', Nq, h) in the work dtype, and the underflowed pixels (`_underflowed`).
 
@@ -337,7 +337,7 @@ def _qna_forward(
     den = _depthwise_conv(exp_scores.view(batch, height, width, -1), den_kernel, stride, padding)
     out_h, out_w = den.shape[1:3]
     den = den.view(batch, out_h, out_w, num_queries, heads)
-    pixels = _underflowed(den)
+    underflowed = _underflowed(den)
     v = values.unflatten(-1, (heads, head_dim))
     z: Tensor | None = None
     for n in range(num_queries):
@@ -347,7 +347,7 @@ def _qna_forward(
         num = num.view(batch, out_h, out_w, heads, head_dim)
         z = num.div_(den[..., n, :, None]) if z is None else z.addcdiv_(num, den[..., n, :, None])
     assert z is not None
-    return z.view(batch, out_h, out_w, features), den, pixels
+    return z.view(batch, out_h, out_w, features), den, underflowed
 
 
 class _QnAAttention(torch.autograd.Function):
@@ -367,13 +367,12 @@ class _QnAAttention(torch.autograd.Function):
         padding = (window - 1) // 2
         values, exp_scores = _unpack(packed, rpe_bias)
         rpe_exp = _kernels(rpe_bias, exp_scores.dtype)
-        z, den, pixels = _qna_forward(exp_scores, values, rpe_exp, mixing, stride, padding)
+        z, den, underflowed = _qna_forward(exp_scores, values, rpe_exp, mixing, stride, padding)
         # the underflowed pixels' den is 1 here; their z is replaced outside, so their gradient is 0
         ctx.save_for_backward(exp_scores, packed, den, rpe_bias, mixing)
         ctx.stride, ctx.padding = stride, padding
-        pixels = pixels if pixels is not None else packed.new_empty(0, 3, dtype=torch.long)
-        ctx.mark_non_differentiable(pixels)
-        return z, pixels
+        ctx.mark_non_differentiable(underflowed)
+        return z, underflowed
 
     @staticmethod
     @once_differentiable
@@ -489,13 +488,12 @@ def _unpack(packed: Tensor, rpe_bias: Tensor) -> tuple[Tensor, Tensor]:
 def _qna_attention_packed(packed: Tensor, rpe_bias: Tensor, query_mixing: Tensor, stride: int) -> Tensor:
     """`qna_attention` on values and scores packed as (B, H, W, F + Nq*h), values first."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (packed, rpe_bias, query_mixing)):
-        z, pixels = _QnAAttention.apply(packed, rpe_bias, query_mixing, stride)
-        pixels = pixels if pixels.numel() else None
+        z, underflowed = _QnAAttention.apply(packed, rpe_bias, query_mixing, stride)
     else:
         values, exp_scores = _unpack(packed, rpe_bias)
         rpe_exp = _kernels(rpe_bias, exp_scores.dtype)
-        z, _, pixels = _qna_forward(exp_scores, values, rpe_exp, query_mixing, stride, (rpe_bias.shape[-1] - 1) // 2)
-    return _recompute_windows(z, pixels, packed, rpe_bias, query_mixing, stride).to(packed.dtype)
+        z, _, underflowed = _qna_forward(exp_scores, values, rpe_exp, query_mixing, stride, (rpe_bias.shape[-1] - 1) // 2)
+    return _recompute_windows(z, underflowed, packed, rpe_bias, query_mixing, stride).to(packed.dtype)
 
 
 def qna_attention(
@@ -508,9 +506,9 @@ def qna_attention(
     ``z`` (B, H', W', F) ``= sum_n sum_j w_n(j) softmax_j(s_n(j) + b_n(j)) v_j`` over each zero-padded
     k x k window (padding outside the softmax), ``H' = qna_output_size(H, k, stride)``.
 
-    Exact for any logits as long as, within one image, no window's logits all lie more than ~80 (fp32,
-    bf16) or ~16 (fp16) below the image's largest logit of that query and head; beyond that the window's
-    weights underflow to 0/0.
+    Exact for any logits: one max per image keeps exp finite, and the windows whose logits all lie so
+    far below it that their denominator underflows (`UNDERFLOW_DENOMINATOR`) are recomputed with their
+    own max (`_recompute_windows`). Half types run the core in fp32 and return their own dtype.
     """
     _check_core_args(scores, values, rpe_bias, query_mixing, stride)
     return _qna_attention_packed(torch.cat([values, scores], dim=-1), rpe_bias, query_mixing, stride)

@@ -244,9 +244,9 @@ def recomputed_pixels(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     counts: list[int] = []
     original = qna_module._recompute_windows
 
-    def counting(z: torch.Tensor, pixels: torch.Tensor | None, *args: object) -> torch.Tensor:
-        counts.append(0 if pixels is None else len(pixels))
-        return original(z, pixels, *args)
+    def counting(z: torch.Tensor, underflowed: torch.Tensor, *args: object) -> torch.Tensor:
+        counts.append(int(underflowed.sum()))
+        return original(z, underflowed, *args)
 
     monkeypatch.setattr(qna_module, "_recompute_windows", counting)
     return counts
@@ -565,7 +565,7 @@ def test_torch_compile_matches_eager() -> None:
     x = torch.randn(1, 6, 5, 8)
     grad_out = torch.randn(1, 6, 5, 8)
     out_eager, grads_eager = run_with_grads(module, x, "fast", grad_out)
-    compiled = torch.compile(module, fullgraph=True)
+    compiled = torch.compile(module)  # the underflow fallback (data-dependent) runs eagerly
     x = x.requires_grad_(True)
     module.zero_grad(set_to_none=True)
     out_compiled = compiled(x)
