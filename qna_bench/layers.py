@@ -2,32 +2,69 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import nn
 
 from qna_bench.measure.traffic import traffic_bytes
 from qna_bench.problem import Problem
-from qna_bench.qna import STRIDES, QnA
+from qna_bench.qna import STRIDES, QnA, fft_weight_grad_lengths, uses_fft_weight_grad
 from qna_bench.registry import register_layer
 
 NUM_QUERIES = 2  # the released models' default
 
 
-def qna_flops(problem: Problem, num_queries: int = NUM_QUERIES) -> int:
-    """2 × multiply-adds of QnA's projections and windowed sums (element-wise work not counted).
+def real_fft_flops(maps: int, points: int) -> int:
+    """FLOPs of ``maps`` real FFTs (forward or inverse) of ``points`` points each: the usual
+    2.5 N log2 N, half of a complex FFT's 5 N log2 N."""
+    return round(maps * 2.5 * points * math.log2(points)) if points > 1 else 0
 
-    Train mode counts the usual 3× forward (backward = input and weight gradients of every product).
+
+def _fft_r2c_flops(x_shape, dim, *args, out_shape=None, **kwargs) -> int:
+    points = math.prod(x_shape[d] for d in dim)
+    return real_fft_flops(math.prod(x_shape) // points, points)
+
+
+def _fft_c2r_flops(x_shape, dim, *args, out_shape=None, **kwargs) -> int:
+    points = math.prod(out_shape[d] for d in dim)
+    return real_fft_flops(math.prod(out_shape) // points, points)
+
+
+# FlopCounterMode has no rule for the FFTs of QnA's kernel gradient (it would count them as zero).
+QNA_FLOP_FORMULAS = {torch.ops.aten._fft_r2c: _fft_r2c_flops, torch.ops.aten._fft_c2r: _fft_c2r_flops}
+
+
+def qna_flops(problem: Problem, num_queries: int = NUM_QUERIES) -> int:
+    """2 × multiply-adds of QnA's projections and windowed sums, plus the FFTs of the kernel gradients
+    where the backward takes that path (`uses_fft_weight_grad`); element-wise work is not counted.
+
+    Counts what the fast form runs, as `FlopCounterMode` with `QNA_FLOP_FORMULAS` counts it. Train mode:
+    every product's input and weight gradients (3× the forward), plus the numerators recomputed in the
+    backward; on the FFT path the direct kernel gradients are replaced by, per query, real FFTs of the
+    B·(F+h) products E·V (and E) and output gradients and the inverse FFTs of the F+h batch-summed spectra.
     """
-    b, c, heads = problem.batch, problem.channels, problem.heads
+    b, c, heads, k = problem.batch, problem.channels, problem.heads, problem.window
     out_h, out_w = problem.output_hw
     pixels, out_pixels = b * problem.height * problem.width, b * out_h * out_w
+    numerators = out_pixels * num_queries * c * k**2
+    denominators = out_pixels * num_queries * heads * k**2
     macs = (
         c * heads * (c // heads) * num_queries  # folded key·query weights W_k q̂
         + pixels * c * num_queries * heads  # scores x·(W_k q̂)
         + pixels * c * c  # value projection
-        + out_pixels * num_queries * (c + heads) * problem.window**2  # numerator and denominator windows
+        + numerators
+        + denominators
         + out_pixels * c * c  # output projection
     )
-    return 2 * macs * (3 if problem.mode == "train" else 1)
+    if problem.mode != "train":
+        return 2 * macs
+    flops = 2 * (3 * macs + numerators)
+    if uses_fft_weight_grad(problem.device, k, problem.stride):
+        n1, n2 = fft_weight_grad_lengths(problem.height, problem.width, k)
+        channels = num_queries * (c + heads)
+        flops += -2 * (numerators + denominators) + real_fft_flops(channels * (2 * b + 1), n1 * n2)
+    return flops
 
 
 def _constraints(problem: Problem) -> list[str]:
@@ -115,6 +152,7 @@ _QNA = dict(
     unsupported=_unsupported,
     flags=_flags,
     analytic_flops=qna_flops,
+    flop_formulas=QNA_FLOP_FORMULAS,
 )
 
 

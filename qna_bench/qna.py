@@ -44,10 +44,15 @@ __all__ = [
     "FFT_WEIGHT_GRAD_MIN_WINDOW",
     "IMPLS",
     "STRIDES",
+    "TUNED_ON",
+    "UNDERFLOW_DENOMINATOR",
     "QnA",
     "qna_attention",
     "qna_attention_reference",
+    "fft_weight_grad_lengths",
     "qna_output_size",
+    "tuned_thresholds",
+    "uses_fft_weight_grad",
 ]
 
 Impl = Literal["fast", "reference"]
@@ -64,9 +69,31 @@ STRIDES: tuple[int, ...] = (1, 2)
 #   stride 2: k=7 102 vs 124, k=9 122 vs 130, k=11 148 vs 133, k=13 182 vs 146
 FFT_WEIGHT_GRAD_MIN_WINDOW: dict[int, int] = {1: 7, 2: 11}
 
+# The machine the thresholds below were measured on; the report prints it with `tuned_thresholds()`.
+TUNED_ON = "2-core AMD EPYC (Zen 4, AVX-512), torch 2.14.1 CPU, fp32, B=8, 56x56, C=128, 4 heads"
+
 # Bytes of one chunk's spectrum in the FFT kernel gradient: about 1 MiB keeps the chunk in cache and its
 # memory (a few such buffers) small next to the activations.
 _FFT_CHUNK_BYTES = 1 << 20
+
+# Denominators below this (per work dtype) mark a window whose logits all lie so far below the image's
+# max that exp(s - m) has underflowed, or kept too few bits: `_recompute_windows` redoes those windows
+# with their own max. 2^-64 is a window ~44 below the image's max in fp32: its terms are still normal
+# numbers with ~2^-60 of headroom for the value and mixing factors of the numerator, and logits of the
+# released models (normalised queries) never spread that far, so the normal case recomputes nothing.
+UNDERFLOW_DENOMINATOR: dict[torch.dtype, float] = {torch.float32: 2.0**-64, torch.float64: 2.0**-600}
+
+
+
+def tuned_thresholds() -> dict[str, object]:
+    """QnA's machine-dependent choices as data, for reports: where each was measured (`TUNED_ON`)."""
+    return {
+        "tuned_on": TUNED_ON,
+        "fft_weight_grad_min_window": dict(FFT_WEIGHT_GRAD_MIN_WINDOW),
+        "fft_chunk_bytes": _FFT_CHUNK_BYTES,
+        "underflow_denominator": {str(k).removeprefix("torch."): v for k, v in UNDERFLOW_DENOMINATOR.items()},
+    }
+
 
 # The official query normalisation epsilon.
 _QUERY_EPS = 1e-6
@@ -139,7 +166,7 @@ def _depthwise_weight_grad_fft(
     """
     batch, height, width, channels = x.shape
     out_h, out_w = out_size
-    n1, n2 = _fast_fft_len(height + padding), _fast_fft_len(width + padding)
+    n1, n2 = fft_weight_grad_lengths(height, width, window)
     # pocketfft has no half precision, cuFFT only for powers of two
     work_dtype = torch.promote_types(x.dtype, torch.float32)
     spectrum_bytes = batch * n1 * (n2 // 2 + 1) * 2 * torch.finfo(work_dtype).bits // 8
@@ -162,9 +189,15 @@ def _depthwise_weight_grad_fft(
     return grad_kernel.to(x.dtype).unsqueeze(1)
 
 
-def _use_fft_weight_grad(x: Tensor, window: int, stride: int) -> bool:
-    """Whether the kernel gradient goes through the FFT (CPU, large windows) or PyTorch's own backward."""
-    return x.device.type == "cpu" and window >= FFT_WEIGHT_GRAD_MIN_WINDOW.get(stride, 1 << 30)
+def uses_fft_weight_grad(device_type: str, window: int, stride: int) -> bool:
+    """Whether the kernel gradients go through the FFT (CPU, large windows) or PyTorch's own backward."""
+    return device_type == "cpu" and window >= FFT_WEIGHT_GRAD_MIN_WINDOW.get(stride, 1 << 30)
+
+
+def fft_weight_grad_lengths(height: int, width: int, window: int) -> tuple[int, int]:
+    """The FFT lengths of the kernel gradient on a (height, width) input: at least size + padding."""
+    padding = (window - 1) // 2
+    return _fast_fft_len(height + padding), _fast_fft_len(width + padding)
 
 
 def _depthwise_conv_input_grad(
@@ -228,19 +261,74 @@ def _value_kernel(rpe_exp: Tensor, mixing: Tensor, head_dim: int) -> Tensor:
     return kernel.expand(heads, head_dim, window, window).reshape(heads * head_dim, 1, window, window)
 
 
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the windowed softmax's core: fp32 for half types (see `_qna_forward`), else ``dtype``."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _exp_scores(scores: Tensor) -> Tensor:
-    """``exp(s - m)`` with ``m`` the max over each image, per query and head: a constant within every
-    window, so exact, and it keeps the largest term at 1 (no overflow in fp32, fp16 or bf16)."""
-    s = scores.detach()
-    return torch.exp(scores - s.amax(dim=(1, 2), keepdim=True))
+    """``exp(s - m)`` in the work dtype, with ``m`` the max over each image, per query and head: a
+    constant within every window, so exact, and it keeps the largest term at 1 (no overflow)."""
+    scores = scores.to(_work_dtype(scores.dtype))
+    return torch.exp(scores - scores.detach().amax(dim=(1, 2), keepdim=True))
+
+
+def _underflowed(den: Tensor) -> Tensor:
+    """The output pixels (B, H', W') where some query's and head's denominator is below
+    `UNDERFLOW_DENOMINATOR` (their window's logits all lie far below the image's max).
+
+    Writes 1 into those denominators, so that the fast form stays finite there; `_recompute_windows`
+    then replaces those pixels. The normal case pays for one comparison and one reduction.
+    """
+    small = den < UNDERFLOW_DENOMINATOR[den.dtype]
+    den.masked_fill_(small, 1.0)
+    return small.flatten(-2).any(-1)
+
+
+@torch.compiler.disable  # data-dependent: the pixels' number; torch.compile runs it eagerly
+def _recompute_windows(
+    z: Tensor, underflowed: Tensor, packed: Tensor, rpe_bias: Tensor, mixing: Tensor, stride: int
+) -> Tensor:
+    """``z`` with the ``underflowed`` output pixels (B, H', W') recomputed the reference way, each window
+    with its own max: the windows gathered (clamped at the border, the outside masked with -inf), a
+    softmax in the work dtype, the query mixing and the weighted sum of the values. Differentiable by
+    autograd.
+
+    Memory grows with n * k^2 * (F + Nq*h) for n such pixels: this is the fallback for windows the fast
+    form cannot resolve, not a path for whole images.
+    """
+    if not bool(underflowed.any()):
+        return z
+    pixels = underflowed.nonzero()
+    num_queries, heads, window, _ = rpe_bias.shape
+    _, height, width, channels = packed.shape
+    features = channels - num_queries * heads
+    padding = (window - 1) // 2
+    taps = torch.arange(window, device=packed.device) - padding
+    rows = pixels[:, 1, None] * stride + taps  # (n, k) input rows of each window
+    cols = pixels[:, 2, None] * stride + taps
+    inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
+    gathered = packed[
+        pixels[:, 0, None, None], rows.clamp(0, height - 1)[:, :, None], cols.clamp(0, width - 1)[:, None, :]
+    ].to(z.dtype)  # (n, k, k, F + Nq*h)
+    logits = gathered[..., features:].unflatten(-1, (num_queries, heads)) + rpe_bias.permute(2, 3, 0, 1).to(z.dtype)
+    logits = logits.masked_fill(~inside[..., None, None], float("-inf")).flatten(1, 2)  # (n, k*k, Nq, h)
+    weights = (torch.softmax(logits, dim=1) * mixing.permute(2, 3, 0, 1).flatten(0, 1).to(z.dtype)).sum(2)
+    v = gathered[..., :features].flatten(1, 2).unflatten(-1, (heads, features // heads))  # (n, k*k, h, d)
+    fixed = torch.einsum("njh,njhd->nhd", weights, v).flatten(1)
+    return z.index_put(tuple(pixels.T), fixed)
 
 
 def _qna_forward(
     exp_scores: Tensor, values: Tensor, rpe_exp: Tensor, mixing: Tensor, stride: int, padding: int
-) -> tuple[Tensor, Tensor]:
-    """The fast form on exponentiated scores (B, H, W, Nq, h); returns z (B, H', W', F) and den (B, H', W', Nq, h).
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The fast form on exponentiated scores (B, H, W, Nq, h) in the work dtype; returns z (B, H', W', F)
+    and den (B, H', W', Nq, h) in the work dtype, and the underflowed pixels (`_underflowed`).
 
-    One query at a time, so the largest intermediate is (B, H, W, F).
+    One query at a time, so the largest intermediate is (B, H, W, F). For half types the whole core
+    (E, E*V, both convolutions, the division) runs in fp32: E and the denominator then resolve windows
+    down to ~87 below the image's max instead of ~17 (fp16), and the numerator E*V cannot underflow
+    silently to 0 where the denominator is still fine. The cost is fp32 intermediates for half inputs.
     """
     batch, height, width, num_queries, heads = exp_scores.shape
     features = values.shape[-1]
@@ -249,6 +337,7 @@ def _qna_forward(
     den = _depthwise_conv(exp_scores.view(batch, height, width, -1), den_kernel, stride, padding)
     out_h, out_w = den.shape[1:3]
     den = den.view(batch, out_h, out_w, num_queries, heads)
+    underflowed = _underflowed(den)
     v = values.unflatten(-1, (heads, head_dim))
     z: Tensor | None = None
     for n in range(num_queries):
@@ -258,7 +347,7 @@ def _qna_forward(
         num = num.view(batch, out_h, out_w, heads, head_dim)
         z = num.div_(den[..., n, :, None]) if z is None else z.addcdiv_(num, den[..., n, :, None])
     assert z is not None
-    return z.view(batch, out_h, out_w, features), den
+    return z.view(batch, out_h, out_w, features), den, underflowed
 
 
 class _QnAAttention(torch.autograd.Function):
@@ -273,19 +362,21 @@ class _QnAAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, packed: Tensor, rpe_bias: Tensor, mixing: Tensor, stride: int) -> Tensor:
+    def forward(ctx: Any, packed: Tensor, rpe_bias: Tensor, mixing: Tensor, stride: int) -> tuple[Tensor, Tensor]:
         window = rpe_bias.shape[-1]
         padding = (window - 1) // 2
         values, exp_scores = _unpack(packed, rpe_bias)
-        rpe_exp = _kernels(rpe_bias, values.dtype)
-        z, den = _qna_forward(exp_scores, values, rpe_exp, mixing, stride, padding)
+        rpe_exp = _kernels(rpe_bias, exp_scores.dtype)
+        z, den, underflowed = _qna_forward(exp_scores, values, rpe_exp, mixing, stride, padding)
+        # the underflowed pixels' den is 1 here; their z is replaced outside, so their gradient is 0
         ctx.save_for_backward(exp_scores, packed, den, rpe_bias, mixing)
         ctx.stride, ctx.padding = stride, padding
-        return z
+        ctx.mark_non_differentiable(underflowed)
+        return z, underflowed
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_z: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_z: Tensor, _grad_pixels: Tensor | None) -> tuple[Tensor | None, ...]:
         exp_scores, packed, den, rpe_bias, mixing = ctx.saved_tensors
         stride, padding = ctx.stride, ctx.padding
         need_kernel_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
@@ -293,18 +384,19 @@ class _QnAAttention(torch.autograd.Function):
         out_h, out_w = den.shape[1:3]
         features = packed.shape[-1] - num_queries * heads
         values = packed[..., :features]
-        g_packed = torch.zeros_like(packed)  # accumulated into in place: compile refuses strided out=
+        # accumulated into in place (compile refuses strided out=), in the work dtype
+        g_packed = torch.zeros_like(packed, dtype=exp_scores.dtype)
         head_dim = features // heads
         window = rpe_bias.shape[-1]
 
-        rpe_exp = _kernels(rpe_bias, values.dtype)
+        rpe_exp = _kernels(rpe_bias, exp_scores.dtype)
         v = values.unflatten(-1, (heads, head_dim))
-        g_z = grad_z.contiguous().view(batch, out_h, out_w, heads, head_dim)
+        g_z = grad_z.to(exp_scores.dtype).contiguous().view(batch, out_h, out_w, heads, head_dim)
         g_exp = torch.empty_like(exp_scores)
         g_den = torch.empty_like(den)
         g_values = g_packed[..., :features].unflatten(-1, (heads, head_dim))
         g_value_kernel = rpe_exp.new_zeros(num_queries, heads, window, window)
-        use_fft = need_kernel_grad and _use_fft_weight_grad(exp_scores, window, stride)
+        use_fft = need_kernel_grad and uses_fft_weight_grad(exp_scores.device.type, window, stride)
 
         for n in range(num_queries):
             e_n = exp_scores[..., n, :, None]
@@ -364,7 +456,7 @@ class _QnAAttention(torch.autograd.Function):
             g_rpe_exp = g_value_kernel * mixing + g_den_kernel.view_as(rpe_exp)
             g_rpe = (g_rpe_exp * rpe_exp).to(rpe_bias.dtype)
             g_mixing = (g_value_kernel * rpe_exp).to(mixing.dtype)
-        return g_packed, g_rpe, g_mixing, None
+        return g_packed.to(packed.dtype), g_rpe, g_mixing, None
 
 
 def _check_core_args(scores: Tensor, values: Tensor, rpe_bias: Tensor, mixing: Tensor, stride: int) -> None:
@@ -396,10 +488,12 @@ def _unpack(packed: Tensor, rpe_bias: Tensor) -> tuple[Tensor, Tensor]:
 def _qna_attention_packed(packed: Tensor, rpe_bias: Tensor, query_mixing: Tensor, stride: int) -> Tensor:
     """`qna_attention` on values and scores packed as (B, H, W, F + Nq*h), values first."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (packed, rpe_bias, query_mixing)):
-        return _QnAAttention.apply(packed, rpe_bias, query_mixing, stride)
-    values, exp_scores = _unpack(packed, rpe_bias)
-    rpe_exp = _kernels(rpe_bias, values.dtype)
-    return _qna_forward(exp_scores, values, rpe_exp, query_mixing, stride, (rpe_bias.shape[-1] - 1) // 2)[0]
+        z, underflowed = _QnAAttention.apply(packed, rpe_bias, query_mixing, stride)
+    else:
+        values, exp_scores = _unpack(packed, rpe_bias)
+        rpe_exp = _kernels(rpe_bias, exp_scores.dtype)
+        z, _, underflowed = _qna_forward(exp_scores, values, rpe_exp, query_mixing, stride, (rpe_bias.shape[-1] - 1) // 2)
+    return _recompute_windows(z, underflowed, packed, rpe_bias, query_mixing, stride).to(packed.dtype)
 
 
 def qna_attention(
@@ -412,9 +506,9 @@ def qna_attention(
     ``z`` (B, H', W', F) ``= sum_n sum_j w_n(j) softmax_j(s_n(j) + b_n(j)) v_j`` over each zero-padded
     k x k window (padding outside the softmax), ``H' = qna_output_size(H, k, stride)``.
 
-    Exact for any logits as long as, within one image, no window's logits all lie more than ~80 (fp32,
-    bf16) or ~16 (fp16) below the image's largest logit of that query and head; beyond that the window's
-    weights underflow to 0/0.
+    Exact for any logits: one max per image keeps exp finite, and the windows whose logits all lie so
+    far below it that their denominator underflows (`UNDERFLOW_DENOMINATOR`) are recomputed with their
+    own max (`_recompute_windows`). Half types run the core in fp32 and return their own dtype.
     """
     _check_core_args(scores, values, rpe_bias, query_mixing, stride)
     return _qna_attention_packed(torch.cat([values, scores], dim=-1), rpe_bias, query_mixing, stride)

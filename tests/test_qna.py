@@ -238,6 +238,87 @@ def test_large_rpe_bias_does_not_overflow() -> None:
     compare_with_fp64_reference(module, torch.randn(1, 8, 8, 4), rtol=1e-5)
 
 
+@pytest.fixture
+def recomputed_pixels(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many output pixels each call of the fast form recomputed with their own max."""
+    counts: list[int] = []
+    original = qna_module._recompute_windows
+
+    def counting(z: torch.Tensor, underflowed: torch.Tensor, *args: object) -> torch.Tensor:
+        counts.append(int(underflowed.sum()))
+        return original(z, underflowed, *args)
+
+    monkeypatch.setattr(qna_module, "_recompute_windows", counting)
+    return counts
+
+
+def split_image(x: torch.Tensor, module: QnA, spread: float) -> torch.Tensor:
+    """``x`` with the first query's logits raised by spread/2 in the left half of every image and lowered
+    by spread/2 in the right half: the right half's windows lie ``spread`` below the image's max."""
+    half = x.shape[2] // 2
+    return torch.cat(
+        [with_large_logits(module, x[:, :, :half], spread / 2), with_large_logits(module, x[:, :, half:], -spread / 2)],
+        dim=2,
+    )
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_fp32_logits_spread_150_within_an_image_match_fp64_reference(
+    stride: int, recomputed_pixels: list[int]
+) -> None:
+    """A spread of 150 underflows every window of the low half (exp(-150) = 0 in fp32): those windows are
+    recomputed with their own max, and output and gradients stay within 1e-4 of the fp64 reference."""
+    module = make_qna(torch.float32, in_channels=8, features=8, heads=2, window=5, stride=stride)
+    x = split_image(torch.randn(2, 11, 16, 8), module, 150.0)
+    compare_with_fp64_reference(module, x, rtol=1e-4)
+    assert recomputed_pixels and min(recomputed_pixels) > 0
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("spread", [30.0, 150.0])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_half_logits_spread_30_within_an_image_match_fp64_reference(
+    dtype: torch.dtype, spread: float, tol: float, stride: int, recomputed_pixels: list[int]
+) -> None:
+    """The core in fp16 / bf16 with logits spread by 30 or 150 between the two halves of an image (exp
+    underflows below -17 in fp16, below -104 in bf16) against the reference in fp64 on the same, exactly
+    representable, inputs: finite, and within the dtype's rounding of the output and of every gradient.
+    At 150 even the fp32 core underflows, and the low half's windows are recomputed."""
+    torch.manual_seed(0)
+    num_queries, heads, features, window = 2, 2, 8, 5
+    scores = torch.randn(2, 11, 16, num_queries * heads)
+    scores[:, :, :8] += spread / 2
+    scores[:, :, 8:] -= spread / 2
+    inputs = [
+        scores,
+        torch.randn(2, 11, 16, features),
+        torch.randn(num_queries, heads, window, window),
+        torch.randn(num_queries, heads, window, window),
+    ]
+    half = [t.to(dtype).requires_grad_(True) for t in inputs]
+    exact = [t.detach().double().requires_grad_(True) for t in half]
+    grad_out = torch.randn(2, qna_output_size(11, window, stride), qna_output_size(16, window, stride), features)
+    out = qna_attention(*half, stride=stride)
+    out.backward(grad_out.to(dtype))
+    expected = qna_attention_reference(*exact, stride=stride)
+    expected.backward(grad_out.double())
+    assert out.dtype == dtype
+    assert torch.exp(torch.tensor(-spread, dtype=dtype)) == 0 or dtype == torch.bfloat16
+    assert (min(recomputed_pixels) > 0) == (spread > 100)
+    assert_close_to_scale(out.double(), expected, tol, f"{dtype} output")
+    for name, a, b in zip(("scores", "values", "rpe_bias", "query_mixing"), half, exact, strict=True):
+        assert a.grad.dtype == dtype
+        assert_close_to_scale(a.grad.double(), b.grad, 2 * tol, f"{dtype} grad {name}")
+
+
+def test_split_logits_in_inference_mode_match_grad_mode() -> None:
+    module = make_qna(torch.float32, in_channels=8, features=8, heads=2, window=3)
+    x = split_image(torch.randn(1, 9, 12, 8), module, 150.0)
+    with torch.inference_mode():
+        out = module(x)
+    torch.testing.assert_close(out, module(x).detach(), rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------
 # gradcheck of the fast form in fp64
 
@@ -484,7 +565,7 @@ def test_torch_compile_matches_eager() -> None:
     x = torch.randn(1, 6, 5, 8)
     grad_out = torch.randn(1, 6, 5, 8)
     out_eager, grads_eager = run_with_grads(module, x, "fast", grad_out)
-    compiled = torch.compile(module, fullgraph=True)
+    compiled = torch.compile(module)  # the underflow fallback (data-dependent) runs eagerly
     x = x.requires_grad_(True)
     module.zero_grad(set_to_none=True)
     out_compiled = compiled(x)
@@ -548,3 +629,53 @@ def test_cuda_half_large_logits_stay_finite() -> None:
         module.float()
         expected = module(x.float())
     assert_close_to_scale(out.float(), expected, 3e-2, "fp16 output with large logits")
+
+
+# ---------------------------------------------------------------------------------------------------
+# FLOPs: the closed form counts what the fast form runs
+
+
+def qna_counted_and_closed_form_flops(mode: str, window: int, stride: int) -> tuple[int, int]:
+    """FLOPs of one step of the registry's QnA by `FlopCounterMode` with the layer's formulas, and by `qna_flops`."""
+    from qna_bench.layers import qna_flops
+    from qna_bench.measure.flops import count_flops
+    from qna_bench.problem import Problem
+    from qna_bench.registry import get_layer
+
+    problem = Problem(batch=2, height=15, width=13, channels=16, heads=2, window=window, stride=stride, mode=mode)
+    spec = get_layer("qna")
+    module = spec.build(problem)
+    x = problem.make_input(spec.layout)
+
+    def step() -> None:
+        out = module(x)
+        if mode == "train":
+            out.backward(problem.make_output_grad(out))
+
+    return count_flops(step, spec.flop_formulas).flops, qna_flops(problem)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("window", [3, 7, 13])
+def test_flop_counter_agrees_with_closed_form_in_train_mode_on_both_kernel_gradient_paths(
+    window: int, stride: int, weight_grad_path: str
+) -> None:
+    """`FlopCounterMode` (with the layer's FFT formulas) within 2% of `qna_flops` on the direct and on
+    the FFT kernel-gradient path."""
+    counted, expected = qna_counted_and_closed_form_flops("train", window, stride)
+    assert counted == pytest.approx(expected, rel=0.02)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("window", [3, 7, 13])
+def test_flop_counter_agrees_with_closed_form_in_forward_mode(window: int, stride: int) -> None:
+    counted, expected = qna_counted_and_closed_form_flops("forward", window, stride)
+    assert counted == pytest.approx(expected, rel=0.02)
+
+
+def test_tuned_thresholds_report_the_live_values_and_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(qna_module, "FFT_WEIGHT_GRAD_MIN_WINDOW", {1: 5, 2: 9})
+    tuned = qna_module.tuned_thresholds()
+    assert tuned["tuned_on"] == qna_module.TUNED_ON and "Zen 4" in tuned["tuned_on"]
+    assert tuned["fft_weight_grad_min_window"] == {1: 5, 2: 9}
+    assert set(tuned["underflow_denominator"]) == {"float32", "float64"}
