@@ -314,7 +314,8 @@ def roofline_figure(frame: pd.DataFrame) -> Figure | None:
     points = with_roles(points)
     styles = _layer_styles(frame)
     legend_rows = sort_rows(points.drop_duplicates("layer"), ["role", "layer"])
-    shapes = list(points.groupby(SHAPE_COLUMNS, sort=True, dropna=False))
+    shape_columns = ["device_name", "dtype", *SHAPE_COLUMNS]
+    shapes = list(points.groupby(shape_columns, sort=True, dropna=False))
     fig, axes = _figure(len(shapes), ncols=2, panel_size=(6.4, 5.0))
     fig.set_figwidth(fig.get_figwidth() + 2.8)
     for ax, (shape_values, shape_points) in zip(axes, shapes):
@@ -338,7 +339,7 @@ def roofline_figure(frame: pd.DataFrame) -> Figure | None:
         ax.set_yscale("log")
         ax.set_xlabel("arithmetic intensity (FLOP/byte, closed-form bytes)")
         ax.set_ylabel("achieved GFLOP/s")
-        ax.set_title(shape_title(dict(zip(SHAPE_COLUMNS, shape_values))), fontsize=9)
+        ax.set_title(shape_title(dict(zip(shape_columns, shape_values))), fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
     handles = [
         Line2D([], [], linestyle="", marker="o", color=styles[row.layer]["color"],

@@ -58,7 +58,7 @@ PLUGIN = """
 from torch import nn
 from qna_bench.registry import register_layer
 
-@register_layer("{name}", family="plugin", implementation="tests: a 1x1 convolution", layout="nchw")
+@register_layer("{name}", role="baseline", family="plugin", implementation="tests: a 1x1 convolution", layout="nchw")
 def build(problem):
     return nn.Conv2d(problem.channels, problem.channels, 1)
 """
