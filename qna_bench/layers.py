@@ -9,7 +9,7 @@ from torch import nn
 
 from qna_bench.measure.traffic import traffic_bytes
 from qna_bench.problem import Problem
-from qna_bench.qna import STRIDES, QnA, fft_weight_grad_lengths, uses_fft_weight_grad
+from qna_bench.qna import STRIDES, QnA, convolution_window, fft_weight_grad_lengths, uses_fft_weight_grad
 from qna_bench.registry import register_layer
 
 NUM_QUERIES = 2  # the released models' default
@@ -39,32 +39,32 @@ def qna_flops(problem: Problem, num_queries: int = NUM_QUERIES) -> int:
     """2 × multiply-adds of QnA's projections and windowed sums, plus the FFTs of the kernel gradients
     where the backward takes that path (`uses_fft_weight_grad`); element-wise work is not counted.
 
-    Counts what the fast form runs, as `FlopCounterMode` with `QNA_FLOP_FORMULAS` counts it. Train mode:
+    Counts what the fast form runs, as `FlopCounterMode` with `QNA_FLOP_FORMULAS` counts it: the
+    convolutions at `convolution_window` (the zero taps of a padded kernel included). Train mode:
     every product's input and weight gradients (3× the forward), plus the numerators recomputed in the
     backward; on the FFT path the direct kernel gradients are replaced by, per query, real FFTs of the
     B·(F+h) products E·V (and E) and output gradients and the inverse FFTs of the F+h batch-summed spectra.
     """
     b, c, heads, k = problem.batch, problem.channels, problem.heads, problem.window
+    conv_k = convolution_window(problem.device, k, problem.stride)  # the kernel gradients stay at k
     out_h, out_w = problem.output_hw
     pixels, out_pixels = b * problem.height * problem.width, b * out_h * out_w
-    numerators = out_pixels * num_queries * c * k**2
-    denominators = out_pixels * num_queries * heads * k**2
-    macs = (
+    linear = (
         c * heads * (c // heads) * num_queries  # folded key·query weights W_k q̂
         + pixels * c * num_queries * heads  # scores x·(W_k q̂)
         + pixels * c * c  # value projection
-        + numerators
-        + denominators
         + out_pixels * c * c  # output projection
     )
+    numerators, denominators = (out_pixels * num_queries * ch * conv_k**2 for ch in (c, heads))
     if problem.mode != "train":
-        return 2 * macs
-    flops = 2 * (3 * macs + numerators)
-    if uses_fft_weight_grad(problem.device, k, problem.stride):
-        n1, n2 = fft_weight_grad_lengths(problem.height, problem.width, k)
-        channels = num_queries * (c + heads)
-        flops += -2 * (numerators + denominators) + real_fft_flops(channels * (2 * b + 1), n1 * n2)
-    return flops
+        return 2 * (linear + numerators + denominators)
+    # input and weight gradients of the linears; numerators: forward, recomputed, input gradient;
+    # denominators: forward, input gradient
+    macs = 3 * linear + 3 * numerators + 2 * denominators
+    if not uses_fft_weight_grad(problem.device, k, problem.stride):
+        return 2 * (macs + out_pixels * num_queries * (c + heads) * k**2)
+    n1, n2 = fft_weight_grad_lengths(problem.height, problem.width, k)
+    return 2 * macs + real_fft_flops(num_queries * (c + heads) * (2 * b + 1), n1 * n2)
 
 
 def _constraints(problem: Problem) -> list[str]:

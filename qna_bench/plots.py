@@ -197,10 +197,10 @@ def ratio_figure(frame: pd.DataFrame) -> Figure | None:
             for (layer, subject), rows in panel.groupby(["layer", "subject"], sort=True):
                 rows = rows[rows[column].notna()].sort_values("window")
                 if len(rows):
-                    label = _layer_label(layer, rows["role"].iloc[0], rows["family"].iloc[0])
+                    name = _layer_label(layer, rows["role"].iloc[0], rows["family"].iloc[0])
                     ax.plot(
                         rows["window"], rows[column].astype(float), marker="o", ms=4,
-                        label=f"{label} / {subject}" if several else label, **styles[layer],
+                        label=f"{name} / {subject}" if several else name, **styles[layer],
                     )
             ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
             ax.axhline(claim, color="tab:red", linewidth=1, linestyle="-.", label=f"claimed: {claim:g}×")

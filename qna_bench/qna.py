@@ -43,12 +43,14 @@ from torch.autograd.function import once_differentiable
 __all__ = [
     "FFT_WEIGHT_GRAD_MIN_WINDOW",
     "IMPLS",
+    "PADDED_WINDOWS",
     "STRIDES",
     "TUNED_ON",
     "UNDERFLOW_DENOMINATOR",
     "QnA",
     "qna_attention",
     "qna_attention_reference",
+    "convolution_window",
     "fft_weight_grad_lengths",
     "qna_output_size",
     "tuned_thresholds",
@@ -72,6 +74,16 @@ FFT_WEIGHT_GRAD_MIN_WINDOW: dict[int, int] = {1: 7, 2: 11}
 # The machine the thresholds below were measured on; the report prints it with `tuned_thresholds()`.
 TUNED_ON = "2-core AMD EPYC (Zen 4, AVX-512), torch 2.14.1 CPU, fp32, B=8, 56x56, C=128, 4 heads"
 
+# Stride-1 depthwise convolutions on CPU whose window k runs through the zero-padded kernel of a larger
+# window (an exact rewrite), keyed by torch's thread count, then by k. oneDNN's depthwise forward with
+# 2 threads (B=8, 56x56, C=128, fp32, reference machine, 2026-11-30) took 20 ms at k=13 against 9.9 ms
+# at k=15, and QnA inherited the dip (forward 56.8 ms at k=13, 38.1 ms at k=15; train 257 vs 178).
+# With 1 thread there is no dip (CPU time under load: k=13 37 ms, k=15 56 ms), so nothing is padded.
+# Not re-measured quietly: on the shared machine at load 10 (2 threads, min of 12) QnA's forward at k=13
+# took 775 ms unpadded, 921 ms padded, 966 ms at k=15, 40x the quiet times, which says nothing of the
+# quiet partitioning. Set {} to turn it off.
+PADDED_WINDOWS: dict[int, dict[int, int]] = {2: {13: 15}}
+
 # Bytes of one chunk's spectrum in the FFT kernel gradient: about 1 MiB keeps the chunk in cache and its
 # memory (a few such buffers) small next to the activations.
 _FFT_CHUNK_BYTES = 1 << 20
@@ -91,6 +103,7 @@ def tuned_thresholds() -> dict[str, object]:
         "tuned_on": TUNED_ON,
         "fft_weight_grad_min_window": dict(FFT_WEIGHT_GRAD_MIN_WINDOW),
         "fft_chunk_bytes": _FFT_CHUNK_BYTES,
+        "padded_windows_by_threads": {t: dict(w) for t, w in PADDED_WINDOWS.items()},
         "underflow_denominator": {str(k).removeprefix("torch."): v for k, v in UNDERFLOW_DENOMINATOR.items()},
     }
 
@@ -110,8 +123,27 @@ def qna_output_size(size: int, window: int, stride: int = 1) -> int:
 # the fast layout for depthwise convolution on CPU, and the results permute back without a copy.
 
 
+def convolution_window(device_type: str, window: int, stride: int) -> int:
+    """The window QnA's depthwise convolutions (not their kernel gradients) run at: ``window``, or the
+    larger one `PADDED_WINDOWS` names for this thread count (stride 1, CPU)."""
+    if device_type != "cpu" or stride != 1:
+        return window
+    return PADDED_WINDOWS.get(torch.get_num_threads(), {}).get(window, window)
+
+
+def _padded_kernel(kernel: Tensor, stride: int, padding: int) -> tuple[Tensor, int]:
+    """``kernel`` zero-padded to `convolution_window`, and the matching padding: the same
+    cross-correlation, through a oneDNN kernel that runs faster on this machine."""
+    window = kernel.shape[-1]
+    margin = (convolution_window(kernel.device.type, window, stride) - window) // 2
+    if margin == 0:
+        return kernel, padding
+    return F.pad(kernel, (margin, margin, margin, margin)), padding + margin
+
+
 def _depthwise_conv(x: Tensor, kernel: Tensor, stride: int, padding: int) -> Tensor:
     """Depthwise cross-correlation of ``x`` (B, H, W, C) with ``kernel`` (C, 1, k, k) -> (B, H', W', C)."""
+    kernel, padding = _padded_kernel(kernel, stride, padding)
     out = F.conv2d(x.permute(0, 3, 1, 2), kernel, stride=stride, padding=padding, groups=x.shape[-1])
     return out.permute(0, 2, 3, 1).contiguous()
 
@@ -212,7 +244,8 @@ def _depthwise_conv_input_grad(
     g = grad_out.permute(0, 3, 1, 2)
     channels = grad_out.shape[-1]
     if stride == 1:
-        grad_x = F.conv2d(g, kernel.flip(-2, -1), padding=padding, groups=channels)
+        kernel, padding = _padded_kernel(kernel.flip(-2, -1), stride, padding)
+        grad_x = F.conv2d(g, kernel, padding=padding, groups=channels)
     else:
         window = kernel.shape[-1]
         output_padding = [

@@ -679,3 +679,19 @@ def test_tuned_thresholds_report_the_live_values_and_the_machine(monkeypatch: py
     assert tuned["tuned_on"] == qna_module.TUNED_ON and "Zen 4" in tuned["tuned_on"]
     assert tuned["fft_weight_grad_min_window"] == {1: 5, 2: 9}
     assert set(tuned["underflow_denominator"]) == {"float32", "float64"}
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("mode", ["forward", "train"])
+def test_padded_convolution_windows_stay_exact_and_counted(
+    monkeypatch: pytest.MonkeyPatch, mode: str, stride: int
+) -> None:
+    """Windows run through a larger zero-padded kernel (`PADDED_WINDOWS`, for this thread count): the
+    fast form still equals the reference form, and the closed-form FLOPs count the padded convolutions."""
+    monkeypatch.setattr(qna_module, "PADDED_WINDOWS", {torch.get_num_threads(): {3: 7, 7: 9}})
+    assert qna_module.convolution_window("cpu", 3, 1) == 7
+    for window in (3, 7):
+        module = make_qna(in_channels=5, features=8, heads=2, window=window, stride=stride)
+        compare_forms(module, torch.randn(2, 11, 8, 5, dtype=torch.float64), rtol=1e-10)
+        counted, expected = qna_counted_and_closed_form_flops(mode, window, stride)
+        assert counted == pytest.approx(expected, rel=0.02)
