@@ -36,6 +36,7 @@ def test_a_tiny_sweep_writes_every_row_and_its_figures(tmp_path):
     assert (frame["median_s"] > 0).all() and (frame["peak_bytes"] > 0).all() and (frame["flops"] > 0).all()
     assert (frame["flops"] == frame["flops_analytic"]).all()
     assert frame["threads"].notna().all() and frame["git_commit"].notna().all()
+    assert set(frame["role"]) == {"baseline"}
     for figure in ("latency.png", "memory.png"):
         assert (tmp_path / figure).stat().st_size > 10_000
     assert "[8/8]" in done.stderr and "ETA" in done.stderr
