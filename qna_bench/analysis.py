@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from qna_bench.registry import ROLES, role_of
+from qna_bench.rounds import ratio_spread
 
 # A problem's shape, without its window and mode.
 SHAPE_COLUMNS: tuple[str, ...] = ("batch", "height", "width", "channels", "heads", "stride", "dilation")
@@ -171,8 +172,8 @@ def round_ratios(rounds: Sequence[float] | None, subject_rounds: Sequence[float]
     mine, theirs = [float(v) for v in rounds], [float(v) for v in subject_rounds]
     if not mine or len(mine) != len(theirs) or min(mine + theirs) <= 0:
         return None
-    ratios = [a / b for a, b in zip(mine, theirs)]
-    return float(np.median(ratios)), min(ratios), max(ratios), len(ratios)
+    median, low, high = ratio_spread(theirs, mine)
+    return median, low, high, len(mine)
 
 
 def ratio_frame(frame: pd.DataFrame) -> pd.DataFrame:
