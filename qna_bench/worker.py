@@ -14,7 +14,7 @@ import gc
 import importlib
 import multiprocessing
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -70,8 +70,10 @@ def describe_exit(exitcode: int | None) -> str:
 class PointWorker:
     """One worker process at a time; started on first use and again after a kill or a crash."""
 
-    def __init__(self, setup: WorkerSetup):
+    def __init__(self, setup: WorkerSetup, serve: Callable[[Connection, WorkerSetup], None] | None = None):
+        """``serve``: the worker's main function (tests give a stand-in); by default, measuring points."""
         self.setup = setup
+        self._serve = serve or _serve
         self.memory_cap: int | None = None
         self._context = multiprocessing.get_context("spawn")
         self._process: multiprocessing.process.BaseProcess | None = None
@@ -79,7 +81,7 @@ class PointWorker:
 
     def start(self) -> None:
         parent_end, child_end = self._context.Pipe()
-        self._process = self._context.Process(target=_serve, args=(child_end, self.setup), daemon=True)
+        self._process = self._context.Process(target=self._serve, args=(child_end, self.setup), daemon=True)
         self._process.start()
         child_end.close()
         self._conn = parent_end

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import fault_workers  # tests/ is on sys.path under pytest, and in the workers it spawns
 import pandas as pd
 
 from qna_bench import results
@@ -136,9 +137,9 @@ def test_larger_windows_after_a_timeout_are_skipped_not_run(tmp_path):
     assert list(flat["status"]) == ["ok", "timeout", "timeout", "timeout"]
 
 
-def _worker() -> PointWorker:
+def _worker(serve=None) -> PointWorker:
     settings = MeasureSettings(threads=1, min_run_time_s=0.01, min_replicates=1, point_budget_s=None)
-    return PointWorker(WorkerSetup(("fault_layers",), settings, read_environment("cpu"), None, False))
+    return PointWorker(WorkerSetup(("fault_layers",), settings, read_environment("cpu"), None, False), serve)
 
 
 def test_a_point_stuck_in_native_code_is_killed_at_the_hard_limit_and_the_next_runs_in_a_fresh_worker(tiny_problem):
@@ -167,6 +168,15 @@ def test_a_dead_worker_is_reported_with_its_exit_code_or_its_signal(tiny_problem
         lost = worker.run("fault_kills_itself", problem, "test", timeout_s=300)
     assert lost == WorkerLost(killed=False, exitcode=-signal.SIGKILL)
     assert lost.describe() == "signal SIGKILL" and describe_exit(3) == "exit code 3"
+
+
+def test_a_worker_that_dies_is_reaped_before_its_exit_code_is_read(tiny_problem):
+    # The pipe closes a moment before the process is reaped; read too early, the exit code is None.
+    problem = tiny_problem.replace(mode="forward")
+    for serve, exitcode in [(fault_workers.exits_on_first_point, 3)] * 5 + [
+            (fault_workers.killed_on_first_point, -signal.SIGKILL)] * 5:
+        with _worker(serve) as worker:
+            assert worker.run("conv_dw", problem, "test", timeout_s=300) == WorkerLost(killed=False, exitcode=exitcode)
 
 
 def test_the_layers_of_a_point_run_back_to_back_and_rotate_with_the_rounds(tmp_path):
