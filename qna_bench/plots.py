@@ -328,8 +328,8 @@ def roofline_figure(frame: pd.DataFrame) -> Figure | None:
                 linewidth=1.2, zorder=2)
         ax.annotate(f"peak {peak_flops / 1e9:.1f} GFLOP/s (probe)", (high, peak_flops / 1e9), ha="right",
                     va="bottom", fontsize=8)
-        ax.annotate(f"{bandwidth / 1e9:.1f} GB/s × intensity", (low, low * bandwidth / 1e9), ha="left",
-                    va="bottom", fontsize=8, rotation=25)
+        ax.annotate(f"{bandwidth / 1e9:.1f} GB/s (probe) × intensity", (low * 1.15, low * bandwidth / 1e9), ha="left",
+                    va="top", fontsize=8)
         for (layer, mode), group in shape_points.groupby(["layer", "mode"], sort=True):
             ax.scatter(group["intensity"].astype(float), group["achieved_flops_per_s"].astype(float) / 1e9,
                        s=[_window_size(int(k)) for k in group["window"]], marker=ROOFLINE_MARKERS.get(mode, "s"),

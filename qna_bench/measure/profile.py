@@ -7,7 +7,10 @@ FLOPs the profiler attributes to it and its number of calls. The row's ``profile
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +33,26 @@ class OpTime:
     calls: int
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Kineto logs every profiler start and stop (and, without a GPU, a device-count error) from C++ to
+    fd 2; in a sweep that is a console line per point. Python's own errors still raise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def profile_ops(call: Callable[[], object], device: torch.device, calls: int = 3) -> list[OpTime]:
     """Every op's self time (on CUDA: device time), share, FLOPs and calls over ``calls`` calls, slowest first."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     call()  # outside the profile: lazy initialisation and first-touch are not the op's cost
-    with profile(activities=activities, with_flops=True) as profiler:
+    with _native_stderr_silenced(), profile(activities=activities, with_flops=True) as profiler:
         for _ in range(calls):
             call()
         if device.type == "cuda":
