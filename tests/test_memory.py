@@ -70,8 +70,8 @@ def test_views_and_inplace_results_allocate_nothing():
 def test_peak_is_the_maximum_not_the_sum():
     def work():
         for _ in range(3):
-            a = torch.ones(256, 1024)  # 1 MiB, freed when rebound
-            b = a * 2  # 1 MiB
+            a = torch.empty(256, 1024)  # 1 MiB
+            b = a.clone()  # 1 MiB
             del a, b
 
     assert _cpu_peak(work) == 2 * MIB
