@@ -130,7 +130,7 @@ def first_reason(*reasons: str | None) -> str | None:
 
 @contextlib.contextmanager
 def flex_dispatch_mode_guard() -> Iterator[None]:
-    """Under a TorchDispatchMode (FlopCounterMode, a live-storage tracker) torch 2.14's flex attention
+    """Under a TorchDispatchMode (FlopCounterMode) torch 2.14's flex attention
     fails with a TypeError or RuntimeError that varies with the grad mode (pytorch/pytorch#134385:
     FlopCounterMode does not support higher-order ops). Re-raise it as a NotImplementedError naming
     the gap, which the measuring code reports as "unavailable" rather than failing the row."""

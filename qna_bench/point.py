@@ -136,18 +136,14 @@ def _timed_call(step: PointStep, device: torch.device) -> float:
 def _first_call(step: PointStep, device: torch.device, memory: bool) -> tuple[float, MemoryStats | None]:
     """Run the first (warm-up, compiling) call; its seconds, and on CPU its memory.
 
-    On CPU the live-storage tracker counts storages, not allocator state, so the first call doubles as
-    the memory pass (one call fewer per point). On CUDA the memory pass comes after the warm-up, which
-    owns the one-off workspaces and autotuning.
+    On CPU the profiler's allocator events count the call's own allocations, not allocator state, so the
+    first call doubles as the memory pass (one call fewer per point). On CUDA the memory pass comes after
+    the warm-up, which owns the one-off workspaces and autotuning.
     """
     if not (memory and device.type == "cpu"):
         return _timed_call(step, device), None
     stats = measure_peak_memory(step, device, base_bytes=0)
-    if stats.call_s is None:  # the tracker cannot see inside (flex attention): a plain first call
-        first_call_s = _timed_call(step, device)
-    else:
-        first_call_s = stats.call_s
-    return first_call_s, dataclasses.replace(stats, base_bytes=step.base_bytes)
+    return stats.call_s, dataclasses.replace(stats, base_bytes=step.base_bytes)
 
 
 def run_point(
@@ -188,7 +184,7 @@ def run_point(
             # CPU the tracked first call (a slight overestimate of an eager layer's steady call).
             one_call_s = memory.call_s if memory is not None else None
             if track_memory and memory is None:
-                memory = measure_peak_memory(step, problem.torch_device, row["base_bytes"])
+                memory = measure_peak_memory(step, problem.torch_device, row["base_bytes"], (step.x, *step.params))
                 one_call_s = memory.call_s
             if memory is not None:
                 row.update(peak_bytes=memory.peak_bytes, memory_method=memory.method, memory_note=memory.note)

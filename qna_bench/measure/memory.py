@@ -1,96 +1,123 @@
 """Peak memory of one call, in a pass of its own (no warm-up loop inside it).
 
-CUDA: the caching allocator's statistics. CPU: torch keeps none, so `LiveStorageTracker`, a
-`TorchDispatchMode`, adds each storage an op newly allocates when it appears and subtracts it when the
-storage is freed; views and in-place results share their input's storage and are not counted again.
-It counts storages, not allocator state, so on CPU the pass can be the point's first call; inputs made
-during the call (a train step's upstream gradient) are made under `untracked`.
+CUDA: the caching allocator's statistics, read from the state every layer starts from (gradients of the
+input and parameters cleared, peak statistic reset), so a train step's gradients count in its peak.
+CPU: torch keeps no statistics, but its CPU allocator reports every allocation and free, with address
+and size, to `torch.profiler` (``profile_memory=True``), including those made inside kernels (oneDNN's
+weight reorders and scratchpads, attention backward buffers) and inside compiled code (flex attention).
+The peak is the running sum's maximum over the call, counting only blocks the call itself allocated.
+Memory that does not come from torch's allocator (a library's own ``malloc``, Python objects) is not
+seen. It counts allocations, not allocator state, so on CPU the pass can be the point's first call;
+inputs made during the call (a train step's upstream gradient) are made under `untracked`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import time
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.profiler import ProfilerActivity, profile, record_function
 
 CUDA_ALLOCATOR = "cuda_allocator"
-CPU_LIVE_STORAGES = "cpu_live_storages"
-UNAVAILABLE = "unavailable"
+CPU_ALLOCATOR_EVENTS = "cpu_allocator_events"
+
+# The name of the profiler range whose allocations a CPU peak leaves out (see `untracked`).
+UNTRACKED_RANGE = "qna_bench.untracked"
+
+# Kineto prints start/stop lines to stderr for every profiling session unless its log level is above
+# all of its levels; it reads this once, at its first use.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 
 @dataclass(frozen=True)
 class MemoryStats:
-    """``peak_bytes``: the most the call held above what existed before it (None when unavailable).
+    """``peak_bytes``: the most the call held above what existed before it.
     ``base_bytes``: inputs and parameters, which exist before the call."""
 
-    peak_bytes: int | None
+    peak_bytes: int
     base_bytes: int
     method: str
     note: str = ""
-    # Wall time of the measured call itself (with the tracker's small overhead on CPU).
+    # Wall time of the measured call itself (with the profiler's overhead on CPU).
     call_s: float | None = None
 
 
-class LiveStorageTracker(TorchDispatchMode):
-    """Tracks bytes of live storages allocated by ops run under it; ``peak_bytes`` is their maximum."""
+@dataclass(frozen=True)
+class Allocation:
+    """One allocator event: ``nbytes`` > 0 allocates the block at ``address``, < 0 frees it."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.live_bytes = 0
-        self.peak_bytes = 0
-        self._live: dict[int, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if _untracked_depth:
-            return out
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_leaves((args, kwargs))
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu"
-        }
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
-                self._track(tensor.untyped_storage(), inputs)
-        return out
-
-    def _track(self, storage: torch.UntypedStorage, input_storages: set[int]) -> None:
-        pointer = storage.data_ptr()
-        if pointer == 0 or pointer in self._live or pointer in input_storages:
-            return
-        nbytes = storage.nbytes()
-        self._live[pointer] = nbytes
-        self.live_bytes += nbytes
-        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-        weakref.finalize(storage, self._release, pointer)
-
-    def _release(self, pointer: int) -> None:
-        self.live_bytes -= self._live.pop(pointer, 0)
-
-
-_untracked_depth = 0
+    time_ns: int
+    address: int
+    nbytes: int
 
 
 @contextlib.contextmanager
 def untracked() -> Iterator[None]:
-    """Storages allocated inside are not counted by any `LiveStorageTracker` (inputs made mid-call)."""
-    global _untracked_depth
-    _untracked_depth += 1
-    try:
+    """Allocations made inside do not count in a CPU peak (inputs made mid-call), nor their frees."""
+    with record_function(UNTRACKED_RANGE):
         yield
-    finally:
-        _untracked_depth -= 1
 
 
-def measure_peak_memory(fn: Callable[[], object], device: torch.device, base_bytes: int) -> MemoryStats:
-    """Run ``fn`` once and report its peak memory above the starting point."""
+def running_peak(allocations: Iterable[Allocation]) -> int:
+    """The most bytes held at once by blocks allocated in this trace; a free of a block allocated before
+    it (or under `untracked`) does not lower the count."""
+    live: dict[int, int] = {}
+    held = peak = 0
+    for event in sorted(allocations, key=lambda a: (a.time_ns, a.nbytes)):
+        if event.nbytes > 0:
+            held += event.nbytes - live.get(event.address, 0)
+            live[event.address] = event.nbytes
+            peak = max(peak, held)
+        elif event.address in live:
+            held -= live.pop(event.address)
+    return peak
+
+
+def cpu_allocations(prof: profile) -> list[Allocation]:
+    """The CPU allocator's events of a finished ``profile(profile_memory=True)``, leaving out those
+    inside an `untracked` range. Reads the profiler's private event tree (pinned by tests/test_memory.py)."""
+    found: list[Allocation] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.name == UNTRACKED_RANGE:
+            continue
+        stack.extend(event.children)
+        if event.tag == torch._C._profiler._EventType.Allocation:
+            fields = event.extra_fields
+            if fields.device.type == "cpu":
+                found.append(Allocation(event.start_time_ns, fields.ptr, fields.alloc_size))
+    return found
+
+
+def cpu_peak(fn: Callable[[], object]) -> tuple[int, float]:
+    """Run ``fn`` once under the profiler; its CPU allocation peak in bytes and its seconds."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        began = time.perf_counter()
+        fn()
+        call_s = time.perf_counter() - began
+    return running_peak(cpu_allocations(prof)), call_s
+
+
+def measure_peak_memory(
+    fn: Callable[[], object],
+    device: torch.device,
+    base_bytes: int,
+    grad_leaves: Iterable[torch.Tensor] = (),
+) -> MemoryStats:
+    """Run ``fn`` once and report its peak memory above the starting point.
+
+    ``grad_leaves`` (a train step's input and parameters) have their ``.grad`` cleared before the
+    starting level is read: a warm-up call's gradients would otherwise count in the start and be freed
+    inside the call, hiding the gradients the call makes from its peak.
+    """
+    for leaf in grad_leaves:
+        leaf.grad = None
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -103,19 +130,5 @@ def measure_peak_memory(fn: Callable[[], object], device: torch.device, base_byt
         call_s = time.perf_counter() - began
         peak = torch.cuda.max_memory_allocated(device) - start
         return MemoryStats(peak, base_bytes, CUDA_ALLOCATOR, call_s=call_s)
-    tracker = LiveStorageTracker()
-    try:
-        began = time.perf_counter()
-        with tracker:
-            fn()
-        call_s = time.perf_counter() - began
-    except NotImplementedError as exc:
-        if "HigherOrderOperator" not in str(exc) and "no rule registered" not in str(exc):
-            raise
-        return MemoryStats(None, base_bytes, UNAVAILABLE, f"the CPU storage tracker cannot see inside: {_one_line(exc)}")
-    return MemoryStats(tracker.peak_bytes, base_bytes, CPU_LIVE_STORAGES, call_s=call_s)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
+    peak, call_s = cpu_peak(fn)
+    return MemoryStats(peak, base_bytes, CPU_ALLOCATOR_EVENTS, call_s=call_s)

@@ -53,10 +53,10 @@ CPU_BACKWARD_REASON = (
 
 @contextlib.contextmanager
 def _flex_under_dispatch_mode() -> Iterator[None]:
-    """torch 2.14's flex attention cannot run under a TorchDispatchMode (`FlopCounterMode`, the CPU
-    live-storage tracker): the error varies with the grad mode (TypeError, RuntimeError or
-    NotImplementedError). Re-raise it as the NotImplementedError the measuring code turns into an
-    ``unavailable`` count (FLOPs then come from the analytic count)."""
+    """torch 2.14's flex attention cannot run under a TorchDispatchMode (`FlopCounterMode`): the error
+    varies with the grad mode (TypeError, RuntimeError or NotImplementedError). Re-raise it as the
+    NotImplementedError the measuring code turns into an ``unavailable`` count (FLOPs then come from
+    the analytic count)."""
     try:
         yield
     except Exception as exc:
