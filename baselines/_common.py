@@ -4,9 +4,11 @@ capability reasons, and closed-form FLOP counts in `FlopCounterMode`'s conventio
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
+from natten import HAS_LIBNATTEN
 from torch import nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
@@ -127,22 +129,42 @@ def first_reason(*reasons: str | None) -> str | None:
     return next((reason for reason in reasons if reason), None)
 
 
+# Under a TorchDispatchMode (FlopCounterMode, the CPU live-storage tracker) Dynamo runs a compiled
+# function eagerly, and torch 2.14's flex attention cannot run under such a mode at all
+# (pytorch/pytorch#134385: FlopCounterMode does not support higher-order ops). Both flex layers refuse
+# such a pass before flex runs, so no pass runs flex eagerly in na_flex's place; the measuring code
+# reports the count or the memory as "unavailable" (it looks for "HigherOrderOperator").
+FLEX_UNDER_DISPATCH_MODE = (
+    "flex attention is a HigherOrderOperator that no TorchDispatchMode can run in this torch "
+    "(pytorch/pytorch#134385); this pass does not call it"
+)
+
+# What torch warns the first time natten runs flex attention on CPU: that it is eager (natten's only CPU
+# backend; the row's natten_backend_note says what that costs) and that natten passes `return_lse`.
+NATTEN_FLEX_WARNINGS = (
+    (UserWarning, "flex_attention called without torch.compile"),
+    (FutureWarning, "return_lse is deprecated"),
+)
+
+
+def refuse_under_dispatch_mode() -> None:
+    if is_in_torch_dispatch_mode(include_infra_modes=False):
+        raise NotImplementedError(FLEX_UNDER_DISPATCH_MODE)
+
+
 @contextlib.contextmanager
-def flex_dispatch_mode_guard() -> Iterator[None]:
-    """Under a TorchDispatchMode (FlopCounterMode, a live-storage tracker) torch 2.14's flex attention
-    fails with a TypeError or RuntimeError that varies with the grad mode (pytorch/pytorch#134385:
-    FlopCounterMode does not support higher-order ops). Re-raise it as a NotImplementedError naming
-    the gap, which the measuring code reports as "unavailable" rather than failing the row."""
-    try:
+def natten_call(x: torch.Tensor) -> Iterator[None]:
+    """A call into natten on ``x``. Where natten runs eager flex attention (its only backend on CPU,
+    and anywhere without libnatten): refused under a dispatch mode, the warnings above silenced.
+    natten's own kernels (libnatten, on CUDA) run as they are."""
+    if x.device.type != "cpu" and HAS_LIBNATTEN:
         yield
-    except Exception as exc:
-        if not is_in_torch_dispatch_mode(include_infra_modes=False):
-            raise
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise NotImplementedError(
-            "flex attention cannot run under a TorchDispatchMode in this torch (pytorch/pytorch#134385); "
-            f"original error: {type(exc).__name__}: {first_line[:200]}"
-        ) from exc
+        return
+    refuse_under_dispatch_mode()
+    with warnings.catch_warnings():
+        for category, message in NATTEN_FLEX_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
 
 
 # --------------------------------------------------------------------------------------------------

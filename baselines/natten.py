@@ -17,8 +17,8 @@ from baselines._common import (
     NA_STRIDE_WHY,
     attention_flops,
     first_reason,
-    flex_dispatch_mode_guard,
     na_constraints,
+    natten_call,
     no_stride_reason,
 )
 from qna_bench.problem import Problem
@@ -42,7 +42,7 @@ class NattenNeighborhoodAttention(nn.Module):
         self.attn = NeighborhoodAttention2D(channels, heads, kernel_size=window, dilation=dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with flex_dispatch_mode_guard():
+        with natten_call(x):
             return self.attn(x)
 
 
