@@ -72,7 +72,7 @@ CPU_SDPA_FLOP_FORMULAS = {
 _MODEL = dict(kind="model", family="model", layout="nchw", uses_window=False)
 
 # Every model is measured with the same regularisation: none. timm's Swin-T defaults to stochastic
-# depth (drop_path_rate=0.1), which runs in training mode, forward passes included; ConvNeXt-T,
+# depth (drop_path_rate=0.1), active in every train-mode point; ConvNeXt-T,
 # QnA-ViT and NAT have none.
 NO_REGULARISATION = {"drop_rate": 0.0, "drop_path_rate": 0.0}
 
