@@ -4,14 +4,15 @@ capability reasons, and closed-form FLOP counts in `FlopCounterMode`'s conventio
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
+from natten import HAS_LIBNATTEN
 from torch import nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
-from qna_bench.measure.traffic import traffic_bytes
 from qna_bench.problem import Problem
 
 # --------------------------------------------------------------------------------------------------
@@ -128,22 +129,42 @@ def first_reason(*reasons: str | None) -> str | None:
     return next((reason for reason in reasons if reason), None)
 
 
+# Under a TorchDispatchMode (FlopCounterMode, the CPU live-storage tracker) Dynamo runs a compiled
+# function eagerly, and torch 2.14's flex attention cannot run under such a mode at all
+# (pytorch/pytorch#134385: FlopCounterMode does not support higher-order ops). Both flex layers refuse
+# such a pass before flex runs, so no pass runs flex eagerly in na_flex's place; the measuring code
+# reports the count or the memory as "unavailable" (it looks for "HigherOrderOperator").
+FLEX_UNDER_DISPATCH_MODE = (
+    "flex attention is a HigherOrderOperator that no TorchDispatchMode can run in this torch "
+    "(pytorch/pytorch#134385); this pass does not call it"
+)
+
+# What torch warns the first time natten runs flex attention on CPU: that it is eager (natten's only CPU
+# backend; the row's natten_backend_note says what that costs) and that natten passes `return_lse`.
+NATTEN_FLEX_WARNINGS = (
+    (UserWarning, "flex_attention called without torch.compile"),
+    (FutureWarning, "return_lse is deprecated"),
+)
+
+
+def refuse_under_dispatch_mode() -> None:
+    if is_in_torch_dispatch_mode(include_infra_modes=False):
+        raise NotImplementedError(FLEX_UNDER_DISPATCH_MODE)
+
+
 @contextlib.contextmanager
-def flex_dispatch_mode_guard() -> Iterator[None]:
-    """Under a TorchDispatchMode (FlopCounterMode) torch 2.14's flex attention
-    fails with a TypeError or RuntimeError that varies with the grad mode (pytorch/pytorch#134385:
-    FlopCounterMode does not support higher-order ops). Re-raise it as a NotImplementedError naming
-    the gap, which the measuring code reports as "unavailable" rather than failing the row."""
-    try:
+def natten_call(x: torch.Tensor) -> Iterator[None]:
+    """A call into natten on ``x``. Where natten runs eager flex attention (its only backend on CPU,
+    and anywhere without libnatten): refused under a dispatch mode, the warnings above silenced.
+    natten's own kernels (libnatten, on CUDA) run as they are."""
+    if x.device.type != "cpu" and HAS_LIBNATTEN:
         yield
-    except Exception as exc:
-        if not is_in_torch_dispatch_mode(include_infra_modes=False):
-            raise
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise NotImplementedError(
-            "flex attention cannot run under a TorchDispatchMode in this torch (pytorch/pytorch#134385); "
-            f"original error: {type(exc).__name__}: {first_line[:200]}"
-        ) from exc
+        return
+    refuse_under_dispatch_mode()
+    with warnings.catch_warnings():
+        for category, message in NATTEN_FLEX_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,30 +192,6 @@ def attention_flops(
     if problem.mode != "train":
         return projections + scores
     return int(projections * (1 + MATMUL_BACKWARD) + scores * (1 + attention_backward))
-
-
-def attention_bytes(
-    problem: Problem,
-    *,
-    qkv_tokens: int,
-    out_tokens: int,
-    core_reads: int = 0,
-    core_params: int = 0,
-    core_intermediates: tuple[int, ...] = (),
-) -> int:
-    """Bytes of the attention shell around a core: x read, the qkv and output projections' weights
-    and biases read, q/k/v and the attention output written and read back, the output written; plus
-    what the core itself reads (a mask), its parameters (a bias table) and the intermediates it
-    materialises (scores, probabilities, unfolded windows). Elements, as `traffic_bytes` takes them."""
-    c = problem.channels
-    pixels = problem.batch * problem.height * problem.width
-    return traffic_bytes(
-        problem,
-        inputs=pixels * c + core_reads,
-        params=4 * c * c + 4 * c + core_params,
-        outputs=out_tokens * c,
-        intermediates=(qkv_tokens * 3 * c, out_tokens * c, *core_intermediates),
-    )
 
 
 def _cpu_flash_forward_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

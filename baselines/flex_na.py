@@ -16,11 +16,11 @@ from baselines._common import (
     attention_bytes,
     attention_flops,
     first_reason,
-    flex_dispatch_mode_guard,
     from_sequence,
     na_axis_allowed,
     na_constraints,
     no_stride_reason,
+    refuse_under_dispatch_mode,
     to_sequence,
 )
 from qna_bench.problem import Problem
@@ -80,8 +80,8 @@ class FlexNeighborhoodAttention(ProjectedAttention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         height, width = q.shape[1:3]
-        with flex_dispatch_mode_guard():
-            out = self.flex(to_sequence(q), to_sequence(k), to_sequence(v), self.block_mask)
+        refuse_under_dispatch_mode()
+        out = self.flex(to_sequence(q), to_sequence(k), to_sequence(v), self.block_mask)
         return from_sequence(out, height, width)
 
 

@@ -18,8 +18,8 @@ from baselines._common import (
     attention_bytes,
     attention_flops,
     first_reason,
-    flex_dispatch_mode_guard,
     na_constraints,
+    natten_call,
     no_stride_reason,
 )
 from qna_bench.problem import Problem
@@ -43,7 +43,7 @@ class NattenNeighborhoodAttention(nn.Module):
         self.attn = NeighborhoodAttention2D(channels, heads, kernel_size=window, dilation=dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with flex_dispatch_mode_guard():
+        with natten_call(x):
             return self.attn(x)
 
 

@@ -59,10 +59,10 @@ class MeasureConfig:
 
 @dataclass
 class BenchConfig:
-    layers: Any = field(default_factory=lambda: ["qna", "conv_dw", "conv_dense"])
+    layers: Any = field(default_factory=lambda: ["qna", "swin_fused", "na_flex", "conv_dw"])
     # Extra modules imported before the sweep; they register their own layers with `register_layer`.
     plugins: Any = field(default_factory=list)
-    windows: Any = field(default_factory=lambda: [3, 7, 11])
+    windows: Any = field(default_factory=lambda: [3, 7, 15])
     modes: Any = field(default_factory=lambda: ["forward", "train"])
     problem: ProblemConfig = field(default_factory=ProblemConfig)
     variants: Any = field(default_factory=list)

@@ -11,7 +11,9 @@ import json
 import math
 
 import pytest
+import timm
 import torch
+from timm.layers import DropPath
 
 import qna_bench.models  # noqa: F401  (registers the models)
 from qna_bench.environment import read_environment
@@ -241,6 +243,26 @@ def test_train_step_reaches_every_parameter(name):
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_is_built_without_drop_path_or_dropout(name):
+    model = _build(name, SMALL)
+    assert not [m for m in model.modules() if isinstance(m, DropPath) and m.drop_prob > 0]
+    assert not [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    flags = get_layer(name).layer_flags(model, SMALL)
+    assert (flags["drop_path_rate"], flags["dropout"]) == (0.0, 0.0)
+
+
+def test_swin_tiny_rows_record_drop_path_rate_0_where_timm_defaults_to_0_1():
+    default = max(m.drop_prob for m in timm.create_model("swin_tiny_patch4_window7_224").modules()
+                  if isinstance(m, DropPath))
+    assert default > 0  # what the registry entry switches off
+    problem = Problem(batch=1, height=64, width=64, channels=3, heads=1, window=7)
+    settings = MeasureSettings(threads=1, min_run_time_s=0.01, min_replicates=1, point_budget_s=60.0, flops=False)
+    row = run_point(SweepPoint(get_layer("swin_tiny"), problem), settings, read_environment("cpu"), run_id="test")
+    assert row["status"] == "ok", row["reason"]
+    assert json.loads(row["layer_flags"])["drop_path_rate"] == 0.0
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from typing import Any
 
 import timm
 import torch
-from timm.layers import use_fused_attn
+from timm.layers import DropPath, use_fused_attn
 from torch import nn
 from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
@@ -71,6 +71,19 @@ CPU_SDPA_FLOP_FORMULAS = {
 
 _MODEL = dict(kind="model", family="model", layout="nchw", uses_window=False)
 
+# Every model is measured with the same regularisation: none. timm's Swin-T defaults to stochastic
+# depth (drop_path_rate=0.1), active in every train-mode point; ConvNeXt-T,
+# QnA-ViT and NAT have none.
+NO_REGULARISATION = {"drop_rate": 0.0, "drop_path_rate": 0.0}
+
+
+def regularisation(module: nn.Module) -> dict[str, float]:
+    """The largest stochastic-depth and dropout probabilities in ``module``, read from the built model."""
+    drop_path = [float(m.drop_prob) for m in module.modules() if isinstance(m, DropPath)]
+    dropouts = nn.modules.dropout._DropoutNd  # the base of every nn.Dropout*
+    dropout = [float(m.p) for m in module.modules() if isinstance(m, dropouts)]
+    return {"drop_path_rate": max(drop_path, default=0.0), "dropout": max(dropout, default=0.0)}
+
 
 # --------------------------------------------------------------------------------------------------
 # QnA-ViT
@@ -94,6 +107,7 @@ def _qna_vit_entry(name: str, config: QnAViTConfig, description: str) -> None:
             "lsa_window": list(config.lsa_window),
             "lsa_fused_attn": use_fused_attn(experimental=True),
             "init": "random",
+            **regularisation(module),
         }
 
     def analytic(problem: Problem) -> int:
@@ -137,13 +151,13 @@ def _timm_entry(
     name: str, timm_name: str, description: str, image_size_arg: bool, attention: bool, role: Role
 ) -> None:
     def build(problem: Problem) -> nn.Module:
-        kwargs: dict[str, Any] = {"num_classes": NUM_CLASSES}
+        kwargs: dict[str, Any] = {"num_classes": NUM_CLASSES, **NO_REGULARISATION}
         if image_size_arg:
             kwargs["img_size"] = (problem.height, problem.width)
         return timm.create_model(timm_name, pretrained=False, **kwargs)
 
     def flags(module: nn.Module, problem: Problem) -> dict[str, Any]:
-        out: dict[str, Any] = {"timm_model": timm_name, "init": "random"}
+        out: dict[str, Any] = {"timm_model": timm_name, "init": "random", **regularisation(module)}
         fused = [m.fused_attn for m in module.modules() if hasattr(m, "fused_attn")]
         if fused:
             out["timm_fused_attn"] = bool(fused[0])
@@ -152,7 +166,7 @@ def _timm_entry(
     register_layer(
         name,
         role=role,
-        implementation=f"timm.create_model({timm_name!r}, pretrained=False)",
+        implementation=f"timm.create_model({timm_name!r}, pretrained=False, drop_rate=0, drop_path_rate=0)",
         description=description,
         constraints=lambda problem: image_constraints(problem, name),
         flags=flags,
@@ -198,6 +212,7 @@ def _nat_flags(module: nn.Module, problem: Problem) -> dict[str, Any]:
         "flops_analytic_attention": "k^2 neighbours per token (NAT paper convention)",
         "flops_executed_dense_attention": 2 * dense * problem.batch * _train_factor(problem),
         "init": "random",
+        **regularisation(module),
     }
 
 

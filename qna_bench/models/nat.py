@@ -18,16 +18,15 @@ On CPU natten runs through torch's eager flex attention: forward only (no CPU ba
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch.nn.functional as F
 from natten import NeighborhoodAttention2D
 from natten.backends import choose_backend
 from torch import Tensor, nn
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from baselines._common import natten_call
 
 
 @dataclass(frozen=True)
@@ -51,24 +50,6 @@ CPU_BACKWARD_REASON = (
 )
 
 
-@contextlib.contextmanager
-def _flex_under_dispatch_mode() -> Iterator[None]:
-    """torch 2.14's flex attention cannot run under a TorchDispatchMode (`FlopCounterMode`): the error
-    varies with the grad mode (TypeError, RuntimeError or NotImplementedError). Re-raise it as the
-    NotImplementedError the measuring code turns into an ``unavailable`` count (FLOPs then come from
-    the analytic count)."""
-    try:
-        yield
-    except Exception as exc:
-        if not is_in_torch_dispatch_mode(include_infra_modes=False):
-            raise
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise NotImplementedError(
-            "There was no rule registered for HigherOrderOperator flex_attention under a TorchDispatchMode "
-            f"(natten's CPU backend is torch's flex attention; pytorch/pytorch#134385): {type(exc).__name__}: {first}"
-        ) from exc
-
-
 class NeighborhoodMixer(nn.Module):
     """`natten.NeighborhoodAttention2D` on (B, H, W, C), padded up to the kernel size on small maps."""
 
@@ -82,7 +63,7 @@ class NeighborhoodMixer(nn.Module):
         pad_h, pad_w = max(self.kernel - height, 0), max(self.kernel - width, 0)
         if pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        with _flex_under_dispatch_mode():
+        with natten_call(x):
             x = self.attn(x)
         return x[:, :height, :width] if pad_h or pad_w else x
 
