@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
+from qna_bench.measure.traffic import traffic_bytes
 from qna_bench.problem import Problem
 
 # --------------------------------------------------------------------------------------------------
@@ -192,6 +193,30 @@ def attention_flops(
     if problem.mode != "train":
         return projections + scores
     return int(projections * (1 + MATMUL_BACKWARD) + scores * (1 + attention_backward))
+
+
+def attention_bytes(
+    problem: Problem,
+    *,
+    qkv_tokens: int,
+    out_tokens: int,
+    core_reads: int = 0,
+    core_params: int = 0,
+    core_intermediates: tuple[int, ...] = (),
+) -> int:
+    """Bytes of the attention shell around a core: x read, the qkv and output projections' weights
+    and biases read, q/k/v and the attention output written and read back, the output written; plus
+    what the core itself reads (a mask), its parameters (a bias table) and the intermediates it
+    materialises (scores, probabilities, unfolded windows). Elements, as `traffic_bytes` takes them."""
+    c = problem.channels
+    pixels = problem.batch * problem.height * problem.width
+    return traffic_bytes(
+        problem,
+        inputs=pixels * c + core_reads,
+        params=4 * c * c + 4 * c + core_params,
+        outputs=out_tokens * c,
+        intermediates=(qkv_tokens * 3 * c, out_tokens * c, *core_intermediates),
+    )
 
 
 def _cpu_flash_forward_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
