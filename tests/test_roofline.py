@@ -126,3 +126,19 @@ def test_the_roofline_figure_is_log_log_with_both_roofs_units_and_a_legend_outsi
     figure.savefig(path, dpi=90)
     assert path.stat().st_size < 200_000
     assert plots.roofline_figure(frame_of([synthetic_row("qna", 3, latency_s=0.01)])) is None
+
+
+def test_a_profiled_sweep_rows_carry_the_probes_bytes_and_profiles_and_draw_the_roofline(tmp_path):
+    from test_cli import FAST, run_cli
+
+    done = run_cli("layers=conv_dw", "windows=3", *FAST, "measure.profile=true", f"results_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr
+    assert "profiler_start" not in done.stderr
+    frame = results.read_results(tmp_path / results.RESULTS_FILE)
+    assert len(frame) == 2 and (frame["peak_flops_probe"] > 0).all() and (frame["peak_bytes_per_s_probe"] > 0).all()
+    assert frame["probe_method"].nunique() == 1  # one probe per run, shared by its points
+    assert (frame["bytes_analytic"] > 0).all()
+    for name in frame["profile_file"]:
+        assert (tmp_path / name).read_text().startswith("# conv_dw")
+    assert (tmp_path / "roofline.png").stat().st_size < 200_000
+    assert "## Roofline" in (tmp_path / "report.md").read_text()
