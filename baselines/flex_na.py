@@ -135,6 +135,7 @@ def _unsupported(problem: Problem) -> str | None:
 @register_layer(
     "na_flex",
     role="peer",
+    compiles=True,
     family="neighborhood",
     cost_grows_with_window=True,
     implementation="torch.compile(flex_attention), closed-form neighbourhood mask_mod, block-sparse",

@@ -133,14 +133,17 @@ def _timed_call(step: PointStep, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _first_call(step: PointStep, device: torch.device, memory: bool) -> tuple[float, MemoryStats | None]:
-    """Run the first (warm-up, compiling) call; its seconds, and on CPU its memory.
+def _first_call(
+    step: PointStep, device: torch.device, memory: bool, compiles: bool
+) -> tuple[float, MemoryStats | None]:
+    """Run the first (warm-up) call; its seconds, and on CPU its memory.
 
     On CPU the profiler's allocator events count the call's own allocations, not allocator state, so the
-    first call doubles as the memory pass (one call fewer per point). On CUDA the memory pass comes after
-    the warm-up, which owns the one-off workspaces and autotuning.
+    first call of an eager layer doubles as the memory pass (one call fewer per point). On CUDA, and for
+    layers that compile on their first call, the memory pass comes after the warm-up, which owns the
+    one-off workspaces, autotuning and compilation.
     """
-    if not (memory and device.type == "cpu"):
+    if not (memory and device.type == "cpu") or compiles:
         return _timed_call(step, device), None
     stats = measure_peak_memory(step, device, base_bytes=0)
     return stats.call_s, dataclasses.replace(stats, base_bytes=step.base_bytes)
@@ -175,7 +178,7 @@ def run_point(
                 row["bytes_analytic"] = int(layer.analytic_bytes(problem))
             x = problem.make_input(layer.layout)
             step = PointStep(module, x, problem)
-            row["first_call_s"], memory = _first_call(step, problem.torch_device, track_memory)
+            row["first_call_s"], memory = _first_call(step, problem.torch_device, track_memory, layer.compiles)
             row["base_bytes"] = step.base_bytes
             row["layer_flags"] = layer.layer_flags(module, problem)
         budget = PointBudget(limits.point_s)

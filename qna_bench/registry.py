@@ -58,6 +58,9 @@ class LayerSpec:
     # the sweep records larger windows as `skipped`. False (e.g. Swin, whose padding to whole windows
     # makes some larger windows cheaper): every window runs.
     cost_grows_with_window: bool = False
+    # The first call of each point compiles (torch.compile): it is a warm-up only, and the memory pass and
+    # the one-call time come from a call after it (a compiling first call took 33 s for a 10 ms layer).
+    compiles: bool = False
     description: str = ""
     # Invalid input beyond the generic checks: messages naming the field and what is allowed.
     constraints: Callable[[Problem], list[str]] | None = None
