@@ -29,6 +29,8 @@ from qna_bench.registry import get_layer
 _PR_SET_PDEATHSIG = 1
 # How long a worker whose pipe closed may take to be reaped before its exit code is read.
 REAP_TIMEOUT_S = 30.0
+# How long an idle worker gets to exit on its own at the end of a sweep before it is killed.
+EXIT_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class PointWorker:
         self._context = multiprocessing.get_context("spawn")
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
+        self._busy = False
 
     def start(self) -> None:
         parent_end, child_end = self._context.Pipe()
@@ -97,7 +100,10 @@ class PointWorker:
         if self._process is None:
             self.start()
         self._conn.send((layer_name, problem, run_id, first_round))
-        return self._receive(timeout_s)
+        self._busy = True
+        message = self._receive(timeout_s)
+        self._busy = False
+        return message
 
     def _receive(self, timeout_s: float | None) -> Any:
         try:
@@ -117,6 +123,12 @@ class PointWorker:
     def close(self) -> None:
         if self._process is None:
             return
+        if self._process.pid is not None and not self._busy and self._conn is not None:
+            # An idle worker ends on its own when its pipe closes, releasing what it holds: killed, it
+            # would leave the semaphore of torch's tqdm lock to the resource tracker, which warns about it.
+            self._conn.close()
+            self._conn = None
+            self._process.join(timeout=EXIT_GRACE_S)
         if self._process.pid is not None:
             if self._process.is_alive():
                 self._process.kill()
@@ -124,6 +136,7 @@ class PointWorker:
         if self._conn is not None:
             self._conn.close()
         self._process = self._conn = None
+        self._busy = False
 
     def __enter__(self) -> PointWorker:
         return self
