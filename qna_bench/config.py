@@ -55,6 +55,9 @@ class MeasureConfig:
     rounds: Any = 1
     # Write a per-op breakdown (torch.profiler, after the timed calls) of every point under profiles/.
     profile: Any = False
+    # CUDA: let cuDNN time its convolution algorithms per shape on the first call and keep the fastest
+    # (as timm's benchmark script does); the warm-up call absorbs the search. Recorded in every row.
+    cudnn_benchmark: Any = True
 
 
 @dataclass

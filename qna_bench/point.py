@@ -47,6 +47,8 @@ class MeasureSettings:
     rounds: int = 1
     # measure.profile=true: the results folder, under whose profiles/ each point writes its per-op profile.
     profile_dir: str | None = None
+    # CUDA: cuDNN picks each convolution's algorithm by timing them on the first call.
+    cudnn_benchmark: bool = True
 
 
 @dataclass(frozen=True)

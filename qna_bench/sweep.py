@@ -165,6 +165,7 @@ def _settings(cfg: DictConfig) -> tuple[MeasureSettings, int | None]:
         skip_larger_after_failure=_flag(measure.skip_larger_after_failure, "measure.skip_larger_after_failure"),
         rounds=int(rounds),
         profile_dir=results_dir(cfg) if _flag(measure.profile, "measure.profile") else None,
+        cudnn_benchmark=_flag(measure.cudnn_benchmark, "measure.cudnn_benchmark"),
     )
     return settings, int(cap_gib * 2**30) if cap_gib else None
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+import torch
+
 from qna_bench.environment import Environment
 from qna_bench.measure.probes import machine_probes
 from qna_bench.memcap import address_space_cap
@@ -158,6 +160,7 @@ def _serve(conn: Connection, setup: WorkerSetup) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the sweep's to handle: it kills this process
     for module in setup.layer_modules:
         importlib.import_module(module)
+    torch.backends.cudnn.benchmark = setup.settings.cudnn_benchmark
     with address_space_cap(setup.memory_cap_bytes, enabled=setup.cap_memory) as cap:
         gc.freeze()  # the start-up heap, no longer rescanned by each point's collections
         conn.send(cap)
