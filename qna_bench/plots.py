@@ -47,6 +47,8 @@ PANEL = (4.6, 3.2)
 FONT = 8
 MODE_COLOURS = {"forward": "tab:blue", "train": "tab:orange"}
 MODE_MARKERS = {"forward": "o", "train": "^"}
+# One legend entry for every point without a number, drawn on the bottom edge in its layer's colour.
+NO_NUMBER = "× on the bottom edge: no number at that window (timeout, oom, skipped, unsupported, error; see the report)"
 
 
 def shape_title(setting: dict, with_context: bool = False) -> str:
@@ -129,8 +131,13 @@ def _finish(fig: Figure, axes: list[Axes], used: int, title: str) -> Figure:
     for ax in axes[:used]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             labels.setdefault(label, handle)
+    if NO_NUMBER in labels:
+        from matplotlib.lines import Line2D
+
+        labels[NO_NUMBER] = Line2D([], [], linestyle="", marker="x", color="dimgray")
+        labels[NO_NUMBER.replace("; see", ";\nsee").replace(" (", "\n(", 1)] = labels.pop(NO_NUMBER)
     if labels:
-        width = 0.3 + 0.062 * max(len(label) for label in labels)  # inches of legend text at FONT points
+        width = 0.3 + 0.062 * max(len(line) for label in labels for line in label.split("\n"))  # inches at FONT points
         fig.set_figwidth(fig.get_figwidth() + width)
         fig.legend(list(labels.values()), list(labels), loc="outside right center", fontsize=FONT, frameon=False)
     fig.suptitle(title, fontsize=FONT + 2)
@@ -200,7 +207,7 @@ def _metric_figure(
                 ax.scatter(
                     failed["window"], [0.02] * len(failed), marker="x", color=style["color"],
                     transform=ax.get_xaxis_transform(), clip_on=False,
-                    label=f"{layer}: no number (×)",
+                    label=NO_NUMBER,
                 )
         if plotted:
             ax.set_yscale("log")
