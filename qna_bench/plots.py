@@ -114,6 +114,21 @@ def _devices(frame: pd.DataFrame) -> str:
     return ", ".join(sorted(frame["device_name"].dropna().unique()))
 
 
+def _log_ticks(axis, suffix: str = "") -> None:
+    """A log axis ticked as plain numbers (20, not 2×10¹), denser the fewer decades it spans (call it
+    after the data is drawn)."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    low, high = sorted(axis.get_view_interval())
+    decades = math.log10(high / low) if low > 0 else 10.0
+    subs = (1.0, 2.0, 3.0, 5.0) if decades < 1.2 else (1.0, 2.0, 5.0) if decades < 3 else (1.0, 3.0)
+    axis.set_major_locator(LogLocator(subs=subs))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}{suffix}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _style_axes(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
     ax.set_title(title, fontsize=FONT)
     ax.set_xlabel(xlabel, fontsize=FONT)
@@ -211,6 +226,7 @@ def _metric_figure(
                 )
         if plotted:
             ax.set_yscale("log")
+            _log_ticks(ax.yaxis)
         else:
             ax.text(0.5, 0.5, "no ok point", transform=ax.transAxes, ha="center", va="center", color="gray")
             ax.set_yticks([])
@@ -256,14 +272,10 @@ def _claim_lines(ax: Axes, claim: float, noun: str) -> None:
 
 
 def _ratio_limits(ax: Axes, values: list[float], claim: float) -> None:
-    """Y limits that hold the data, parity and the claim; ticks at 1-2-5 steps written as factors."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
+    """Y limits that hold the data, parity and the claim; ticks written as factors."""
     finite = [v for v in values if v == v and v > 0]
     ax.set_ylim(min([*finite, 1.0]) / 1.5, max([*finite, claim]) * 1.5)
-    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    _log_ticks(ax.yaxis, "×")
 
 
 def ratio_figure(frame: pd.DataFrame, every_layer: bool = False) -> Figure | None:
@@ -370,6 +382,8 @@ def pareto_figure(frame: pd.DataFrame, every_layer: bool = False) -> Figure | No
                             color=style["color"], zorder=6)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        _log_ticks(ax.xaxis)
+        _log_ticks(ax.yaxis)
         _style_axes(ax, f"{mode}: {shape_title(shape, many_devices)}", "median latency (ms, log)",
                     "peak memory above inputs (MiB, log)")
     return _finish(fig, axes, len(panels),
@@ -380,9 +394,11 @@ def pareto_figure(frame: pd.DataFrame, every_layer: bool = False) -> Figure | No
 def models_figure(frame: pd.DataFrame) -> Figure | None:
     """Whole models: images/s and peak memory per model, forward and train side by side, one row of panels
     per problem. None without model rows."""
-    models = analyse(frame).models
+    found = analyse(frame)
+    models = found.models
     if not len(models):
         return None
+    shapes = found.problems.set_index("problem")
     problems = list(models.groupby("problem", sort=True))
     fig, axes = _figure(2 * len(problems), ncols=2, panel_size=(4.6, 0.5 + 0.45 * models["layer"].nunique()))
     for i, (problem, here) in enumerate(problems):
@@ -406,11 +422,13 @@ def models_figure(frame: pd.DataFrame) -> Figure | None:
                     ax.barh(y, float(value) * scale, height=height * 0.9, color=MODE_COLOURS.get(mode, "tab:green"),
                             label=mode)
                     ax.text(float(value) * scale, y, f" {float(value) * scale:.3g}", va="center", fontsize=FONT - 1)
-            ax.set_yticks(range(len(names)), [_layer_label(n, r, "model") for n, r in
+            ax.set_yticks(range(len(names)), [f"{n} ({ROLE_LABELS.get(r, r)})" for n, r in
                                               zip(names, here.drop_duplicates("layer")["role"])])
             ax.invert_yaxis()
             ax.margins(x=0.2)
-            _style_axes(ax, f"{problem}: {here['batch'].iloc[0]} images per batch", label, "")
+            shape = shapes.loc[problem]
+            _style_axes(ax, f"{shape['height']}×{shape['width']} images, batch {shape['batch']}, {shape['dtype']}, "
+                        f"{shape['threads']} threads ({problem})", label, "")
             ax.grid(True, axis="x", alpha=0.3)
             ax.grid(False, axis="y")
     return _finish(fig, axes, 2 * len(problems), f"Whole models — {_devices(frame)}")
