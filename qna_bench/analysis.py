@@ -247,22 +247,25 @@ def unmeasured(data: pd.DataFrame, column: str) -> pd.DataFrame:
 
 def best_per_family(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     """Per setting and mode, each peer family's best implementation and the best baseline: the layer with
-    the smallest ``column`` (``ok`` rows) at the most windows; ties go to the first layer by name. One row
-    per setting, mode and group (the peer's family, or `baseline`) with `layer`, `role`, `family` and
-    `wins` (the windows where it was the smallest of its group)."""
+    the smallest ``column`` (``ok`` rows) at the most windows; ties go to the first layer by name, and so
+    does a group with no number at all (its failures stay visible). One row per setting, mode and group
+    (the peer's family, or `baseline`) with `layer`, `role`, `family` and `wins` (the windows where it was
+    the smallest of its group)."""
     columns = [*SETTING_COLUMNS, "mode", "group", "layer", "role", "family", "wins"]
-    rows = frame[frame["role"].isin((PEER, BASELINE)) & (frame["status"] == "ok") & frame[column].notna()]
-    rows = rows[rows[column].astype(float) > 0]
+    rows = frame[frame["role"].isin((PEER, BASELINE))]
     if not len(rows):
         return pd.DataFrame(columns=columns)
     rows = rows.assign(group=rows["family"].where(rows["role"] == PEER, BASELINE))
     keys = [*SETTING_COLUMNS, "mode", "group"]
-    best = rows.sort_values([column, "layer"], kind="mergesort").drop_duplicates([*keys, "window"])
-    wins = best.groupby([*keys, "layer"], sort=True, dropna=False).size().rename("wins").reset_index()
-    ranked = wins.assign(_neg=-wins["wins"]).sort_values(["_neg", "layer"], kind="mergesort").drop_duplicates(keys)
-    info = rows.drop_duplicates("layer").set_index("layer")[["role", "family"]]
-    chosen = ranked.drop(columns="_neg").join(info, on="layer")
-    return chosen.sort_values(keys, kind="mergesort").reset_index(drop=True)[columns]
+    valued = rows[(rows["status"] == "ok") & rows[column].notna()]
+    valued = valued[valued[column].astype(float) > 0]
+    best = valued.sort_values([column, "layer"], kind="mergesort").drop_duplicates([*keys, "window"])
+    wins = best.groupby([*keys, "layer"], sort=True, dropna=False).size().rename("wins")
+    layers = rows.drop_duplicates([*keys, "layer"])[[*keys, "layer", "role", "family"]]
+    layers = layers.join(wins, on=[*keys, "layer"]).fillna({"wins": 0})
+    ranked = layers.assign(_neg=-layers["wins"]).sort_values(["_neg", "layer"], kind="mergesort").drop_duplicates(keys)
+    ranked = ranked.assign(wins=ranked["wins"].astype(int))
+    return ranked.sort_values(keys, kind="mergesort").reset_index(drop=True)[columns]
 
 
 def shown_by_default(frame: pd.DataFrame, column: str) -> pd.DataFrame:
