@@ -435,17 +435,19 @@ def models_figure(frame: pd.DataFrame) -> Figure | None:
 
 
 def figures(frame: pd.DataFrame, every_layer: bool = False) -> dict[str, Figure]:
-    """Every figure that has data, by file stem: latency, memory (and their ``_all`` companions where the
-    default leaves layers out), headline and ratio_to_qna (with QnA measured), pareto, roofline, models."""
+    """Every figure that has data, by file stem: headline (with QnA measured), latency, memory (and their
+    ``_all`` companions where the default leaves layers out), ratio_to_qna (with QnA measured), pareto,
+    roofline, models."""
     frame = with_roles(frame)
     layers = frame[~is_model(frame)]
     makers: dict[str, Callable[[], Figure | None]] = {}
+    if (layers["role"] == SUBJECT).any():
+        makers["headline"] = lambda: headline_figure(layers)
     for name, make, column in (("latency", latency_figure, "median_s"), ("memory", memory_figure, "peak_bytes")):
         makers[name] = lambda make=make: make(layers, every_layer)
         if not every_layer and len(layers) and len(_rest(latest_rows(layers), column)):
             makers[f"{name}_all"] = lambda make=make: make(layers, True)
     if (layers["role"] == SUBJECT).any():
-        makers["headline"] = lambda: headline_figure(layers)
         makers["ratio_to_qna"] = lambda: ratio_figure(layers, every_layer)
     makers["pareto"] = lambda: pareto_figure(layers, every_layer)
     makers["roofline"] = lambda: roofline_figure(layers)

@@ -621,10 +621,14 @@ def figures_section(figures: Sequence[Path | str]) -> str:
     if not figures:
         return ""
     captions = {
-        "latency": "Median latency vs window",
-        "memory": "Peak memory vs window",
+        "headline": "QnA against the strongest attention peer at each window (dash-dot: the claimed factor)",
+        "latency": "Median latency vs window: QnA, each family's best implementation, the best baseline",
+        "latency_all": "Median latency vs window, every layer",
+        "memory": "Peak memory vs window: QnA, each family's best implementation, the best baseline",
+        "memory_all": "Peak memory vs window, every layer",
         "ratio_to_qna": "Each layer relative to QnA (dash-dot: the claimed factor)",
         "pareto": "Latency vs peak memory, marker size: window",
+        "models": "Whole models: images/s and peak memory",
         "roofline": "Roofline: achieved FLOP/s against arithmetic intensity under the probed roofs",
     }
     lines = ["## Figures"]

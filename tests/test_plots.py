@@ -45,7 +45,7 @@ def test_cli_writes_every_figure_next_to_the_parquet_each_under_200_kb(claims_fr
     path, _ = claims_frame
     plots.main([str(path)])
     written = [Path(p) for p in capsys.readouterr().out.split()]
-    names = ("latency", "latency_all", "memory", "memory_all", "headline", "ratio_to_qna", "pareto")
+    names = ("headline", "latency", "latency_all", "memory", "memory_all", "ratio_to_qna", "pareto")
     assert written == [path.parent / f"{n}.png" for n in names]
     for figure in written:
         data = figure.read_bytes()
