@@ -262,12 +262,13 @@ RATIO_AXES = (
     ("latency_ratio", "median_s", "latency", CLAIMED_SPEED_FACTOR, "faster"),
     ("memory_ratio", "peak_bytes", "peak memory", CLAIMED_MEMORY_FACTOR, "leaner"),
 )
+CLAIM_NAMES = {"latency": "speed", "peak memory": "memory"}
 
 
 def _claim_lines(ax: Axes, claim: float, noun: str) -> None:
     ax.axhspan(1e-3, 1.0, color="tab:red", alpha=0.06, linewidth=0)
     ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="parity (1×): below, QnA loses")
-    ax.axhline(claim, color="tab:red", linewidth=1.2, linestyle="-.", label=f"claimed {noun} factor ({claim:g}×)")
+    ax.axhline(claim, color="tab:red", linewidth=1.2, linestyle="-.", label=f"claimed {CLAIM_NAMES[noun]} factor ({claim:g}×)")
     ax.set_yscale("log")
 
 
