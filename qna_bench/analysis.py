@@ -6,13 +6,14 @@ figures, the console summary and `compare` read from here; they only write and d
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from qna_bench.registry import ROLES, role_of
+from qna_bench.registry import ROLES, find_layer, role_of
 from qna_bench.rounds import ratio_spread
 
 # A problem's shape, without its window and mode.
@@ -29,7 +30,7 @@ ROUNDS_COLUMN = "round_medians_s"
 MODE_ORDER = ("forward", "train")
 UNDECLARED = "undeclared"
 ROLE_ORDER: tuple[str, ...] = (*ROLES, UNDECLARED)
-SUBJECT, PEER = "subject", "peer"
+SUBJECT, PEER, BASELINE = "subject", "peer", "baseline"
 
 # The abstract's factors: "up-to x10 less memory while being up-to x5 faster".
 CLAIMED_MEMORY_FACTOR = 10.0
@@ -244,6 +245,39 @@ def unmeasured(data: pd.DataFrame, column: str) -> pd.DataFrame:
     return peers.merge(subject[list(PAIR_COLUMNS)].drop_duplicates(), on=list(PAIR_COLUMNS))
 
 
+def best_per_family(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Per setting and mode, each peer family's best implementation and the best baseline: the layer with
+    the smallest ``column`` (``ok`` rows) at the most windows; ties go to the first layer by name, and so
+    does a group with no number at all (its failures stay visible). One row per setting, mode and group
+    (the peer's family, or `baseline`) with `layer`, `role`, `family` and `wins` (the windows where it was
+    the smallest of its group)."""
+    columns = [*SETTING_COLUMNS, "mode", "group", "layer", "role", "family", "wins"]
+    rows = frame[frame["role"].isin((PEER, BASELINE))]
+    if not len(rows):
+        return pd.DataFrame(columns=columns)
+    rows = rows.assign(group=rows["family"].where(rows["role"] == PEER, BASELINE))
+    keys = [*SETTING_COLUMNS, "mode", "group"]
+    valued = rows[(rows["status"] == "ok") & rows[column].notna()]
+    valued = valued[valued[column].astype(float) > 0]
+    best = valued.sort_values([column, "layer"], kind="mergesort").drop_duplicates([*keys, "window"])
+    wins = best.groupby([*keys, "layer"], sort=True, dropna=False).size().rename("wins")
+    layers = rows.drop_duplicates([*keys, "layer"])[[*keys, "layer", "role", "family"]]
+    layers = layers.join(wins, on=[*keys, "layer"]).fillna({"wins": 0})
+    ranked = layers.assign(_neg=-layers["wins"]).sort_values(["_neg", "layer"], kind="mergesort").drop_duplicates(keys)
+    ranked = ranked.assign(wins=ranked["wins"].astype(int))
+    return ranked.sort_values(keys, kind="mergesort").reset_index(drop=True)[columns]
+
+
+def shown_by_default(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Per setting and mode, the layers a figure of ``column`` shows by default: every subject, each peer
+    family's best implementation and the best baseline (`best_per_family`). Columns: the setting, `mode`
+    and `layer`; references and the other implementations are left to a companion figure."""
+    keys = [*SETTING_COLUMNS, "mode", "layer"]
+    subjects = frame[frame["role"] == SUBJECT][keys]
+    chosen = best_per_family(frame, column)[keys]
+    return pd.concat([subjects, chosen]).drop_duplicates().reset_index(drop=True)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Growth in k
 
@@ -416,6 +450,80 @@ def timings_unreliable(data: pd.DataFrame) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Whole models
+
+# How a model's registry entry quotes its published size: "published 28.3M params, 4.5 GMACs".
+PUBLISHED = re.compile(r"published (?P<params>\d+(?:\.\d+)?)M params, (?P<gmacs>\d+(?:\.\d+)?) GMACs")
+
+
+def is_model(frame: pd.DataFrame) -> pd.Series:
+    """Which rows measure a whole backbone (registry kind ``model``); a name the registry does not know
+    is a layer."""
+    kinds = {}
+    for name in frame["layer"].unique():
+        spec = find_layer(name)
+        kinds[name] = spec.kind if spec is not None else "layer"
+    return frame["layer"].map(kinds).eq("model").astype(bool)
+
+
+def published_figures(layer: str) -> tuple[float, float] | None:
+    """(millions of parameters, GMACs per image) as the model's registry entry quotes them from its paper,
+    or None where it quotes none."""
+    spec = find_layer(layer)
+    match = PUBLISHED.search(spec.description) if spec is not None else None
+    return (float(match["params"]), float(match["gmacs"])) if match else None
+
+
+def _gmacs_per_image(row: pd.Series) -> tuple[float, str]:
+    """A forward row's multiply-accumulates per image (FLOPs / 2 / batch, in G): counted, or the closed
+    form where the counter saw none (e.g. flex attention)."""
+    for column, source in (("flops", "counted"), ("flops_analytic", "closed form")):
+        value = row.get(column)
+        if not missing(value) and float(value) > 0:
+            return float(value) / 2 / int(row["batch"]) / 1e9, source
+    return float("nan"), ""
+
+
+def model_table(data: pd.DataFrame) -> pd.DataFrame:
+    """One row per model, problem and mode (rows of `is_model`): images/s (batch / median latency), peak
+    memory, parameters, GMACs per image from the forward row, and the published figures."""
+    columns = ["problem", "layer", "role", "mode", "batch", "status", "images_per_s", "peak_bytes", "params",
+               "gmacs", "gmacs_source", "published_params_m", "published_gmacs"]
+    records = []
+    for (problem, layer), rows in data.groupby(["problem", "layer"], sort=True):
+        forward = rows[(rows["mode"] == "forward") & (rows["status"] == "ok")]
+        gmacs, source = _gmacs_per_image(forward.iloc[0]) if len(forward) else (float("nan"), "")
+        params = rows["params"].dropna()
+        published = published_figures(layer)
+        for row in rows.itertuples():
+            ok = row.status == "ok" and not missing(row.median_s) and float(row.median_s) > 0
+            records.append(dict(
+                problem=problem, layer=layer, role=row.role, mode=row.mode, batch=int(row.batch), status=row.status,
+                images_per_s=int(row.batch) / float(row.median_s) if ok else float("nan"),
+                peak_bytes=row.peak_bytes if row.status == "ok" else pd.NA,
+                params=int(params.iloc[0]) if len(params) else pd.NA, gmacs=gmacs, gmacs_source=source,
+                published_params_m=published[0] if published else float("nan"),
+                published_gmacs=published[1] if published else float("nan"),
+            ))
+    return sort_rows(pd.DataFrame(records, columns=columns), ["problem", "role", "layer", "mode"])
+
+
+def model_ratios(data: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
+    """Each model against each QnA-ViT (subject) of its problem, per mode: the `ratio_frame` latency and
+    memory ratios, and ``params_ratio`` and ``gmacs_ratio`` (the model's / QnA-ViT's): above 1 QnA-ViT is
+    faster, leaner, smaller."""
+    ratios = ratio_frame(data)
+    sizes = models.drop_duplicates(["problem", "layer"]).set_index(["problem", "layer"])[["params", "gmacs"]]
+    if not len(ratios):
+        return ratios.assign(params_ratio=pd.Series(dtype=float), gmacs_ratio=pd.Series(dtype=float))
+    mine = sizes.reindex(list(zip(ratios["problem"], ratios["layer"])))
+    theirs = sizes.reindex(list(zip(ratios["problem"], ratios["subject"])))
+    ratios["params_ratio"] = mine["params"].astype(float).to_numpy() / theirs["params"].astype(float).to_numpy()
+    ratios["gmacs_ratio"] = mine["gmacs"].astype(float).to_numpy() / theirs["gmacs"].astype(float).to_numpy()
+    return sort_rows(ratios, ["problem", "subject", "role", "layer", "mode"])
+
+
+# ----------------------------------------------------------------------------------------------------
 # Everything at once
 
 
@@ -423,7 +531,7 @@ def timings_unreliable(data: pd.DataFrame) -> bool:
 class Analysis:
     """Everything the report says, as tables (the notebook shows the same frames)."""
 
-    frame: pd.DataFrame  # the newest row per point, with `problem` (P1, P2, ...) and `role`
+    frame: pd.DataFrame  # the newest row per point, with `problem` (P1, P2, ...), `role` and `kind` (layer, model)
     rows_in_file: int
     problems: pd.DataFrame  # problem id, its setting columns and head_dim
     ratios: pd.DataFrame  # one row per non-subject layer paired with a subject at a point
@@ -431,23 +539,32 @@ class Analysis:
     comparisons: pd.DataFrame  # QnA vs each peer, per problem, mode and metric, over shared windows
     verdicts: pd.DataFrame  # one row per device, problem, subject, mode and claim
     failures: pd.DataFrame  # non-ok rows
+    models: pd.DataFrame  # whole backbones: one row per model, problem and mode (`model_table`)
+    model_ratios: pd.DataFrame  # each model against QnA-ViT (`model_ratios`)
 
 
 def analyse(frame: pd.DataFrame) -> Analysis:
-    """Ratios, growth exponents and verdicts of a results frame (as read by `read_results`)."""
+    """Ratios, growth exponents and verdicts of a results frame (as read by `read_results`); whole models
+    get their own tables instead of the layer claims."""
     data = latest_rows(with_roles(frame))
     problems = problem_table(data)
     data = with_problems(data, problems)
-    ratios = sort_rows(ratio_frame(data), ["problem", "mode", "subject", "role", "layer", "window"])
-    comparisons = growth_comparisons(data)
+    model_rows = is_model(data)
+    data = data.assign(kind=np.where(model_rows, "model", "layer"))
+    models = model_table(data[model_rows])
+    layers = data[~model_rows]
+    ratios = sort_rows(ratio_frame(layers), ["problem", "mode", "subject", "role", "layer", "window"])
+    comparisons = growth_comparisons(layers)
     failed = data[data["status"] != "ok"][["problem", "mode", "role", "layer", "window", "status", "reason"]]
     return Analysis(
         frame=sort_rows(data, ["problem", "mode", "role", "layer", "window"]),
         rows_in_file=len(frame),
         problems=problems,
         ratios=ratios,
-        growth=growth_table(data),
+        growth=growth_table(layers),
         comparisons=comparisons,
-        verdicts=verdict_table(data, ratios, comparisons),
+        verdicts=verdict_table(layers, ratios, comparisons),
         failures=sort_rows(failed, ["problem", "mode", "role", "layer", "window"]),
+        models=models,
+        model_ratios=model_ratios(data[model_rows], models),
     )

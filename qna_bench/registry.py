@@ -172,10 +172,15 @@ def resolve_layers(names: list[str]) -> list[LayerSpec]:
     return [get_layer(name) for name in names]
 
 
+def find_layer(name: str) -> LayerSpec | None:
+    """The registered entry of ``name``, or None for a name the registry does not know."""
+    _ensure_loaded()
+    return _REGISTRY.get(name)
+
+
 def role_of(name: str) -> str | None:
     """The declared role of a registered layer, or None for a name the registry does not know."""
-    _ensure_loaded()
-    spec = _REGISTRY.get(name)
+    spec = find_layer(name)
     return spec.role if spec is not None else None
 
 

@@ -517,7 +517,7 @@ def failures_section(analysis: Analysis) -> str:
 
 
 def measurements_section(analysis: Analysis) -> str:
-    data = analysis.frame
+    data = analysis.frame[analysis.frame["kind"] == "layer"]
     parts = ["## Measurements", "Median latency (ms) and peak memory above inputs (MiB); a status where the point failed."]
     for (problem, mode), group in data.groupby(["problem", "mode"], sort=False):
         windows = sorted(group["window"].astype(int).unique())
@@ -538,14 +538,97 @@ def measurements_section(analysis: Analysis) -> str:
     return "\n\n".join(parts)
 
 
+MODELS_RULES = """\
+Whole backbones (registry kind `model`; random initialisation, 1000 classes). The layer claims do not
+apply at this level: each model is described by its throughput, memory and size, then set against
+QnA-ViT. Images/s = batch / median latency (forward: inference; train: forward + backward). Peak memory is
+above the inputs. Params are counted on the built model; GMACs are per image, from the forward row
+(FLOPs / 2 / batch), counted by the FLOP counter or, where it cannot see a layer, the closed form. The
+published figures are those the model's registry entry quotes (`python -m qna_bench.registry`); n/a where
+it quotes none."""
+
+
+def _model_cell(row: pd.Series | None, value: str) -> str:
+    if row is None:
+        return "—"
+    if row["status"] != "ok":
+        return str(row["status"])
+    if value == "images_per_s":
+        return _fmt(row["images_per_s"], 2)
+    return "n/a (not measured)" if _missing(row["peak_bytes"]) else _fmt(float(row["peak_bytes"]) / MIB, 1)
+
+
+def _published(measured: float, published: float) -> str:
+    if _missing(published):
+        return "n/a"
+    return f"{_fmt(published, 1)} ({_x(measured / published)})" if not _missing(measured) else _fmt(published, 1)
+
+
+def models_section(analysis: Analysis) -> str:
+    """Whole backbones: images/s, peak memory, params and GMACs against the published figures, and each
+    model against QnA-ViT."""
+    models = analysis.models
+    if not len(models):
+        return ""
+    parts = ["## Models", MODELS_RULES]
+    modes = mode_order(models["mode"].unique())
+    for problem, here in models.groupby("problem", sort=False):
+        shape = analysis.problems.set_index("problem").loc[problem]
+        parts.append(f"### {shape['height']}×{shape['width']} images, batch {shape['batch']}, {shape['dtype']}, "
+                     f"{shape['threads']} threads ({problem})")
+        rows = []
+        for layer, own in here.groupby("layer", sort=False):
+            by_mode = {r["mode"]: r for _, r in own.iterrows()}
+            first = own.iloc[0]
+            params_m = float(first["params"]) / 1e6 if not _missing(first["params"]) else float("nan")
+            gmacs = _fmt(first["gmacs"]) + (f" ({first['gmacs_source']})" if first["gmacs_source"] == "closed form" else "")
+            rows.append([layer, first["role"], *[_model_cell(by_mode.get(m), "images_per_s") for m in modes],
+                         *[_model_cell(by_mode.get(m), "peak_bytes") for m in modes],
+                         _fmt(params_m), _published(params_m, first["published_params_m"]),
+                         gmacs, _published(first["gmacs"], first["published_gmacs"])])
+        parts.append(markdown_table(
+            ["model", "role", *[f"{m} images/s" for m in modes], *[f"{m} peak memory (MiB)" for m in modes],
+             "params (M)", "published params (M) (measured ÷ published)", "GMACs / image",
+             "published GMACs (measured ÷ published)"], rows))
+        ratios = analysis.model_ratios
+        ratios = ratios[ratios["problem"] == problem] if len(ratios) else ratios
+        for subject in sorted(here.loc[here["role"] == SUBJECT, "layer"].unique()):
+            mine = ratios[ratios["subject"] == subject] if len(ratios) else ratios
+            table = []
+            for layer in here[here["role"] != SUBJECT].drop_duplicates("layer")["layer"]:
+                theirs = mine[mine["layer"] == layer].set_index("mode")
+                status = {r["mode"]: r["status"] for _, r in here[here["layer"] == layer].iterrows()}
+
+                def cell(mode: str, column: str, theirs=theirs, status=status) -> str:
+                    if mode in theirs.index and not _missing(theirs.loc[mode, column]):
+                        return _spread(theirs.loc[mode], column)
+                    return status.get(mode, "—") if status.get(mode, "ok") != "ok" else "n/a"
+
+                size = theirs.iloc[0] if len(theirs) else None
+                table.append([layer, here.loc[here["layer"] == layer, "role"].iloc[0],
+                              *[cell(m, "latency_ratio") for m in modes], *[cell(m, "memory_ratio") for m in modes],
+                              _x(size["params_ratio"]) if size is not None else "n/a",
+                              _x(size["gmacs_ratio"]) if size is not None else "n/a"])
+            if table:
+                parts += [f"#### Against {subject} (the model's / {subject}'s; above 1: {subject} is faster, "
+                          "leaner, smaller)",
+                          markdown_table(["model", "role", *[f"{m} latency" for m in modes],
+                                          *[f"{m} peak memory" for m in modes], "params", "GMACs"], table)]
+    return "\n\n".join(parts)
+
+
 def figures_section(figures: Sequence[Path | str]) -> str:
     if not figures:
         return ""
     captions = {
-        "latency": "Median latency vs window",
-        "memory": "Peak memory vs window",
+        "headline": "QnA against the strongest attention peer at each window (dash-dot: the claimed factor)",
+        "latency": "Median latency vs window: QnA, each family's best implementation, the best baseline",
+        "latency_all": "Median latency vs window, every layer",
+        "memory": "Peak memory vs window: QnA, each family's best implementation, the best baseline",
+        "memory_all": "Peak memory vs window, every layer",
         "ratio_to_qna": "Each layer relative to QnA (dash-dot: the claimed factor)",
         "pareto": "Latency vs peak memory, marker size: window",
+        "models": "Whole models: images/s and peak memory",
         "roofline": "Roofline: achieved FLOP/s against arithmetic intensity under the probed roofs",
     }
     lines = ["## Figures"]
@@ -559,18 +642,18 @@ def render(analysis: Analysis, figures: Sequence[Path | str] = ()) -> str:
     """The whole report as markdown (deterministic: sorted rows, fixed precision, no dates)."""
     if not analysis.rows_in_file:
         return "# QnA claims report\n\nThe results file has no rows.\n"
+    layers = (analysis.frame["kind"] == "layer").any()
     sections = [
         "# QnA claims report",
         "QnA (arXiv 2112.11435) “scales especially well with window size, requiring up-to x10 less memory while "
         "being up-to x5 faster than existing methods”. This report checks each part against the peers measured "
         "in this results file.",
         header_section(analysis),
-        verdict_section(analysis),
-        ratio_section(analysis, MEMORY),
-        ratio_section(analysis, SPEED),
-        growth_section(analysis),
+        *([verdict_section(analysis), ratio_section(analysis, MEMORY), ratio_section(analysis, SPEED),
+           growth_section(analysis)] if layers else []),
+        models_section(analysis),
         failures_section(analysis),
-        measurements_section(analysis),
+        *([measurements_section(analysis)] if layers else []),
         roofline_section(analysis),
         figures_section(figures),
     ]

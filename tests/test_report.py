@@ -3,6 +3,7 @@ byte-identical regeneration, the non-ok table, and the exploration notebook exec
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -14,9 +15,11 @@ from qna_bench.registry import register_layer
 
 WINDOWS = (3, 5, 7, 9, 11)
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "explore_results.ipynb"
-FAMILIES = {"qna": "qna", "qna_reference": "qna", "sasa": "sasa", "swin": "swin", "na": "neighborhood",
-            "conv_dw": "conv", "global_attn": "global"}
-ROLES = {"qna": "subject", "qna_reference": "reference", "conv_dw": "baseline"}
+FAMILIES = {"qna": "qna", "qna_reference": "qna", "sasa": "sasa", "swin": "swin", "swin_fused": "swin",
+            "na": "neighborhood", "conv_dw": "conv", "conv_dense": "conv", "global_attn": "global",
+            "qna_vit_tiny": "model", "swin_tiny": "model", "convnext_tiny": "model", "nat_tiny": "model"}
+ROLES = {"qna": "subject", "qna_reference": "reference", "conv_dw": "baseline", "conv_dense": "baseline",
+         "qna_vit_tiny": "subject", "convnext_tiny": "baseline"}
 
 
 def synthetic_row(layer: str, window: int, mode: str = "forward", latency_s: float | None = None,
@@ -244,6 +247,67 @@ def test_verdicts_are_given_per_head_size():
             "partly — **the verdict depends on the head size**.") in text
 
 
+def test_each_familys_best_implementation_wins_the_most_windows_per_metric_and_references_are_never_chosen():
+    rows = power_law_rows("qna", "forward", (1e-3, 1.0), (1000, 1.0))
+    rows += power_law_rows("qna_reference", "forward", (1e-4, 1.0), (10, 1.0))  # the fastest, but a reference
+    rows += power_law_rows("swin", "forward", (2e-3, 1.0), (500, 1.0))
+    # swin_fused is faster than swin at 3 of 5 windows and always needs more memory.
+    rows += [synthetic_row("swin_fused", k, "forward", (1e-3 if k <= 7 else 3e-3) * k, 2000 * k) for k in WINDOWS]
+    rows += power_law_rows("conv_dense", "forward", (1e-4, 2.0), (50, 2.0))
+    rows += power_law_rows("conv_dw", "forward", (1e-5, 2.0), (100, 2.0))
+    rows += [synthetic_row("na", k, status="unsupported", reason="none") for k in WINDOWS]
+    frame = A.with_roles(_frame(rows))
+    latency = A.best_per_family(frame, "median_s").set_index("group")
+    assert latency["layer"].to_dict() == {"baseline": "conv_dw", "neighborhood": "na", "swin": "swin_fused"}
+    assert latency.loc["swin", "wins"] == 3 and latency.loc["neighborhood", "wins"] == 0
+    memory = A.best_per_family(frame, "peak_bytes").set_index("group")["layer"].to_dict()
+    assert memory == {"baseline": "conv_dense", "neighborhood": "na", "swin": "swin"}
+    assert sorted(A.shown_by_default(frame, "median_s")["layer"]) == ["conv_dw", "na", "qna", "swin_fused"]
+
+
+def model_rows() -> list[dict]:
+    """A models run: QnA-ViT, Swin-T and ConvNeXt-T in both modes at batch 4, NAT forward only."""
+    image = dict(batch=4, height=224, width=224, channels=3, heads=1, uses_window=False)
+    rows = []
+    for layer, forward_s, train_s, memory, params, flops in (
+        ("qna_vit_tiny", 0.2, 0.8, 100 * 2**20, 16_000_000, 2 * 2.5e9 * 4),
+        ("swin_tiny", 0.4, 1.2, 150 * 2**20, 28_300_000, 2 * 4.5e9 * 4),
+        ("convnext_tiny", 0.5, 2.4, 200 * 2**20, 28_600_000, 2 * 4.4e9 * 4),
+    ):
+        rows.append(synthetic_row(layer, 7, "forward", forward_s, memory, params=params, flops=int(flops), **image))
+        rows.append(synthetic_row(layer, 7, "train", train_s, 4 * memory, params=params, flops=int(3 * flops), **image))
+    rows.append(synthetic_row("nat_tiny", 7, "forward", 2.0, None, params=28_000_000, flops=None,
+                              flops_analytic=int(2 * 4.3e9 * 4), **image))
+    rows.append(synthetic_row("nat_tiny", 7, "train", status="unsupported", reason="no CPU backward", **image))
+    return rows
+
+
+def test_a_models_run_gets_a_models_section_instead_of_the_layer_claims():
+    analysis = A.analyse(_frame(model_rows()))
+    assert set(analysis.frame["kind"]) == {"model"} and not len(analysis.verdicts)
+    models = analysis.models.set_index(["layer", "mode"])
+    assert models.loc[("swin_tiny", "forward"), "images_per_s"] == pytest.approx(10.0)  # batch 4 / 0.4 s
+    assert models.loc[("qna_vit_tiny", "train"), "images_per_s"] == pytest.approx(5.0)
+    assert models.loc[("nat_tiny", "forward"), "gmacs"] == pytest.approx(4.3)  # the closed form: no counted FLOPs
+    assert models.loc[("swin_tiny", "forward"), "published_params_m"] == 28.3  # quoted by the registry entry
+    text = report.render(analysis)
+    assert "## Verdicts" not in text and "## Growth" not in text and "## Measurements" not in text
+    assert "| qna_vit_tiny | subject | 20.00 | 5.00 | 100.0 | 400.0 | 16.00 | 16.0 (1.00×) | 2.50 | 2.5 (1.00×) |" in text
+    assert "| nat_tiny | peer | 2.00 | unsupported | n/a (not measured) | unsupported | 28.00 |" in text
+    assert "4.30 (closed form) | 4.3 (1.00×) |" in text
+    against = text.split("#### Against qna_vit_tiny")[1]
+    assert "| swin_tiny | peer | 2.00× | 1.50× | 1.50× | 1.50× | 1.77× | 1.80× |" in against
+    assert "| nat_tiny | peer | 10.00× | unsupported | n/a | unsupported |" in against
+
+
+def test_a_file_of_layers_and_models_gets_both_and_keeps_the_models_out_of_the_verdicts(analysis):
+    mixed = A.analyse(_frame([*claims_rows(), *model_rows()]))
+    assert mixed.verdicts.equals(analysis.verdicts)
+    assert not set(mixed.ratios["layer"]) & {"swin_tiny", "nat_tiny", "convnext_tiny"}
+    text = report.render(mixed)
+    assert "## Verdicts" in text and "## Models" in text
+
+
 def test_peers_without_a_number_are_named(analysis):
     text = report.render(analysis)
     assert "Peers without a number where QnA has one (in no ratio): na unsupported at k = 3–11; sasa oom at k = 11." in text
@@ -342,5 +406,5 @@ def test_committed_reports_regenerate_from_their_parquet(committed, tmp_path):
     text = committed.read_text(encoding="utf-8")
     body, _, figures = text.partition("\n\n## Figures")
     assert body + "\n" == regenerated
-    for name in ("latency.png", "memory.png", "pareto.png"):
-        assert f"]({name})" in figures and (committed.parent / name).is_file()
+    linked = set(re.findall(r"\]\(([^)]+\.png)\)", figures))
+    assert linked and linked == {p.name for p in committed.parent.glob("*.png")}  # no stale figure
