@@ -100,7 +100,7 @@ def test_the_report_section_gives_each_layers_fraction_and_links_the_far_below_p
     text = report.roofline_section(report.analyse(frame_of(_sweep_rows())))
     assert "100.0 GFLOP/s, 10.0 GB/s (ridge at 10.0 FLOP/byte)" in text
     assert "| qna | train | memory | 50.0% | 1.0% | 25.5% |" in text
-    assert "| qna | train | 16×16 (P1) | 5 | 1.0% | 0.20 | 2.0 | [profile](profiles/p.md) |" in text
+    assert "| qna | train | 16×16, C=8, 2 heads (P1) | 5 | 1.0% | 0.20 | 2.0 | [profile](profiles/p.md) |" in text
     assert "above their roof" not in text
     assert report.roofline_section(report.analyse(frame_of([synthetic_row("qna", 3, latency_s=0.01)]))) == ""
 
