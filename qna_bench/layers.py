@@ -67,6 +67,24 @@ def qna_flops(problem: Problem, num_queries: int = NUM_QUERIES) -> int:
     return 2 * macs + real_fft_flops(num_queries * (c + heads) * (2 * b + 1), n1 * n2)
 
 
+def qna_reference_flops(problem: Problem, num_queries: int = NUM_QUERIES) -> int:
+    """2 × multiply-adds of the reference form: the same projections as the fast form, and one product
+    of the mixed attention weights with the unfolded values per output pixel, channel and tap (the
+    softmax and the query mixing are element-wise, not counted). Train mode: 3× (input and weight
+    gradients of every product)."""
+    b, c, heads = problem.batch, problem.channels, problem.heads
+    out_h, out_w = problem.output_hw
+    pixels, out_pixels = b * problem.height * problem.width, b * out_h * out_w
+    macs = (
+        c * heads * (c // heads) * num_queries
+        + pixels * c * num_queries * heads
+        + pixels * c * c
+        + out_pixels * c * c
+        + out_pixels * c * problem.window**2
+    )
+    return 2 * macs * (3 if problem.mode == "train" else 1)
+
+
 def _constraints(problem: Problem) -> list[str]:
     if problem.stride not in STRIDES:
         return [f"problem.stride={problem.stride}: QnA supports stride {' or '.join(map(str, STRIDES))}"]
@@ -151,7 +169,6 @@ _QNA = dict(
     constraints=_constraints,
     unsupported=_unsupported,
     flags=_flags,
-    analytic_flops=qna_flops,
     flop_formulas=QNA_FLOP_FORMULAS,
 )
 
@@ -161,6 +178,7 @@ _QNA = dict(
     role="subject",
     implementation="qna_bench.qna.QnA impl=fast: two depthwise convolutions, custom backward",
     description="QnA, fast form (the layer under test), 2 learned queries",
+    analytic_flops=qna_flops,
     analytic_bytes=qna_bytes,
     **_QNA,
 )
@@ -173,6 +191,7 @@ def build_qna(problem: Problem) -> nn.Module:
     role="reference",
     implementation="qna_bench.qna.QnA impl=reference: unfolded k×k windows, autograd",
     description="QnA, naive reference form (unfolded windows), same parameters as qna",
+    analytic_flops=qna_reference_flops,
     analytic_bytes=qna_reference_bytes,
     **_QNA,
 )
