@@ -45,6 +45,7 @@ from qna_bench.analysis import (
     with_roles,
 )
 from qna_bench.analysis import missing as _missing
+from qna_bench.qna import tuned_thresholds
 from qna_bench.results import STATUSES, read_results
 
 REPORT_FILE = "report.md"
@@ -179,6 +180,15 @@ def timing_warnings(data: pd.DataFrame) -> list[str]:
 # Sections
 
 
+def _tuning_text() -> str:
+    """Where QnA's machine-dependent choices (FFT kernel gradients, padded windows) were tuned: on another
+    machine its speed may be off its best."""
+    tuned = tuned_thresholds()
+    fft = ", ".join(f"{t} thread(s): k ≥ {k}" for t, k in sorted(tuned["fft_weight_grad_min_window"].items()))
+    return (f"tuned on {tuned['tuned_on']} (FFT kernel gradients from {fft}; padded windows "
+            f"{tuned['padded_windows_by_threads'] or 'none'}); see qna_bench/qna.py")
+
+
 def header_section(analysis: Analysis) -> str:
     data = analysis.frame
     counts = data["status"].value_counts()
@@ -200,6 +210,7 @@ def header_section(analysis: Analysis) -> str:
         *([("load average", _load_text(data))] if "load_avg" in data else []),
         ("runs", f"{data['run_id'].nunique()} run id(s)"),
         ("rows", f"{rows_text}; statuses: {statuses}"),
+        ("QnA's tuned thresholds", _tuning_text()),
     ]
     problems = []
     for _, shape in analysis.problems.iterrows():
