@@ -28,6 +28,7 @@ def _rates(probe, small, large, rounds: int = 3) -> tuple[float, float, int, int
     [
         ("gemm", lambda s: probes.gemm_probe(CPU, torch.float32, s, repeats=2), 1, 4),
         ("depthwise", lambda s: probes.depthwise_probe(CPU, torch.float32, s, repeats=2), 1, 4),
+        ("dense conv", lambda s: probes.dense_conv_probe(CPU, torch.float32, s, repeats=2), 1, 4),
         ("copy", lambda s: probes.copy_probe(CPU, torch.float32, s, repeats=2), 64 * 2**20, 256 * 2**20),
         ("triad", lambda s: probes.triad_probe(CPU, torch.float32, s, repeats=2), 64 * 2**20, 256 * 2**20),
     ],
@@ -41,7 +42,7 @@ def test_a_probe_doubled_twice_does_four_times_the_work_in_about_four_times_the_
 def test_measure_machine_reports_positive_peaks_and_what_measured_them():
     measured = probes.measure_machine("cpu", "float32", threads=1, target_s=0.005)
     assert measured.peak_flops > 1e8 and measured.peak_bytes_per_s > 1e8
-    assert "gemm" in measured.method and "copy" in measured.method and "1 threads" in measured.method
+    assert "gemm" in measured.method and "dense conv" in measured.method and "copy" in measured.method and "1 threads" in measured.method
     assert set(measured.columns()) <= set(COLUMNS)
 
 

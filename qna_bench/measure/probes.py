@@ -1,7 +1,7 @@
 """Machine probes: this device's peak compute and memory bandwidth, timed once per run in the measuring process.
 
-Peak compute is the higher of a large GEMM and a compute-bound depthwise convolution (oneDNN's
-depthwise kernels beat its GEMM on some CPUs); peak bandwidth the higher of a copy and a triad over
+Peak compute is the highest of a large GEMM, a compute-bound depthwise convolution and a dense 3×3
+convolution (oneDNN's convolution kernels beat the GEMM on some CPUs); peak bandwidth the higher of a copy and a triad over
 buffers far larger than the last-level cache. Each probe grows its size until one call takes
 ``target_s``, then keeps the fastest of ``repeats`` timed calls: a peak is the best the machine did.
 """
@@ -21,6 +21,9 @@ import torch.nn.functional as F
 # Probe sizes at scale 1; each doubling of the scale doubles the work.
 GEMM_ROWS, GEMM_INNER = 256, 2048
 CONV_BATCH, CONV_CHANNELS, CONV_SIZE, CONV_WINDOW = 1, 128, 56, 31
+# A dense 3×3 convolution, oneDNN's best-tuned kernel: at 1 thread it ran 12% above the GEMM probe
+# (dense 3×3, 56², C=64: 79.7 against 71.1 GFLOP/s, 2026-11-30), so the GEMM alone is no peak.
+DENSE_CHANNELS, DENSE_WINDOW = 128, 3
 # Bandwidth buffers: at least this many times the last-level cache, and at least this many bytes.
 CACHE_MULTIPLE, MIN_STREAM_BYTES = 8, 256 * 2**20
 # CUDA L2 caches are tens of MiB; its buffers start at 1 GiB.
@@ -122,6 +125,23 @@ def triad_probe(device: torch.device, dtype: torch.dtype, buffer_bytes: int, rep
     return Timed(3 * numel * dtype.itemsize, seconds, f"triad 3x{buffer_bytes / 2**20:.0f} MiB")
 
 
+def dense_conv_probe(device: torch.device, dtype: torch.dtype, scale: int = 1, repeats: int = 3) -> Timed:
+    """A dense 3×3 convolution, 128 → 128 channels over (scale, 128, 56, 56) channels_last."""
+    batch = CONV_BATCH * scale
+    x = torch.randn(batch, DENSE_CHANNELS, CONV_SIZE, CONV_SIZE, device=device).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(DENSE_CHANNELS, DENSE_CHANNELS, DENSE_WINDOW, DENSE_WINDOW, device=device).to(dtype)
+    w = w.contiguous(memory_format=torch.channels_last)
+
+    def call() -> None:
+        with torch.inference_mode():
+            F.conv2d(x, w, padding=DENSE_WINDOW // 2)
+
+    seconds = _fastest(call, device, repeats)
+    flops = 2 * batch * DENSE_CHANNELS * DENSE_CHANNELS * CONV_SIZE * CONV_SIZE * DENSE_WINDOW**2
+    return Timed(flops, seconds, f"dense conv {DENSE_WINDOW}x{DENSE_WINDOW} over {batch}x{DENSE_CHANNELS}x{CONV_SIZE}²")
+
+
 def last_level_cache_bytes() -> int:
     """The largest CPU cache Linux reports (sysfs), 0 when it reports none."""
     sizes = []
@@ -162,6 +182,7 @@ def measure_machine(device: str | torch.device, dtype: str | torch.dtype, thread
         compute = [
             grown(lambda s: gemm_probe(device, dtype, s), target_s),
             grown(lambda s: depthwise_probe(device, dtype, s), target_s),
+            grown(lambda s: dense_conv_probe(device, dtype, s), target_s),
         ]
         buffer_bytes = stream_bytes(device)
         bandwidth = [copy_probe(device, dtype, buffer_bytes), triad_probe(device, dtype, buffer_bytes)]
