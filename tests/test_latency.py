@@ -38,7 +38,9 @@ def test_measure_latency_keeps_every_replicate():
 
 def test_slow_calls_are_topped_up_to_the_minimum_replicates():
     stats = measure_latency(lambda: time.sleep(0.03), threads=1, min_run_time_s=0.01, min_replicates=5)
-    assert stats.n >= 5 and stats.number_per_run == 1
+    # torch's block-size estimate may put 1 or 10 calls in a block (it was 10 once on a fresh machine);
+    # either way each replicate is one call's mean and there are at least the minimum of them.
+    assert stats.n >= 5 and stats.number_per_run >= 1
     assert stats.min_s >= 0.03
 
 
