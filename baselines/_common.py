@@ -130,11 +130,11 @@ def first_reason(*reasons: str | None) -> str | None:
     return next((reason for reason in reasons if reason), None)
 
 
-# Under a TorchDispatchMode (FlopCounterMode, the CPU live-storage tracker) Dynamo runs a compiled
-# function eagerly, and torch 2.14's flex attention cannot run under such a mode at all
-# (pytorch/pytorch#134385: FlopCounterMode does not support higher-order ops). Both flex layers refuse
-# such a pass before flex runs, so no pass runs flex eagerly in na_flex's place; the measuring code
-# reports the count or the memory as "unavailable" (it looks for "HigherOrderOperator").
+# Under a TorchDispatchMode (FlopCounterMode) Dynamo runs a compiled function eagerly, and torch
+# 2.14's flex attention cannot run under such a mode at all (pytorch/pytorch#134385: FlopCounterMode
+# does not support higher-order ops). Both flex layers refuse such a pass before flex runs, so no pass
+# runs flex eagerly in na_flex's place; the FLOP count is then "unavailable" and the closed form stands.
+# (Peak memory comes from the profiler's allocator events, no dispatch mode, so flex layers have one.)
 FLEX_UNDER_DISPATCH_MODE = (
     "flex attention is a HigherOrderOperator that no TorchDispatchMode can run in this torch "
     "(pytorch/pytorch#134385); this pass does not call it"
