@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +25,25 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: int = 300, path: Path | None 
     return subprocess.run(
         [sys.executable, str(REPO / "run_bench.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+def run_cli_in_process(*args: str, cwd: Path) -> tuple[int, str]:
+    """``run_bench.py`` as its own ``__main__`` in this process: its exit status and stderr. The same
+    code path as `run_cli` without the ~10 s of a fresh interpreter's imports, for checks of bad input."""
+    argv, here = sys.argv, Path.cwd()
+    sys.argv = [str(REPO / "run_bench.py"), *args]
+    stderr = io.StringIO()
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stderr(stderr):
+            runpy.run_path(str(REPO / "run_bench.py"), run_name="__main__")
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+    return code, stderr.getvalue()
 
 
 def test_a_tiny_sweep_writes_every_row_and_its_figures(tmp_path):
@@ -110,15 +132,30 @@ if not __import__("torch").cuda.is_available():
     BAD_INPUTS.append((["problem.device=cuda"], "problem.device='cuda': no CUDA device is available"))
 
 
+def _check_refused(code: int, stderr: str, message: str, out: Path) -> None:
+    assert code == 2, (code, stderr[-2000:])
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], stderr[-2000:]
+    assert "[1/" not in stderr
+    assert not (out / results.RESULTS_FILE).exists()
+
+
+def _results_dir(overrides: list[str], out: Path) -> list[str]:
+    return [] if any(o.startswith("results_dir=") for o in overrides) else [f"results_dir={out}"]
+
+
 @pytest.mark.parametrize("overrides,message", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
 def test_bad_input_exits_2_with_one_line_before_any_work(tmp_path, overrides, message):
-    results_dir = [] if any(o.startswith("results_dir=") for o in overrides) else [f"results_dir={tmp_path / 'out'}"]
-    done = run_cli(*overrides, *results_dir, cwd=tmp_path)
-    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and message in errors[0], done.stderr[-2000:]
-    assert "[1/" not in done.stderr
-    assert not (tmp_path / "out" / results.RESULTS_FILE).exists()
+    out = tmp_path / "out"
+    code, stderr = run_cli_in_process(*overrides, *_results_dir(overrides, out), cwd=tmp_path)
+    _check_refused(code, stderr, message, out)
+
+
+def test_bad_input_in_a_real_process_exits_2_with_one_line(tmp_path):
+    overrides, message = BAD_INPUTS[0]
+    out = tmp_path / "out"
+    done = run_cli(*overrides, *_results_dir(overrides, out), cwd=tmp_path)
+    _check_refused(done.returncode, done.stderr, message, out)
 
 
 def test_every_invalid_combination_is_reported_at_once_and_skip_invalid_runs_the_rest(tmp_path):

@@ -28,6 +28,10 @@ from qna_bench.problem import Problem
 from qna_bench.registry import get_layer, list_layers
 from qna_bench.runner import PointStep
 
+# One pytest-xdist worker runs this module (`make test` uses --dist loadgroup): its module fixture
+# `resident_growth` measures every layer in a fresh process once, not once per worker.
+pytestmark = pytest.mark.xdist_group("resident_growth")
+
 MIB = 2**20
 CPU = torch.device("cpu")
 
