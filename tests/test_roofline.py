@@ -74,10 +74,6 @@ def test_a_frame_from_before_the_probes_has_no_roofline(frame_of):
 @pytest.mark.parametrize("path", sorted(REPO.glob("results/**/results.parquet")), ids=lambda p: p.parent.name)
 def test_no_committed_point_lies_more_than_ten_percent_above_its_roof(path):
     frame = results.read_results(path)
-    if "probe_method" in frame and not frame["probe_method"].dropna().str.contains("dense conv").all():
-        # Probed before the dense-convolution probe: its roof is the GEMM's, which oneDNN's dense 3×3
-        # convolution beat by 12% at 1 thread (the run's NOTES.md lists the point); no longer a peak.
-        pytest.skip(f"{path}: probed without the dense-convolution probe")
     points = roofline.roofline_frame(frame)
     above = roofline.above_roof(points)
     assert above.empty, above[["layer", "mode", "window", "roof_fraction"]].to_string()
