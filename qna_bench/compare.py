@@ -18,14 +18,21 @@ that got 1.3× slower moves its own. The change is the ratio of the medians over
 times, new over base, and its spread runs from the smallest new over the largest base to the largest new
 over the smallest base. A change is *significant* when all three hold: it exceeds ``--min-rel``
 (default 5%), the raw medians differ by more than ``--min-abs-ms`` (default 0.01 ms), and the spread
-excludes 1 (so with several rounds the noise between rounds holds it back). Points without a peer on
-both sides, and ``--anchor none``, use the raw medians instead, with the within-run IQR bands q25..q75
+excludes 1 (so with several rounds the noise between rounds holds it back), and it lies beyond the
+noise *between the runs*: each run is a fresh process, and a point's time relative to its peers moves
+on its own from run to run in a way its rounds cannot see. That noise is estimated from the comparison
+itself (`between_runs_noise`: the robust σ of the points' log changes once each layer's mean change is
+taken out, from 8 points on); one point counts beyond 4σ (or 4× its own noise over its rounds, if
+larger), and each layer is also judged over all its points: the geometric mean of their changes counts
+beyond 3σ/√n. A layer that got slower everywhere fails the gate at a change no single point resolves.
+Points without a peer on both sides, and ``--anchor none``, use the raw medians instead, with the within-run IQR bands q25..q75
 (which must not overlap) in place of the spread. The raw medians and their ratio are printed either way.
 Peak memory (``peak_bytes``) is deterministic, so any change beyond ``--memory-rel`` of the base
 (default 1%) is reported.
 
 Exit status: 1 when a point regressed — significantly slower by more than ``--fail-over``, memory grown
-by more than ``--fail-over`` (and ``--memory-rel``), or ``ok`` in BASE and not ``ok`` in NEW;
+by more than ``--fail-over`` (and ``--memory-rel``), or ``ok`` in BASE and not ``ok`` in NEW — or a
+layer did over its points;
 2 on bad arguments (one line on stderr); 0 otherwise. Points present on one side only are listed but
 do not fail the comparison.
 """
@@ -61,6 +68,15 @@ EXIT_OK, EXIT_REGRESSION, EXIT_BAD_ARGUMENTS = 0, 1, 2
 _OBSERVED = ("status", "reason", "median_s", "q25_s", "q75_s", "peak_bytes")
 Anchor = Literal["peers", "none"]
 ANCHORS: tuple[str, ...] = get_args(Anchor)
+
+# Between two runs, a point's time relative to its peers still moves on its own: each run is a fresh
+# process that lands differently in caches and memory. Back-to-back runs of unchanged code (qna,
+# swin_fused, conv_dw; k = 3, 7, 13; both modes; 3 rounds) on the 2-core reference CPU moved by a robust
+# σ of 6–10% (of the log) per point, up to 1.28× at one point, while the spread over each run's rounds
+# excluded 1. The gate estimates that noise from the comparison itself (`between_runs_noise`).
+POINT_Z = 4.0  # one point counts beyond POINT_Z σ: with ~20–100 points, 3σ would fire by chance
+LAYER_Z = 3.0  # a layer's geometric mean over its n points counts beyond LAYER_Z σ / √n
+MIN_NOISE_POINTS = 8  # points with peers needed to estimate σ; with fewer the gate uses the rounds only
 
 
 @dataclass(frozen=True)
@@ -108,6 +124,9 @@ class MetricComparison:
     # over the rounds (low, high). None when judged on the raw medians.
     relative: float | None = None
     spread: tuple[float, float] | None = None
+    # The standard error (of the log) of ``relative`` from the scatter of each side's rounds; None with
+    # one round on both sides.
+    round_noise: float | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +168,33 @@ class PointComparison:
         if self.latency is None:
             return "not_timed"
         return {"worse": "slower", "better": "faster", "same": "same"}[self.latency.change]
+
+
+@dataclass(frozen=True)
+class BetweenRuns:
+    """The noise between the two runs: the robust σ (median absolute deviation × 1.4826) of the log of
+    each point's change relative to its peers, once each layer's own mean change is taken out (a layer
+    that really changed moves all its points, and its peers' relative times the other way)."""
+
+    sigma: float
+    points: int
+
+    @property
+    def point_limit(self) -> float:
+        return math.exp(POINT_Z * self.sigma)
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    """A layer's change relative to its peers over all its points: the geometric mean of its points'
+    changes, judged against the noise between runs shrunk by the square root of its point count."""
+
+    group: tuple[tuple[str, Any], ...]  # ("layer", name) and any --by columns
+    points: int
+    relative: float
+    limit: float  # the factor, either way, that ``relative`` must exceed to count
+    change: Change
+    regression: bool
 
 
 class DuplicatePointError(ValueError):
@@ -239,7 +285,18 @@ def _anchored(base: Observation, new: Observation, base_peers: Sequence[Observat
     change: Change = "same" if why_same else ("worse" if relative > 1 else "better")
     regression = change == "worse" and relative - 1 > t.fail_over
     return MetricComparison("median_s", b, n, n / b if b else None, change, regression,
-                            why_same if relative != 1 else "", relative, (low, high))
+                            why_same if relative != 1 else "", relative, (low, high), _round_noise(b_rel, n_rel))
+
+
+def _round_noise(base_rounds: Sequence[float], new_rounds: Sequence[float]) -> float | None:
+    """The standard error of the difference of the two sides' mean log round values, from their pooled
+    scatter over the rounds."""
+    sides = [[math.log(v) for v in rounds] for rounds in (base_rounds, new_rounds)]
+    dof = sum(len(logs) - 1 for logs in sides)
+    if dof < 1:
+        return None
+    squares = math.fsum((x - math.fsum(logs) / len(logs)) ** 2 for logs in sides for x in logs)
+    return math.sqrt(squares / dof * sum(1 / len(logs) for logs in sides))
 
 
 def _latency(base: Observation, new: Observation, t: Thresholds) -> MetricComparison | None:
@@ -337,7 +394,62 @@ def compare_results(
                 latency = _latency(b, n, thresholds)
             memory = _memory(b, n, thresholds) if "peak_bytes" in metrics else None
         comparisons.append(PointComparison(key, b, n, latency, memory))
-    return comparisons
+    noise = between_runs_noise(comparisons)
+    return comparisons if noise is None else [_judged_against(noise, p) for p in comparisons]
+
+
+def _changes_by_layer(points: Sequence[PointComparison]) -> dict[tuple, list[float]]:
+    """The log of each point's change relative to its peers, grouped by layer (and any --by columns)."""
+    groups: dict[tuple, list[float]] = {}
+    for p in points:
+        if p.latency is not None and p.latency.relative:
+            group = tuple(kv for kv in p.key if kv[0] == "layer" or kv[0] in BY_COLUMNS)
+            groups.setdefault(group, []).append(math.log(p.latency.relative))
+    return groups
+
+
+def between_runs_noise(points: Sequence[PointComparison]) -> BetweenRuns | None:
+    """σ of the per-point change between the runs (see `BetweenRuns`), or None with too few points."""
+    groups = [logs for logs in _changes_by_layer(points).values() if len(logs) >= 2]
+    residuals = [x - math.fsum(logs) / len(logs) for logs in groups for x in logs]
+    if len(residuals) < MIN_NOISE_POINTS:
+        return None
+    # Removing each layer's mean leaves len(residuals) - len(groups) degrees of freedom.
+    correction = math.sqrt(len(residuals) / (len(residuals) - len(groups)))
+    return BetweenRuns(1.4826 * _median([abs(r) for r in residuals]) * correction, len(residuals))
+
+
+def _judged_against(noise: BetweenRuns, point: PointComparison) -> PointComparison:
+    """The point, its latency change held back when it lies within POINT_Z σ of its noise: the larger of
+    the noise between runs (all points) and its own over its rounds (a point that scatters more than
+    most, e.g. a short call, needs a larger change)."""
+    lat = point.latency
+    if lat is None or lat.relative is None or lat.change == "same":
+        return point
+    sigma = max(noise.sigma, lat.round_noise or 0.0)
+    limit = math.exp(POINT_Z * sigma)
+    if max(lat.relative, 1 / lat.relative) > limit:
+        return point
+    own = " (its own rounds)" if sigma > noise.sigma else ""
+    why = f"within the noise between runs{own}: {POINT_Z:g}σ = ×{limit:.2f}"
+    return dataclasses.replace(point, latency=dataclasses.replace(lat, change="same", regression=False, why_same=why))
+
+
+def layer_changes(points: Sequence[PointComparison], thresholds: Thresholds) -> list[LayerChange]:
+    """Each layer's change over its points with peers (two at least), when the noise can be estimated."""
+    noise = between_runs_noise(points)
+    if noise is None:
+        return []
+    changes = []
+    for group, logs in sorted(_changes_by_layer(points).items()):
+        if len(logs) < 2:
+            continue
+        relative = math.exp(math.fsum(logs) / len(logs))
+        limit = max(1 + thresholds.min_rel, math.exp(LAYER_Z * noise.sigma / math.sqrt(len(logs))))
+        change: Change = "same" if max(relative, 1 / relative) <= limit else ("worse" if relative > 1 else "better")
+        regression = change == "worse" and relative - 1 > thresholds.fail_over
+        changes.append(LayerChange(group, len(logs), relative, limit, change, regression))
+    return changes
 
 
 def _timed(obs: Observation) -> bool:
@@ -427,7 +539,24 @@ def format_table(points: Sequence[PointComparison], metrics: Sequence[str] = MET
     return "\n".join(_align([header] + [_row(p, metrics, by) for p in points], right))
 
 
-def format_summary(points: Sequence[PointComparison], thresholds: Thresholds, metrics: Sequence[str] = METRICS) -> str:
+def format_layers(changes: Sequence[LayerChange], noise: BetweenRuns | None) -> str:
+    """The noise between the runs and each layer's change over its points, as lines of text."""
+    if noise is None:
+        return (f"between runs: noise not estimated (needs {MIN_NOISE_POINTS} points with peers on both sides); "
+                "points are judged on their rounds alone")
+    head = (f"between runs: a point's change vs its peers scatters by σ = {math.expm1(noise.sigma):.1%} "
+            f"({noise.points} points, each layer's own mean change taken out); one point counts beyond "
+            f"{POINT_Z:g}σ (×{noise.point_limit:.2f}), a layer's geometric mean over n points beyond {LAYER_Z:g}σ/√n")
+    rows = [["layer", "points", "vs peers (geometric mean)", "limit", "latency", ""]]
+    for c in changes:
+        name = " ".join(str(v) for _, v in c.group)
+        rows.append([name, str(c.points), f"{c.relative:.3f}×", f"×{c.limit:.2f}",
+                     _LATENCY_LABELS[c.change], "REGRESSION" if c.regression else ""])
+    return "\n".join([head, "", *_align(rows, {1, 2, 3})]) if changes else head
+
+
+def format_summary(points: Sequence[PointComparison], thresholds: Thresholds, metrics: Sequence[str] = METRICS,
+                   layers: Sequence[LayerChange] = ()) -> str:
     """One line: how many points compared, slower, faster, unchanged, on one side only, regressions."""
     count = {o: sum(p.outcome == o for p in points) for o in get_args(Outcome)}
     both = len(points) - count["only_in_base"] - count["only_in_new"]
@@ -445,12 +574,16 @@ def format_summary(points: Sequence[PointComparison], thresholds: Thresholds, me
                  f"{mems.count('same')} unchanged")
     regressions = sum(p.regression for p in points)
     line += f"; {regressions} regression{'s' if regressions != 1 else ''} (fail over {thresholds.fail_over:.1%})"
+    if layers:
+        regressed = sum(c.regression for c in layers)
+        line += f"; {regressed} of {len(layers)} layers regressed over their points"
     return line
 
 
 def format_rule(thresholds: Thresholds, anchor: str = "peers") -> str:
-    latency = (f"|Δ| relative to the same-point peers > {thresholds.min_rel:.1%} with its spread over the rounds "
-               f"excluding 1 (no peers: |Δ median| > {thresholds.min_rel:.1%} and IQR bands apart)"
+    latency = (f"|Δ| relative to the same-point peers > {thresholds.min_rel:.1%}, beyond the noise between runs, "
+               f"with its spread over the rounds excluding 1 (no peers: |Δ median| > {thresholds.min_rel:.1%} and "
+               f"IQR bands apart)"
                if anchor == "peers" else
                f"|Δ median| > {thresholds.min_rel:.1%} and IQR bands (q25..q75) apart")
     return (f"significant: {latency}, and > {thresholds.min_abs_s * 1e3:g} ms; memory reported beyond "
@@ -561,8 +694,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if points:
         print(format_table(points, metrics, by))
         print()
-    print(format_summary(points, thresholds, metrics))
-    return EXIT_REGRESSION if any(p.regression for p in points) else EXIT_OK
+    layers = layer_changes(points, thresholds) if "median_s" in metrics else []
+    if "median_s" in metrics and args.anchor == "peers":
+        print(format_layers(layers, between_runs_noise(points)))
+        print()
+    print(format_summary(points, thresholds, metrics, layers))
+    regressed = any(p.regression for p in points) or any(c.regression for c in layers)
+    return EXIT_REGRESSION if regressed else EXIT_OK
 
 
 if __name__ == "__main__":
