@@ -72,17 +72,18 @@ STRIDES: tuple[int, ...] = (1, 2)
 FFT_WEIGHT_GRAD_MIN_WINDOW: dict[int, int] = {1: 7, 2: 11}
 
 # The machine the thresholds below were measured on; the report prints it with `tuned_thresholds()`.
-TUNED_ON = "2-core AMD EPYC (Zen 4, AVX-512), torch 2.14.1 CPU, fp32, B=8, 56x56, C=128, 4 heads"
+TUNED_ON = ("2-core AMD EPYC (Zen 4, AVX-512), torch 2.14.1 CPU, fp32, B=8, 56x56, C=128, 4 heads; padded windows "
+            "also measured on a 2-core AMD EPYC with AVX2")
 
 # Stride-1 depthwise convolutions on CPU whose window k runs through the zero-padded kernel of a larger
-# window (an exact rewrite), keyed by torch's thread count, then by k. oneDNN's depthwise forward with
-# 2 threads (B=8, 56x56, C=128, fp32, reference machine, 2026-11-30) took 20 ms at k=13 against 9.9 ms
-# at k=15, and QnA inherited the dip (forward 56.8 ms at k=13, 38.1 ms at k=15; train 257 vs 178).
-# With 1 thread there is no dip (CPU time under load: k=13 37 ms, k=15 56 ms), so nothing is padded.
-# Not re-measured quietly: on the shared machine at load 10 (2 threads, min of 12) QnA's forward at k=13
-# took 775 ms unpadded, 921 ms padded, 966 ms at k=15, 40x the quiet times, which says nothing of the
-# quiet partitioning. Set {} to turn it off.
-PADDED_WINDOWS: dict[int, dict[int, int]] = {2: {13: 15}}
+# window (an exact rewrite), keyed by the CPU's instruction set (torch's `get_cpu_capability()`) and
+# torch's thread count, then by k. With AVX-512 and 2 threads (B=8, 56x56, C=128, fp32, 2026-11-30),
+# oneDNN's depthwise forward took 20 ms at k=13 against 9.9 ms at k=15, and QnA inherited the dip
+# (forward 56.8 ms at k=13, 38.1 ms at k=15; train 257 vs 178); with 1 thread there was no dip (CPU time
+# under load: k=13 37 ms, k=15 56 ms). With AVX2 and 2 threads (same problem, a quiet 2-core EPYC,
+# 2026-11-30, median of 5 interleaved rounds' best of 3) padding makes QnA slower: k=13 forward 138 ms
+# unpadded, 156 padded, 153 at k=15; train 396, 468, 478. Set {} to turn it off.
+PADDED_WINDOWS: dict[tuple[str, int], dict[int, int]] = {("AVX512", 2): {13: 15}}
 
 # Bytes of one chunk's spectrum in the FFT kernel gradient: about 1 MiB keeps the chunk in cache and its
 # memory (a few such buffers) small next to the activations.
@@ -103,7 +104,7 @@ def tuned_thresholds() -> dict[str, object]:
         "tuned_on": TUNED_ON,
         "fft_weight_grad_min_window": dict(FFT_WEIGHT_GRAD_MIN_WINDOW),
         "fft_chunk_bytes": _FFT_CHUNK_BYTES,
-        "padded_windows_by_threads": {t: dict(w) for t, w in PADDED_WINDOWS.items()},
+        "padded_windows": {f"{isa}, {t} thread(s)": dict(w) for (isa, t), w in PADDED_WINDOWS.items()},
         "underflow_denominator": {str(k).removeprefix("torch."): v for k, v in UNDERFLOW_DENOMINATOR.items()},
     }
 
@@ -125,10 +126,11 @@ def qna_output_size(size: int, window: int, stride: int = 1) -> int:
 
 def convolution_window(device_type: str, window: int, stride: int) -> int:
     """The window QnA's depthwise convolutions (not their kernel gradients) run at: ``window``, or the
-    larger one `PADDED_WINDOWS` names for this thread count (stride 1, CPU)."""
+    larger one `PADDED_WINDOWS` names for this CPU's instruction set and thread count (stride 1, CPU)."""
     if device_type != "cpu" or stride != 1:
         return window
-    return PADDED_WINDOWS.get(torch.get_num_threads(), {}).get(window, window)
+    machine = (torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())
+    return PADDED_WINDOWS.get(machine, {}).get(window, window)
 
 
 def _padded_kernel(kernel: Tensor, stride: int, padding: int) -> tuple[Tensor, int]:

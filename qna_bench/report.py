@@ -185,8 +185,10 @@ def _tuning_text() -> str:
     machine its speed may be off its best."""
     tuned = tuned_thresholds()
     fft = ", ".join(f"{t} thread(s): k ≥ {k}" for t, k in sorted(tuned["fft_weight_grad_min_window"].items()))
-    return (f"tuned on {tuned['tuned_on']} (FFT kernel gradients from {fft}; padded windows "
-            f"{tuned['padded_windows_by_threads'] or 'none'}); see qna_bench/qna.py")
+    padded = "; ".join(f"{machine}: " + ", ".join(f"k={k} as {to}" for k, to in sorted(windows.items()))
+                       for machine, windows in sorted(tuned["padded_windows"].items())) or "none"
+    return (f"tuned on {tuned['tuned_on']} (FFT kernel gradients from {fft}; padded windows: {padded}); "
+            "see qna_bench/qna.py")
 
 
 def header_section(analysis: Analysis) -> str:

@@ -686,9 +686,10 @@ def test_tuned_thresholds_report_the_live_values_and_the_machine(monkeypatch: py
 def test_padded_convolution_windows_stay_exact_and_counted(
     monkeypatch: pytest.MonkeyPatch, mode: str, stride: int
 ) -> None:
-    """Windows run through a larger zero-padded kernel (`PADDED_WINDOWS`, for this thread count): the
-    fast form still equals the reference form, and the closed-form FLOPs count the padded convolutions."""
-    monkeypatch.setattr(qna_module, "PADDED_WINDOWS", {torch.get_num_threads(): {3: 7, 7: 9}})
+    """Windows run through a larger zero-padded kernel (`PADDED_WINDOWS`, for this machine): the fast
+    form still equals the reference form, and the closed-form FLOPs count the padded convolutions."""
+    machine = (torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())
+    monkeypatch.setattr(qna_module, "PADDED_WINDOWS", {machine: {3: 7, 7: 9}})
     assert qna_module.convolution_window("cpu", 3, 1) == 7
     for window in (3, 7):
         module = make_qna(in_channels=5, features=8, heads=2, window=window, stride=stride)
