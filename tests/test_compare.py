@@ -321,7 +321,6 @@ def test_with_too_few_points_the_noise_between_runs_is_not_estimated_and_the_rou
 def test_the_cli_prints_the_noise_between_runs_and_fails_on_a_layer_that_regressed(tmp_path):
     base = tmp_path / "base.parquet"
     new = tmp_path / "new.parquet"
-    base.parent.mkdir(exist_ok=True)
     pq.write_table(pa.Table.from_pandas(_rounds_run(1, per_run=0.08), preserve_index=False), base)
     pq.write_table(pa.Table.from_pandas(_rounds_run(101, per_run=0.08, scale={"qna": 1.3}), preserve_index=False), new)
     code = compare.main([str(base), str(new), "--fail-over", "5%"])
