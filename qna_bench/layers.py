@@ -9,7 +9,7 @@ from torch import nn
 
 from qna_bench.measure.traffic import traffic_bytes
 from qna_bench.problem import Problem
-from qna_bench.qna import STRIDES, QnA, convolution_window, fft_weight_grad_lengths, uses_fft_weight_grad
+from qna_bench.qna import STRIDES, QnA, convolution_window, fft_lengths, uses_fft_weight_grad
 from qna_bench.registry import register_layer
 
 NUM_QUERIES = 2  # the released models' default
@@ -63,7 +63,7 @@ def qna_flops(problem: Problem, num_queries: int = NUM_QUERIES) -> int:
     macs = 3 * linear + 3 * numerators + 2 * denominators
     if not uses_fft_weight_grad(problem.device, k, problem.stride):
         return 2 * (macs + out_pixels * num_queries * (c + heads) * k**2)
-    n1, n2 = fft_weight_grad_lengths(problem.height, problem.width, k)
+    n1, n2 = fft_lengths(problem.height, problem.width, k)
     return 2 * macs + real_fft_flops(num_queries * (c + heads) * (2 * b + 1), n1 * n2)
 
 
