@@ -9,7 +9,14 @@ from torch import nn
 
 from qna_bench.measure.traffic import traffic_bytes
 from qna_bench.problem import Problem
-from qna_bench.qna import STRIDES, QnA, convolution_window, fft_lengths, uses_fft_weight_grad
+from qna_bench.qna import (
+    STRIDES,
+    QnA,
+    convolution_window,
+    fft_lengths,
+    uses_fft_convolutions,
+    uses_fft_weight_grad,
+)
 from qna_bench.registry import register_layer
 
 NUM_QUERIES = 2  # the released models' default
@@ -36,14 +43,19 @@ QNA_FLOP_FORMULAS = {torch.ops.aten._fft_r2c: _fft_r2c_flops, torch.ops.aten._ff
 
 
 def qna_flops(problem: Problem, num_queries: int = NUM_QUERIES) -> int:
-    """2 × multiply-adds of QnA's projections and windowed sums, plus the FFTs of the kernel gradients
-    where the backward takes that path (`uses_fft_weight_grad`); element-wise work is not counted.
+    """2 × multiply-adds of QnA's projections and direct windowed sums, plus the real FFTs of the paths
+    the fast form takes on this device (`uses_fft_convolutions`, `uses_fft_weight_grad`); element-wise
+    work (the spectra's products included) is not counted.
 
-    Counts what the fast form runs, as `FlopCounterMode` with `QNA_FLOP_FORMULAS` counts it: the
-    convolutions at `convolution_window` (the zero taps of a padded kernel included). Train mode:
-    every product's input and weight gradients (3× the forward), plus the numerators recomputed in the
-    backward; on the FFT path the direct kernel gradients are replaced by, per query, real FFTs of the
-    B·(F+h) products E·V (and E) and output gradients and the inverse FFTs of the F+h batch-summed spectra.
+    Counts what the fast form runs, as `FlopCounterMode` with `QNA_FLOP_FORMULAS` counts it, on data
+    that the FFT resolves (`FFT_RESOLVED_RATIO`; random inputs do): direct convolutions at
+    `convolution_window` (the zero taps of a padded kernel included). Numerators on the FFT path: per
+    query, forward a real FFT and an inverse of each of the B·F products E·V plus one FFT of each head's
+    kernel; backward four per product (E·V, the output gradient, and two inverses) plus each head's
+    kernel spectrum again and the inverse of its batch-summed kernel-gradient spectrum. Direct path in
+    train mode: every product's input and kernel gradients, plus the numerators recomputed. Kernel
+    gradients on the FFT path (`uses_fft_weight_grad`): per query, real FFTs of the B·(F+h) products and
+    output gradients and the inverses of the F+h batch-summed spectra.
     """
     b, c, heads, k = problem.batch, problem.channels, problem.heads, problem.window
     conv_k = convolution_window(problem.device, k, problem.stride)  # the kernel gradients stay at k
@@ -56,15 +68,24 @@ def qna_flops(problem: Problem, num_queries: int = NUM_QUERIES) -> int:
         + out_pixels * c * c  # output projection
     )
     numerators, denominators = (out_pixels * num_queries * ch * conv_k**2 for ch in (c, heads))
+    points = math.prod(fft_lengths(problem.height, problem.width, k))
+    fft_numerators = uses_fft_convolutions(problem.device, k, problem.stride, "forward")
+    flops = 2 * (linear + denominators)
+    flops += real_fft_flops(num_queries * (2 * b * c + heads), points) if fft_numerators else 2 * numerators
     if problem.mode != "train":
-        return 2 * (linear + numerators + denominators)
-    # input and weight gradients of the linears; numerators: forward, recomputed, input gradient;
-    # denominators: forward, input gradient
-    macs = 3 * linear + 3 * numerators + 2 * denominators
-    if not uses_fft_weight_grad(problem.device, k, problem.stride):
-        return 2 * (macs + out_pixels * num_queries * (c + heads) * k**2)
-    n1, n2 = fft_lengths(problem.height, problem.width, k)
-    return 2 * macs + real_fft_flops(num_queries * (c + heads) * (2 * b + 1), n1 * n2)
+        return flops
+    # input and weight gradients of the linears; the denominators' input gradient
+    flops += 2 * (2 * linear + denominators)
+    fft_weight_grad = uses_fft_weight_grad(problem.device, k, problem.stride)
+    if uses_fft_convolutions(problem.device, k, problem.stride, "backward"):
+        flops += real_fft_flops(num_queries * (4 * b * c + 2 * heads), points)
+        kernel_grad_channels = heads  # the numerators' kernel gradients came with their spectra
+    else:
+        flops += 2 * 2 * numerators  # recomputed, input gradient
+        kernel_grad_channels = c + heads
+    if fft_weight_grad:
+        return flops + real_fft_flops(num_queries * kernel_grad_channels * (2 * b + 1), points)
+    return flops + 2 * out_pixels * num_queries * kernel_grad_channels * k**2
 
 
 def qna_reference_flops(problem: Problem, num_queries: int = NUM_QUERIES) -> int:

@@ -72,11 +72,13 @@ STRIDES: tuple[int, ...] = (1, 2)
 # and a whole QnA(128, 128, 4) forward + backward with either path:
 #   stride 1: k=3 117 vs 176, k=5 172 vs 179, k=7 227 vs 200, k=9 291 vs 207
 #   stride 2: k=7 102 vs 124, k=9 122 vs 130, k=11 148 vs 133, k=13 182 vs 146
+# Checked with AVX2 (2-core AMD EPYC, 2 threads, 2026-11-30, QnA(128, 128, 4) train, best of 3 in 2
+# rounds, ms): stride 1 k=3 145 vs 262, k=5 258 vs 256, k=7 272 vs 233, k=9 322 vs 295: the same threshold.
 FFT_WEIGHT_GRAD_MIN_WINDOW: dict[int, int] = {1: 7, 2: 11}
 
 # The machine the thresholds below were measured on; the report prints it with `tuned_thresholds()`.
-TUNED_ON = ("2-core AMD EPYC (Zen 4, AVX-512), torch 2.14.1 CPU, fp32, B=8, 56x56, C=128, 4 heads; padded windows "
-            "also measured on a 2-core AMD EPYC with AVX2")
+TUNED_ON = ("2-core AMD EPYCs, torch 2.14.1 CPU, fp32, B=8, 56x56, C=128, 4 heads: FFT kernel gradients on Zen 4 "
+            "(AVX-512), checked with AVX2; padded windows with AVX-512 and AVX2; FFT convolutions with AVX2")
 
 # Stride-1 depthwise convolutions on CPU whose window k runs through the zero-padded kernel of a larger
 # window (an exact rewrite), keyed by the CPU's instruction set (torch's `get_cpu_capability()`) and
@@ -89,13 +91,18 @@ TUNED_ON = ("2-core AMD EPYC (Zen 4, AVX-512), torch 2.14.1 CPU, fp32, B=8, 56x5
 PADDED_WINDOWS: dict[tuple[str, int], dict[int, int]] = {("AVX512", 2): {13: 15}}
 
 # The numerators' stride-1 depthwise convolutions on CPU, keyed by the CPU's instruction set (torch's
-# `get_cpu_capability()`): from this window on they run, with their input and kernel gradients, as FFT
-# convolutions that share their spectra (`_fft_numerators`, `_fft_numerator_grads`); the 8-channel
-# denominators stay direct. Measured with AVX2 and 2 threads (a quiet 2-core AMD EPYC, 2026-11-30;
-# B=8, 56x56, 128 channels, fp32, best of 5, ms), oneDNN's depthwise forward against the FFT one:
-#   k=7 8.8 vs 39, k=13 23 vs 34-49, k=21 68 vs 49-56, k=31 140 vs 47-58.
-# AVX-512 is absent: there oneDNN's depthwise convolutions ran ~4x faster (179 GFLOP/s at k=31).
-FFT_CONV_MIN_WINDOW: dict[str, int] = {"AVX2": 17}
+# `get_cpu_capability()`) and by pass: from these windows on they run as FFT convolutions, the backward's
+# three (the numerator again, its input and its kernel gradient) sharing two spectra per chunk
+# (`_fft_numerators`, `_fft_numerator_grads`); the Nq*h-channel denominators stay direct. Measured with
+# AVX2 and 2 threads on a quiet 2-core AMD EPYC (2026-11-30, torch 2.14.1, fp32, QnA(128, 128, 4), 2
+# queries, median over 3-5 interleaved rounds of the best of 3 calls, ms), direct vs FFT:
+#   forward, B=8 56x56: k=11 72 vs 103, k=13 85 vs 99, k=15 104 vs 103, k=17 125 vs 103, k=19 151 vs 120
+#   train (forward direct), B=8 56x56: k=7 288 vs 297, k=9 342 vs 298, k=11 353 vs 352, k=13 381 vs 332,
+#     k=15 429 vs 336; B=2 112x112: k=9 310 vs 309, k=11 348 vs 299, k=13 444 vs 343
+# One depthwise convolution of 128 channels (B=8, 56x56): oneDNN k=7 8.8 ms, k=13 23, k=21 68, k=31 140;
+# FFT 35-58 at any k. AVX-512 is absent: there oneDNN's depthwise convolutions ran ~4x faster (179
+# GFLOP/s at k=31, facts.md) and no crossover was measured.
+FFT_CONV_MIN_WINDOW: dict[str, dict[str, int]] = {"AVX2": {"forward": 17, "backward": 9}}
 
 # An FFT convolution's rounding error is relative to the largest value of the whole image, a direct
 # one's to each window's own sum. So the FFT paths (numerators and kernel gradients) run only where
@@ -303,12 +310,20 @@ def _depthwise_weight_grad_direct(
     )[1]
 
 
-def uses_fft_convolutions(device_type: str, window: int, stride: int) -> bool:
-    """Whether the numerators' convolutions run as FFT convolutions (`FFT_CONV_MIN_WINDOW`), when the
-    data allow it (`_fft_resolves`)."""
+def uses_fft_convolutions(device_type: str, window: int, stride: int, direction: str = "forward") -> bool:
+    """Whether the numerators' convolutions of the ``direction`` ("forward" or "backward") pass run as
+    FFT convolutions (`FFT_CONV_MIN_WINDOW`), where the data allow it (`_fft_resolves`)."""
     if device_type != "cpu" or stride != 1:
         return False
-    return window >= FFT_CONV_MIN_WINDOW.get(torch.backends.cpu.get_cpu_capability(), 1 << 30)
+    thresholds = FFT_CONV_MIN_WINDOW.get(torch.backends.cpu.get_cpu_capability(), {})
+    return window >= thresholds.get(direction, 1 << 30)
+
+
+def _uses_fft_backward(device_type: str, window: int, stride: int) -> bool:
+    """Whether the backward takes an FFT path: FFT convolutions or FFT kernel gradients."""
+    return uses_fft_convolutions(device_type, window, stride, "backward") or uses_fft_weight_grad(
+        device_type, window, stride
+    )
 
 
 def _fft_resolves(den: Tensor) -> bool:
@@ -518,8 +533,8 @@ def _qna_forward(
     den = den.view(batch, out_h, out_w, num_queries, heads)
     underflowed = _underflowed(den)
     device, window = exp_scores.device.type, rpe_exp.shape[-1]
-    fft_resolved = (
-        uses_fft_convolutions(device, window, stride) or uses_fft_weight_grad(device, window, stride)
+    fft_resolved = any(
+        uses(device, window, stride) for uses in (uses_fft_convolutions, _uses_fft_backward)
     ) and _fft_resolves(den)
     if fft_resolved and uses_fft_convolutions(device, window, stride):
         z = _fft_numerators(exp_scores, values, rpe_exp * mixing.to(rpe_exp.dtype), den)
@@ -583,7 +598,7 @@ class _QnAAttention(torch.autograd.Function):
         g_values = g_packed[..., :features].unflatten(-1, (heads, head_dim))
         g_value_kernel = rpe_exp.new_zeros(num_queries, heads, window, window)
         device = exp_scores.device.type
-        fft_conv = ctx.fft_resolved and uses_fft_convolutions(device, window, stride)
+        fft_conv = ctx.fft_resolved and uses_fft_convolutions(device, window, stride, "backward")
         use_fft = need_kernel_grad and ctx.fft_resolved and uses_fft_weight_grad(device, window, stride)
 
         if fft_conv:

@@ -181,14 +181,16 @@ def timing_warnings(data: pd.DataFrame) -> list[str]:
 
 
 def _tuning_text() -> str:
-    """Where QnA's machine-dependent choices (FFT kernel gradients, padded windows) were tuned: on another
-    machine its speed may be off its best."""
+    """Where QnA's machine-dependent choices (FFT kernel gradients and convolutions, padded windows) were
+    tuned: on another machine its speed may be off its best."""
     tuned = tuned_thresholds()
-    fft = ", ".join(f"{t} thread(s): k ≥ {k}" for t, k in sorted(tuned["fft_weight_grad_min_window"].items()))
+    fft = ", ".join(f"stride {s}: k ≥ {k}" for s, k in sorted(tuned["fft_weight_grad_min_window"].items()))
+    convolutions = "; ".join(f"{isa}: " + ", ".join(f"{direction} k ≥ {k}" for direction, k in passes.items())
+                             for isa, passes in sorted(tuned["fft_conv_min_window"].items())) or "none"
     padded = "; ".join(f"{machine}: " + ", ".join(f"k={k} as {to}" for k, to in sorted(windows.items()))
                        for machine, windows in sorted(tuned["padded_windows"].items())) or "none"
-    return (f"tuned on {tuned['tuned_on']} (FFT kernel gradients from {fft}; padded windows: {padded}); "
-            "see qna_bench/qna.py")
+    return (f"tuned on {tuned['tuned_on']} (FFT kernel gradients from {fft}; FFT numerator convolutions, "
+            f"stride 1: {convolutions}; padded windows: {padded}); see qna_bench/qna.py")
 
 
 def header_section(analysis: Analysis) -> str:

@@ -44,6 +44,33 @@ def weight_grad_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyP
     assert (calls["fft"] > 0) == (request.param == "fft")
 
 
+def force_fft_convolutions(monkeypatch: pytest.MonkeyPatch, forward: bool, backward: bool) -> dict[str, int]:
+    """Run the numerators' convolutions of each pass through the FFT (from window 1) or directly, on this
+    CPU; returns the number of calls of each FFT path, updated as they run."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    passes = {"forward": 1 if forward else 1 << 30, "backward": 1 if backward else 1 << 30}
+    monkeypatch.setattr(qna_module, "FFT_CONV_MIN_WINDOW", {isa: passes})
+    calls = {"forward": 0, "backward": 0}
+    for name, direction in (("_fft_numerators", "forward"), ("_fft_numerator_grads", "backward")):
+        original = getattr(qna_module, name)
+
+        def counting(*args: object, _original=original, _direction=direction) -> object:
+            calls[_direction] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(qna_module, name, counting)
+    return calls
+
+
+@pytest.fixture(params=["direct", "fft"])
+def convolution_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Force the numerators' convolutions of both passes through one path and check that path ran."""
+    fft = request.param == "fft"
+    calls = force_fft_convolutions(monkeypatch, forward=fft, backward=fft)
+    yield request.param
+    assert (calls["forward"] > 0) == fft
+
+
 def make_qna(dtype: torch.dtype = torch.float64, seed: int = 0, **kwargs: object) -> QnA:
     """A QnA with non-trivial bias and mixing weights (their zero / tiny initial values hide bugs)."""
     torch.manual_seed(seed)
@@ -133,6 +160,44 @@ def test_both_weight_grad_paths_match_reference(weight_grad_path: str) -> None:
         for window in (1, 5, 9):
             module = make_qna(in_channels=5, features=8, heads=2, window=window, stride=stride)
             compare_forms(module, torch.randn(2, 11, 8, 5, dtype=torch.float64), rtol=1e-10)
+
+
+@pytest.mark.parametrize(("forward", "backward"), [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("window", [1, 3, 5, 9])
+def test_fft_convolutions_match_reference(
+    monkeypatch: pytest.MonkeyPatch, window: int, forward: bool, backward: bool
+) -> None:
+    """The numerators as FFT convolutions in either pass or both: output and every gradient equal the
+    reference form's (fp64, several heads, queries and chunks; fp32 on the benchmark's map size)."""
+    calls = force_fft_convolutions(monkeypatch, forward, backward)
+    for num_queries, heads in ((1, 1), (2, 4), (3, 2)):
+        module = make_qna(in_channels=6, features=8, heads=heads, window=window, num_queries=num_queries)
+        compare_forms(module, torch.randn(2, 9, 7, 6, dtype=torch.float64), rtol=1e-10)
+    module = make_qna(torch.float32, in_channels=8, features=8, heads=2, window=window)
+    compare_forms(module, torch.randn(1, 56, 56, 8), rtol=1e-5)
+    assert (calls["forward"] > 0) == forward and (calls["backward"] > 0) == backward
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 7000, 1 << 30])
+def test_fft_convolution_chunks(monkeypatch: pytest.MonkeyPatch, chunk_bytes: int) -> None:
+    """Chunks of one channel, of part of a head, of a whole head: the same output and gradients."""
+    force_fft_convolutions(monkeypatch, forward=True, backward=True)
+    monkeypatch.setattr(qna_module, "_FFT_CHUNK_BYTES", chunk_bytes)
+    module = make_qna(in_channels=6, features=12, heads=2, window=5)
+    compare_forms(module, torch.randn(2, 10, 8, 6, dtype=torch.float64), rtol=1e-10)
+
+
+def test_fft_convolutions_run_only_with_stride_1_on_cpu_from_the_tuned_windows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    isa = torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setattr(qna_module, "FFT_CONV_MIN_WINDOW", {isa: {"forward": 17, "backward": 9}})
+    uses = qna_module.uses_fft_convolutions
+    assert uses("cpu", 17, 1) and not uses("cpu", 15, 1) and not uses("cpu", 31, 2)
+    assert uses("cpu", 9, 1, "backward") and not uses("cpu", 7, 1, "backward")
+    assert not uses("cuda", 31, 1) and not uses("cuda", 31, 1, "backward")
+    monkeypatch.setattr(qna_module, "FFT_CONV_MIN_WINDOW", {"another ISA": {"forward": 1, "backward": 1}})
+    assert not uses("cpu", 31, 1) and not uses("cpu", 31, 1, "backward")
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -274,6 +339,38 @@ def test_fp32_logits_spread_150_within_an_image_match_fp64_reference(
     assert recomputed_pixels and min(recomputed_pixels) > 0
 
 
+def compare_core_with_fp64_reference(
+    dtype: torch.dtype, spread: float, window: int, stride: int, tol: float, logit_std: float = 1.0
+) -> None:
+    """`qna_attention` in ``dtype`` with every logit raised by spread/2 in the left half of each image and
+    lowered by spread/2 in the right half, against the reference in fp64 on the same, exactly
+    representable, inputs: finite, and within ``tol`` of the output and 2 ``tol`` of every gradient.
+    Logits and relative position biases are normal with ``logit_std`` around that."""
+    torch.manual_seed(0)
+    num_queries, heads, features = 2, 2, 8
+    scores = torch.randn(2, 11, 16, num_queries * heads) * logit_std
+    scores[:, :, :8] += spread / 2
+    scores[:, :, 8:] -= spread / 2
+    inputs = [
+        scores,
+        torch.randn(2, 11, 16, features),
+        torch.randn(num_queries, heads, window, window) * logit_std,
+        torch.randn(num_queries, heads, window, window),
+    ]
+    low = [t.to(dtype).requires_grad_(True) for t in inputs]
+    exact = [t.detach().double().requires_grad_(True) for t in low]
+    grad_out = torch.randn(2, qna_output_size(11, window, stride), qna_output_size(16, window, stride), features)
+    out = qna_attention(*low, stride=stride)
+    out.backward(grad_out.to(dtype))
+    expected = qna_attention_reference(*exact, stride=stride)
+    expected.backward(grad_out.double())
+    assert out.dtype == dtype
+    assert_close_to_scale(out.double(), expected, tol, f"{dtype} output")
+    for name, a, b in zip(("scores", "values", "rpe_bias", "query_mixing"), low, exact, strict=True):
+        assert a.grad.dtype == dtype
+        assert_close_to_scale(a.grad.double(), b.grad, 2 * tol, f"{dtype} grad {name}")
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("spread", [30.0, 150.0])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
@@ -281,34 +378,55 @@ def test_half_logits_spread_30_within_an_image_match_fp64_reference(
     dtype: torch.dtype, spread: float, tol: float, stride: int, recomputed_pixels: list[int]
 ) -> None:
     """The core in fp16 / bf16 with logits spread by 30 or 150 between the two halves of an image (exp
-    underflows below -17 in fp16, below -104 in bf16) against the reference in fp64 on the same, exactly
-    representable, inputs: finite, and within the dtype's rounding of the output and of every gradient.
-    At 150 even the fp32 core underflows, and the low half's windows are recomputed."""
-    torch.manual_seed(0)
-    num_queries, heads, features, window = 2, 2, 8, 5
-    scores = torch.randn(2, 11, 16, num_queries * heads)
-    scores[:, :, :8] += spread / 2
-    scores[:, :, 8:] -= spread / 2
-    inputs = [
-        scores,
-        torch.randn(2, 11, 16, features),
-        torch.randn(num_queries, heads, window, window),
-        torch.randn(num_queries, heads, window, window),
-    ]
-    half = [t.to(dtype).requires_grad_(True) for t in inputs]
-    exact = [t.detach().double().requires_grad_(True) for t in half]
-    grad_out = torch.randn(2, qna_output_size(11, window, stride), qna_output_size(16, window, stride), features)
-    out = qna_attention(*half, stride=stride)
-    out.backward(grad_out.to(dtype))
-    expected = qna_attention_reference(*exact, stride=stride)
-    expected.backward(grad_out.double())
-    assert out.dtype == dtype
+    underflows below -17 in fp16, below -104 in bf16): finite, and within the dtype's rounding of the
+    fp64 reference. At 150 even the fp32 core underflows, and the low half's windows are recomputed."""
     assert torch.exp(torch.tensor(-spread, dtype=dtype)) == 0 or dtype == torch.bfloat16
+    compare_core_with_fp64_reference(dtype, spread, 5, stride, tol)
     assert (min(recomputed_pixels) > 0) == (spread > 100)
-    assert_close_to_scale(out.double(), expected, tol, f"{dtype} output")
-    for name, a, b in zip(("scores", "values", "rpe_bias", "query_mixing"), half, exact, strict=True):
-        assert a.grad.dtype == dtype
-        assert_close_to_scale(a.grad.double(), b.grad, 2 * tol, f"{dtype} grad {name}")
+
+
+@pytest.fixture
+def every_fft_path(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """FFT numerators in both passes and FFT kernel gradients from window 1; the calls of each."""
+    calls = force_fft_convolutions(monkeypatch, forward=True, backward=True)
+    monkeypatch.setattr(qna_module, "FFT_WEIGHT_GRAD_MIN_WINDOW", {1: 1, 2: 1})
+    original = qna_module._depthwise_weight_grad_fft
+
+    def counting(*args: object) -> torch.Tensor:
+        calls["kernel_grad"] += 1
+        return original(*args)
+
+    calls["kernel_grad"] = 0
+    monkeypatch.setattr(qna_module, "_depthwise_weight_grad_fft", counting)
+    return calls
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_fft_paths_with_underflowed_windows_match_fp64_reference(
+    dtype: torch.dtype, tol: float, every_fft_path: dict[str, int], recomputed_pixels: list[int]
+) -> None:
+    """A spread of 150 on the FFT paths: the low half's windows underflow and are recomputed; the rest,
+    logits and biases spread by ~0.3 around their half's level, lies within `FFT_RESOLVED_RATIO` of its
+    image's max, so the FFTs run, and the result stays exact."""
+    compare_core_with_fp64_reference(dtype, 150.0, 9, 1, tol, logit_std=0.3)
+    assert min(recomputed_pixels) > 0
+    assert every_fft_path["forward"] and every_fft_path["backward"] and every_fft_path["kernel_grad"]
+
+
+def test_fft_paths_give_way_to_direct_ones_where_an_image_spreads(
+    monkeypatch: pytest.MonkeyPatch, every_fft_path: dict[str, int]
+) -> None:
+    """Windows 20 below their image's max: an FFT convolution's rounding (relative to the image's largest
+    value) would swamp them, so every convolution runs directly and stays within 1e-4 of fp64. With the
+    check turned off the FFT paths run and miss by far more: the check is what keeps them exact."""
+    module = make_qna(torch.float32, in_channels=8, features=8, heads=2, window=9)
+    x = split_image(torch.randn(2, 11, 16, 8), module, 20.0)
+    compare_with_fp64_reference(module, x, rtol=1e-4)
+    assert every_fft_path == {"forward": 0, "backward": 0, "kernel_grad": 0}
+    monkeypatch.setattr(qna_module, "FFT_RESOLVED_RATIO", {torch.float32: 0.0, torch.float64: 0.0})
+    with pytest.raises(AssertionError, match="max error"):
+        compare_with_fp64_reference(module, x, rtol=1e-2)
+    assert every_fft_path["forward"] and every_fft_path["backward"] and every_fft_path["kernel_grad"]
 
 
 def test_split_logits_in_inference_mode_match_grad_mode() -> None:
@@ -337,6 +455,18 @@ def test_gradcheck_core(stride: int, window: int, weight_grad_path: str) -> None
         eps=1e-6,
         atol=1e-8,
     )
+
+
+@pytest.mark.parametrize("window", [3, 5])
+def test_gradcheck_core_on_fft_convolutions(window: int, every_fft_path: dict[str, int]) -> None:
+    torch.manual_seed(0)
+    num_queries, heads, features = 2, 2, 4
+    scores = torch.randn(1, 5, 4, num_queries * heads, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(1, 5, 4, features, dtype=torch.float64, requires_grad=True)
+    rpe = torch.randn(num_queries, heads, window, window, dtype=torch.float64, requires_grad=True)
+    mixing = torch.randn(num_queries, heads, window, window, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(qna_attention, (scores, values, rpe, mixing), eps=1e-6, atol=1e-8)
+    assert every_fft_path["forward"] and every_fft_path["backward"] and every_fft_path["kernel_grad"]
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -673,11 +803,24 @@ def test_flop_counter_agrees_with_closed_form_in_forward_mode(window: int, strid
     assert counted == pytest.approx(expected, rel=0.02)
 
 
+@pytest.mark.parametrize(("forward", "backward"), [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("window", [3, 7, 13])
+@pytest.mark.parametrize("mode", ["forward", "train"])
+def test_flop_counter_agrees_with_closed_form_on_fft_convolutions(
+    monkeypatch: pytest.MonkeyPatch, mode: str, window: int, forward: bool, backward: bool
+) -> None:
+    force_fft_convolutions(monkeypatch, forward, backward)
+    counted, expected = qna_counted_and_closed_form_flops(mode, window, 1)
+    assert counted == pytest.approx(expected, rel=0.02)
+
+
 def test_tuned_thresholds_report_the_live_values_and_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(qna_module, "FFT_WEIGHT_GRAD_MIN_WINDOW", {1: 5, 2: 9})
     tuned = qna_module.tuned_thresholds()
     assert tuned["tuned_on"] == qna_module.TUNED_ON and "Zen 4" in tuned["tuned_on"]
     assert tuned["fft_weight_grad_min_window"] == {1: 5, 2: 9}
+    assert tuned["fft_conv_min_window"] == qna_module.FFT_CONV_MIN_WINDOW
+    assert set(tuned["fft_resolved_ratio"]) == {"float32", "float64"}
     assert set(tuned["underflow_denominator"]) == {"float32", "float64"}
 
 
