@@ -113,9 +113,12 @@ FFT_CONV_MIN_WINDOW: dict[str, dict[str, int]] = {"AVX2": {"forward": 17, "backw
 # pass; a window ~4 below its image's max does not.
 FFT_RESOLVED_RATIO: dict[torch.dtype, float] = {torch.float32: 2.0**-6, torch.float64: 2.0**-12}
 
-# Bytes of one chunk's spectrum in the FFT kernel gradient: about 1 MiB keeps the chunk in cache and its
-# memory (a few such buffers) small next to the activations.
-_FFT_CHUNK_BYTES = 1 << 20
+# Bytes of one chunk's spectrum in the FFT kernel gradients and numerators: the extra memory is a few
+# such buffers, small next to the activations. AVX2, 2 threads, QnA(128, 128, 4), B=8, 56x56 (median of
+# 3 rounds' best of 3, ms; train peak by `cpu_peak`, MiB): 0.5/1/2/4 MiB gave train 549/420/378/375 ms
+# at k=31 and 397/369/305/303 at k=13; 2 MiB peaks at 78.7 (k=31) and 90.9 (k=3, direct), 4 MiB at
+# 88.0 and 97.0 (k=9).
+_FFT_CHUNK_BYTES = 1 << 21
 
 # Denominators below this (per work dtype) mark a window whose logits all lie so far below the image's
 # max that exp(s - m) has underflowed, or kept too few bits: `_recompute_windows` redoes those windows
@@ -360,6 +363,13 @@ def _channels_first(t: Tensor) -> Tensor:
     return t.movedim((1, 2), (-2, -1)).contiguous()
 
 
+def _chunk_channels_first(t: Tensor, c0: int, c1: int, buffer: Tensor) -> Tensor:
+    """Channels [c0, c1) of ``t`` (B, H, W, C) copied into ``buffer`` (B, >= c1 - c0, H, W): one chunk
+    at a time, so the channels-first copy never holds more than a chunk."""
+    out = buffer[:, : c1 - c0]
+    return out.copy_(t[..., c0:c1].permute(0, 3, 1, 2))
+
+
 def _fft_numerators(exp_scores: Tensor, values: Tensor, value_kernels: Tensor, den: Tensor) -> Tensor:
     """``z = sum_n num_n / den_n`` (B, H, W, F), stride 1, the numerators as FFT convolutions.
 
@@ -367,19 +377,23 @@ def _fft_numerators(exp_scores: Tensor, values: Tensor, value_kernels: Tensor, d
     each head's d channels). Channels go in chunks within one head (`_fft_chunk`), channels first.
     """
     batch, height, width, num_queries, heads = exp_scores.shape
-    head_dim = values.shape[-1] // heads
+    features = values.shape[-1]
+    head_dim = features // heads
     lengths = fft_lengths(height, width, value_kernels.shape[-1])
     spectra = _kernel_spectra(value_kernels, lengths)
     chunk = _fft_chunk(head_dim, batch, lengths, exp_scores.dtype)
-    e, v, d = (_channels_first(t) for t in (exp_scores, values, den))  # (B, Nq, h, H, W), (B, F, H, W)
-    z = torch.zeros_like(v, dtype=exp_scores.dtype)
-    for n in range(num_queries):
-        for c0 in range(0, values.shape[-1], chunk):
-            head = c0 // head_dim
-            spectrum = torch.fft.rfft2(e[:, n, head, None] * v[:, c0 : c0 + chunk], s=lengths)
+    # (B, Nq, h, H, W), (B, F, H, W): a whole copy of the values is faster than one per chunk here, and
+    # the forward's peak lies elsewhere
+    e, d, v_all = _channels_first(exp_scores), _channels_first(den), _channels_first(values)
+    z = exp_scores.new_zeros(batch, features, height, width)
+    for c0 in range(0, features, chunk):
+        head, c1 = c0 // head_dim, c0 + chunk
+        v = v_all[:, c0:c1]
+        for n in range(num_queries):
+            spectrum = torch.fft.rfft2(e[:, n, head, None] * v, s=lengths)
             spectrum.mul_(spectra[n, head])
             num = torch.fft.irfft2(spectrum, s=lengths)[..., :height, :width]
-            z[:, c0 : c0 + chunk].addcdiv_(num, d[:, n, head, None])
+            z[:, c0:c1].addcdiv_(num, d[:, n, head, None])
     return z.permute(0, 2, 3, 1).contiguous()
 
 
@@ -389,51 +403,56 @@ def _fft_numerator_grads(
     value_kernels: Tensor,
     den: Tensor,
     g_z: Tensor,
+    g_values: Tensor,
     need_kernel_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """The backward of `_fft_numerators`, each chunk's two forward spectra reused three times.
 
     Per query n and chunk: the spectrum of ``E_n * V`` gives the numerator again (for the denominator's
     gradient) and, with the spectrum of ``g_num = g_z / den_n``, the kernel gradient; the latter's
-    spectrum times the conjugate kernel spectrum is the input gradient. Returns, channels last,
-    ``g_exp = sum_d g_weighted * v`` (B, H, W, Nq, h), ``g_values = sum_n g_weighted_n * E_n``
-    (B, H, W, F), ``g_den_num = sum_d g_z * num_n`` (B, H, W, Nq, h), and the value kernels' gradient
-    (Nq, h, k, k) when asked for.
+    spectrum times the conjugate kernel spectrum is the input gradient. Adds ``sum_n g_weighted_n * E_n``
+    into ``g_values`` (B, F, H, W), channels first. Returns, channels last, ``g_exp = sum_d g_weighted *
+    v`` (B, H, W, Nq, h) and ``g_den_num = sum_d g_z * num_n`` (B, H, W, Nq, h), and the value kernels'
+    gradient (Nq, h, k, k) when asked for.
     """
     batch, height, width, num_queries, heads = exp_scores.shape
-    head_dim = values.shape[-1] // heads
+    features = values.shape[-1]
+    head_dim = features // heads
     window = value_kernels.shape[-1]
     padding = (window - 1) // 2
     lengths = fft_lengths(height, width, window)
     spectra = _kernel_spectra(value_kernels, lengths)
     chunk = _fft_chunk(head_dim, batch, lengths, exp_scores.dtype)
-    e, v, d, g = (_channels_first(t) for t in (exp_scores, values, den, g_z))
-    g_e, g_v, g_d = torch.zeros_like(e), torch.zeros_like(v, dtype=e.dtype), torch.zeros_like(d)
+    e, d = _channels_first(exp_scores), _channels_first(den)  # (B, Nq, h, H, W)
+    v_chunk = values.new_empty(batch, chunk, height, width)
+    g_chunk = g_z.new_empty(batch, chunk, height, width)
+    g_e, g_d = torch.zeros_like(e), torch.zeros_like(d)
     kernel_grad_spectra = torch.zeros_like(spectra) if need_kernel_grad else None
-    for n in range(num_queries):
-        for c0 in range(0, values.shape[-1], chunk):
-            head, c1 = c0 // head_dim, c0 + chunk
+    for c0 in range(0, features, chunk):
+        head, c1 = c0 // head_dim, c0 + chunk
+        v = _chunk_channels_first(values, c0, c1, v_chunk)
+        g = _chunk_channels_first(g_z, c0, c1, g_chunk)
+        for n in range(num_queries):
             e_n = e[:, n, head, None]
-            spectrum = torch.fft.rfft2(e_n * v[:, c0:c1], s=lengths)
+            spectrum = torch.fft.rfft2(e_n * v, s=lengths)
             num = torch.fft.irfft2(spectrum * spectra[n, head], s=lengths)[..., :height, :width]
-            g_d[:, n, head] += (num * g[:, c0:c1]).sum(1)
+            g_d[:, n, head] += (num * g).sum(1)
             del num
-            g_spectrum = torch.fft.rfft2(g[:, c0:c1] / d[:, n, head, None], s=lengths)
+            g_spectrum = torch.fft.rfft2(g / d[:, n, head, None], s=lengths)
             if kernel_grad_spectra is not None:
                 kernel_grad_spectra[n, head] += (g_spectrum.conj() * spectrum).sum(dim=(0, 1))
             del spectrum
             g_spectrum.mul_(spectra[n, head].conj())
             g_weighted = torch.fft.irfft2(g_spectrum, s=lengths)[..., :height, :width]
             del g_spectrum
-            g_e[:, n, head] += (g_weighted * v[:, c0:c1]).sum(1)
-            g_v[:, c0:c1].addcmul_(g_weighted, e_n)
+            g_e[:, n, head] += (g_weighted * v).sum(1)
+            g_values[:, c0:c1].addcmul_(g_weighted, e_n)
     g_value_kernels = None
     if kernel_grad_spectra is not None:
         lags = [(torch.arange(window, device=values.device) - padding) % n for n in lengths]
         correlations = torch.fft.irfft2(kernel_grad_spectra, s=lengths)
         g_value_kernels = correlations.index_select(-2, lags[0]).index_select(-1, lags[1])
-    channels_last = (t.movedim((-2, -1), (1, 2)) for t in (g_e, g_v, g_d))
-    return *channels_last, g_value_kernels
+    return g_e.movedim((-2, -1), (1, 2)), g_d.movedim((-2, -1), (1, 2)), g_value_kernels
 
 
 # --------------------------------------------------------------------------------------------------
@@ -585,10 +604,16 @@ class _QnAAttention(torch.autograd.Function):
         out_h, out_w = den.shape[1:3]
         features = packed.shape[-1] - num_queries * heads
         values = packed[..., :features]
-        # accumulated into in place (compile refuses strided out=), in the work dtype
-        g_packed = torch.zeros_like(packed, dtype=exp_scores.dtype)
         head_dim = features // heads
         window = rpe_bias.shape[-1]
+        # accumulated into in place (compile refuses strided out=), in the work dtype
+        device = exp_scores.device.type
+        fft_conv = ctx.fft_resolved and uses_fft_convolutions(device, window, stride, "backward")
+        if fft_conv:  # channels first in memory, as the FFT numerators write it; (B, H, W, F + Nq*h) in shape
+            g_packed = packed.new_zeros(batch, packed.shape[-1], height, width, dtype=exp_scores.dtype)
+            g_packed = g_packed.permute(0, 2, 3, 1)
+        else:
+            g_packed = torch.zeros_like(packed, dtype=exp_scores.dtype)
 
         rpe_exp = _kernels(rpe_bias, exp_scores.dtype)
         v = values.unflatten(-1, (heads, head_dim))
@@ -597,20 +622,18 @@ class _QnAAttention(torch.autograd.Function):
         g_den = torch.empty_like(den)
         g_values = g_packed[..., :features].unflatten(-1, (heads, head_dim))
         g_value_kernel = rpe_exp.new_zeros(num_queries, heads, window, window)
-        device = exp_scores.device.type
-        fft_conv = ctx.fft_resolved and uses_fft_convolutions(device, window, stride, "backward")
         use_fft = need_kernel_grad and ctx.fft_resolved and uses_fft_weight_grad(device, window, stride)
 
         if fft_conv:
-            fft_g_exp, fft_g_values, g_den_num, fft_g_value_kernel = _fft_numerator_grads(
-                exp_scores, values, rpe_exp * mixing, den, g_z.flatten(-2), need_kernel_grad
+            fft_g_exp, g_den_num, fft_g_value_kernel = _fft_numerator_grads(
+                exp_scores, values, rpe_exp * mixing, den, g_z.flatten(-2), g_packed.permute(0, 3, 1, 2),
+                need_kernel_grad,
             )
             g_exp.copy_(fft_g_exp)
-            g_values.copy_(fft_g_values.view(g_values.shape))
             g_den.copy_(g_den_num).div_(den).div_(den).neg_()
             if fft_g_value_kernel is not None:
                 g_value_kernel = fft_g_value_kernel
-            del fft_g_exp, fft_g_values, g_den_num
+            del fft_g_exp, g_den_num
         for n in range(0 if fft_conv else num_queries):
             e_n = exp_scores[..., n, :, None]
             den_n = den[..., n, :, None]
