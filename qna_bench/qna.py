@@ -2,7 +2,9 @@
 
 `QnA` holds the parameters; its ``impl`` attribute picks the fast form (two depthwise convolutions
 with a custom backward, `qna_attention`) or the naive reference form that unfolds every window
-(`qna_attention_reference`, for tests). Both forms share the same parameters.
+(`qna_attention_reference`, for tests). Both forms share the same parameters. The fast form's
+convolutions run directly, or on CPU as FFT convolutions where measured faster (`FFT_CONV_MIN_WINDOW`,
+`FFT_WEIGHT_GRAD_MIN_WINDOW`) and where the data let an FFT resolve them (`FFT_RESOLVED_RATIO`).
 
 Mapping from the official Flax ``FusedKQnA`` (repo moabarar/qna, ``layers/qna.py``). Flax dense
 kernels are (in, out); the convolution-shaped tensors are HWIO; the official channel index of the
@@ -99,10 +101,14 @@ PADDED_WINDOWS: dict[tuple[str, int], dict[int, int]] = {("AVX512", 2): {13: 15}
 #   forward, B=8 56x56: k=11 72 vs 103, k=13 85 vs 99, k=15 104 vs 103, k=17 125 vs 103, k=19 151 vs 120
 #   train (forward direct), B=8 56x56: k=7 288 vs 297, k=9 342 vs 298, k=11 353 vs 352, k=13 381 vs 332,
 #     k=15 429 vs 336; B=2 112x112: k=9 310 vs 309, k=11 348 vs 299, k=13 444 vs 343
+#   train again with 2 MiB chunks and the FFT lengths of `_FFT_ODD_PARTS` (5 rounds), FFT backward from
+#     k=5 or 7 against from 9: B=8 56x56 k=5 258 vs 230, k=7 266 vs 299; B=2 112x112 k=5 252 vs 278,
+#     k=7 274 vs 330; forward, FFT from k=13 against direct (5 rounds): B=8 56x56 k=13 111 vs 113,
+#     k=15 91 vs 96; B=2 112x112 k=13 99 vs 92, k=15 95 vs 105
 # One depthwise convolution of 128 channels (B=8, 56x56): oneDNN k=7 8.8 ms, k=13 23, k=21 68, k=31 140;
 # FFT 35-58 at any k. AVX-512 is absent: there oneDNN's depthwise convolutions ran ~4x faster (179
 # GFLOP/s at k=31, facts.md) and no crossover was measured.
-FFT_CONV_MIN_WINDOW: dict[str, dict[str, int]] = {"AVX2": {"forward": 17, "backward": 9}}
+FFT_CONV_MIN_WINDOW: dict[str, dict[str, int]] = {"AVX2": {"forward": 15, "backward": 7}}
 
 # An FFT convolution's rounding error is relative to the largest value of the whole image, a direct
 # one's to each window's own sum. So the FFT paths (numerators and kernel gradients) run only where
@@ -585,7 +591,10 @@ class _QnAAttention(torch.autograd.Function):
     input (for the values) and the denominator (B, H', W', Nq*h). The products E*V and the numerators
     are recomputed one query at a time in backward and freed as soon as they are used. The convolution input
     gradients are convolutions again (`_depthwise_conv_input_grad`), the kernel gradients FFT
-    cross-correlations on CPU for large windows (see `FFT_WEIGHT_GRAD_MIN_WINDOW`).
+    cross-correlations on CPU for large windows (see `FFT_WEIGHT_GRAD_MIN_WINDOW`); from
+    `FFT_CONV_MIN_WINDOW` the numerators' three convolutions run on shared spectra
+    (`_fft_numerator_grads`). Every FFT path runs only where the forward found the data resolved
+    (`_fft_resolves`).
     """
 
     @staticmethod
