@@ -413,12 +413,16 @@ def test_fft_paths_with_underflowed_windows_match_fp64_reference(
     assert every_fft_path["forward"] and every_fft_path["backward"] and every_fft_path["kernel_grad"]
 
 
+@pytest.mark.parametrize("fft_numerators", [True, False])
 def test_fft_paths_give_way_to_direct_ones_where_an_image_spreads(
-    monkeypatch: pytest.MonkeyPatch, every_fft_path: dict[str, int]
+    monkeypatch: pytest.MonkeyPatch, every_fft_path: dict[str, int], fft_numerators: bool
 ) -> None:
     """Windows 20 below their image's max: an FFT convolution's rounding (relative to the image's largest
     value) would swamp them, so every convolution runs directly and stays within 1e-4 of fp64. With the
-    check turned off the FFT paths run and miss by far more: the check is what keeps them exact."""
+    check turned off the FFT paths run and miss by far more: the check is what keeps them exact. The FFT
+    kernel gradients alone (as before the FFT numerators) missed too: rpe_bias's gradient by 100%."""
+    if not fft_numerators:
+        monkeypatch.setattr(qna_module, "FFT_CONV_MIN_WINDOW", {})
     module = make_qna(torch.float32, in_channels=8, features=8, heads=2, window=9)
     x = split_image(torch.randn(2, 11, 16, 8), module, 20.0)
     compare_with_fp64_reference(module, x, rtol=1e-4)
@@ -426,7 +430,8 @@ def test_fft_paths_give_way_to_direct_ones_where_an_image_spreads(
     monkeypatch.setattr(qna_module, "FFT_RESOLVED_RATIO", {torch.float32: 0.0, torch.float64: 0.0})
     with pytest.raises(AssertionError, match="max error"):
         compare_with_fp64_reference(module, x, rtol=1e-2)
-    assert every_fft_path["forward"] and every_fft_path["backward"] and every_fft_path["kernel_grad"]
+    assert every_fft_path["kernel_grad"]
+    assert bool(every_fft_path["forward"]) == bool(every_fft_path["backward"]) == fft_numerators
 
 
 def test_split_logits_in_inference_mode_match_grad_mode() -> None:
