@@ -203,7 +203,10 @@ ACCEPT = dict(batch=2, height=32, width=32, channels=64, heads=4, window=7)
 # Measured in addition: oneDNN's per-call weight reorder and backward scratch at k=15, on a smaller map
 # (at 32² on one thread oneDNN picks a backward that takes a minute a call).
 ACCEPT_EXTRA = (("conv_dense", dict(batch=1, height=16, width=16, channels=64, heads=4, window=15)),)
-RSS_TOLERANCE = (0.10, MIB)
+# The resident growth of one step moves in ~0.5 MiB steps from call to call of the same step (measured,
+# 4 calls each: swin train 8.40-9.49 MiB, qna train 3.86-4.36, swin_shifted_fused forward 7.01-7.52), so
+# 1 MiB was two such steps; a layer's unreported scratch (oneDNN's, several MiB) still shows.
+RSS_TOLERANCE = (0.10, 1.5 * MIB)
 
 _RSS_SCRIPT = textwrap.dedent(
     """
@@ -239,9 +242,9 @@ _RSS_SCRIPT = textwrap.dedent(
         problem = Problem(mode=mode, **shape)
         step = PointStep(layer.build(problem), problem.make_input(layer.layout), problem)
         reported = measure_peak_memory(step, problem.torch_device, 0).peak_bytes  # as a sweep: the first call
-        # The resident growth of a steady call: the less of two, as the second and third calls may still
-        # make one-off caches outside torch's allocator (~1 MiB in timm's Swin).
-        results.append([reported, min(resident_growth(step) for _ in range(2))])
+        # The resident growth of a steady call: the least of four, as the next calls may still make
+        # one-off caches outside torch's allocator (~1 MiB in timm's Swin).
+        results.append([reported, min(resident_growth(step) for _ in range(4))])
         del step
     print(json.dumps(results))
     """
