@@ -253,8 +253,7 @@ def _depthwise_weight_grad_fft(
     chunk = max(1, min(channels, _FFT_CHUNK_BYTES // spectrum_bytes))
     x_buf = x.new_zeros(batch, chunk, n1, n2, dtype=work_dtype)
     g_buf = torch.zeros_like(x_buf)
-    lags1 = (torch.arange(window, device=x.device) - padding) % n1
-    lags2 = (torch.arange(window, device=x.device) - padding) % n2
+    lags1, lags2 = _tap_lags(window, n1, x.device), _tap_lags(window, n2, x.device)
     stuffed_h, stuffed_w = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
     grad_kernel = x.new_empty(channels, window, window, dtype=work_dtype)
     for c0 in range(0, channels, chunk):
@@ -335,29 +334,24 @@ def uses_fft_convolutions(device_type: str, window: int, stride: int, direction:
     return window >= thresholds.get(direction, 1 << 30)
 
 
-def _uses_fft_backward(device_type: str, window: int, stride: int) -> bool:
-    """Whether the backward takes an FFT path: FFT convolutions or FFT kernel gradients."""
-    return uses_fft_convolutions(device_type, window, stride, "backward") or uses_fft_weight_grad(
-        device_type, window, stride
-    )
-
-
 def _fft_resolves(den: Tensor) -> bool:
     """Whether every image's denominators (B, H', W', Nq, h) lie within `FFT_RESOLVED_RATIO` of their max."""
     low, high = den.amin(dim=(1, 2)), den.amax(dim=(1, 2))
     return bool((low >= FFT_RESOLVED_RATIO[den.dtype] * high).all())
 
 
+def _tap_lags(window: int, length: int, device: torch.device) -> Tensor:
+    """The circular lag ``t - padding`` (mod ``length``) of each of a window's taps t."""
+    return (torch.arange(window, device=device) - (window - 1) // 2) % length
+
+
 def _kernel_spectra(kernels: Tensor, lengths: tuple[int, int]) -> Tensor:
     """Spectra (..., n1, n2 // 2 + 1) of cross-correlation kernels (..., k, k) as circular convolutions
-    of period ``lengths``: tap t sits at lag ``padding - t``."""
+    of period ``lengths``: tap t sits at lag ``padding - t``, so the flipped kernel at `_tap_lags`."""
     window = kernels.shape[-1]
-    padding = (window - 1) // 2
-    n1, n2 = lengths
-    placed = kernels.new_zeros(*kernels.shape[:-2], n1, n2)
-    lags1 = (padding - torch.arange(window, device=kernels.device)) % n1
-    lags2 = (padding - torch.arange(window, device=kernels.device)) % n2
-    placed[..., lags1[:, None], lags2[None, :]] = kernels
+    lags1, lags2 = (_tap_lags(window, n, kernels.device) for n in lengths)
+    placed = kernels.new_zeros(*kernels.shape[:-2], *lengths)
+    placed[..., lags1[:, None], lags2[None, :]] = kernels.flip(-2, -1)
     return torch.fft.rfft2(placed)
 
 
@@ -383,21 +377,46 @@ def _chunk_channels_first(t: Tensor, c0: int, c1: int, buffer: Tensor) -> Tensor
     return out.copy_(t[..., c0:c1].permute(0, 3, 1, 2))
 
 
+@dataclass(frozen=True)
+class _FFTPlan:
+    """What both FFT numerator passes derive from their inputs: head size, FFT lengths, the kernels'
+    spectra (Nq, h, n1, n2 // 2 + 1), channels per chunk, and E and den channels first (B, Nq, h, H, W)."""
+
+    head_dim: int
+    lengths: tuple[int, int]
+    spectra: Tensor
+    chunk: int
+    e: Tensor
+    d: Tensor
+
+    @classmethod
+    def of(cls, exp_scores: Tensor, values: Tensor, value_kernels: Tensor, den: Tensor) -> _FFTPlan:
+        batch, height, width, _, heads = exp_scores.shape
+        head_dim = values.shape[-1] // heads
+        lengths = fft_lengths(height, width, value_kernels.shape[-1])
+        return cls(
+            head_dim,
+            lengths,
+            _kernel_spectra(value_kernels, lengths),
+            _fft_chunk(head_dim, batch, lengths, exp_scores.dtype),
+            _channels_first(exp_scores),
+            _channels_first(den),
+        )
+
+
 def _fft_numerators(exp_scores: Tensor, values: Tensor, value_kernels: Tensor, den: Tensor) -> Tensor:
     """``z = sum_n num_n / den_n`` (B, H, W, F), stride 1, the numerators as FFT convolutions.
 
     ``value_kernels`` are (Nq, h, k, k), one per query and head (the numerator's kernel repeats over
     each head's d channels). Channels go in chunks within one head (`_fft_chunk`), channels first.
     """
-    batch, height, width, num_queries, heads = exp_scores.shape
+    batch, height, width, num_queries, _ = exp_scores.shape
     features = values.shape[-1]
-    head_dim = features // heads
-    lengths = fft_lengths(height, width, value_kernels.shape[-1])
-    spectra = _kernel_spectra(value_kernels, lengths)
-    chunk = _fft_chunk(head_dim, batch, lengths, exp_scores.dtype)
-    # (B, Nq, h, H, W), (B, F, H, W): a whole copy of the values is faster than one per chunk here, and
-    # the forward's peak lies elsewhere
-    e, d, v_all = _channels_first(exp_scores), _channels_first(den), _channels_first(values)
+    plan = _FFTPlan.of(exp_scores, values, value_kernels, den)
+    head_dim, lengths, spectra, chunk, e, d = plan.head_dim, plan.lengths, plan.spectra, plan.chunk, plan.e, plan.d
+    # a whole channels-first copy of the values is faster than one per chunk here, and the forward's
+    # peak lies elsewhere
+    v_all = _channels_first(values)
     z = exp_scores.new_zeros(batch, features, height, width)
     for c0 in range(0, features, chunk):
         head, c1 = c0 // head_dim, c0 + chunk
@@ -428,15 +447,11 @@ def _fft_numerator_grads(
     v`` (B, H, W, Nq, h) and ``g_den_num = sum_d g_z * num_n`` (B, H, W, Nq, h), and the value kernels'
     gradient (Nq, h, k, k) when asked for.
     """
-    batch, height, width, num_queries, heads = exp_scores.shape
+    batch, height, width, num_queries, _ = exp_scores.shape
     features = values.shape[-1]
-    head_dim = features // heads
     window = value_kernels.shape[-1]
-    padding = (window - 1) // 2
-    lengths = fft_lengths(height, width, window)
-    spectra = _kernel_spectra(value_kernels, lengths)
-    chunk = _fft_chunk(head_dim, batch, lengths, exp_scores.dtype)
-    e, d = _channels_first(exp_scores), _channels_first(den)  # (B, Nq, h, H, W)
+    plan = _FFTPlan.of(exp_scores, values, value_kernels, den)
+    head_dim, lengths, spectra, chunk, e, d = plan.head_dim, plan.lengths, plan.spectra, plan.chunk, plan.e, plan.d
     v_chunk = values.new_empty(batch, chunk, height, width)
     g_chunk = g_z.new_empty(batch, chunk, height, width)
     g_e, g_d = torch.zeros_like(e), torch.zeros_like(d)
@@ -462,7 +477,7 @@ def _fft_numerator_grads(
             g_values[:, c0:c1].addcmul_(g_weighted, e_n)
     g_value_kernels = None
     if kernel_grad_spectra is not None:
-        lags = [(torch.arange(window, device=values.device) - padding) % n for n in lengths]
+        lags = [_tap_lags(window, n, values.device) for n in lengths]
         correlations = torch.fft.irfft2(kernel_grad_spectra, s=lengths)
         g_value_kernels = correlations.index_select(-2, lags[0]).index_select(-1, lags[1])
     return g_e.movedim((-2, -1), (1, 2)), g_d.movedim((-2, -1), (1, 2)), g_value_kernels
@@ -565,9 +580,12 @@ def _qna_forward(
     den = den.view(batch, out_h, out_w, num_queries, heads)
     underflowed = _underflowed(den)
     device, window = exp_scores.device.type, rpe_exp.shape[-1]
-    fft_resolved = any(
-        uses(device, window, stride) for uses in (uses_fft_convolutions, _uses_fft_backward)
-    ) and _fft_resolves(den)
+    fft_in_use = (
+        uses_fft_convolutions(device, window, stride, "forward")
+        or uses_fft_convolutions(device, window, stride, "backward")
+        or uses_fft_weight_grad(device, window, stride)
+    )
+    fft_resolved = fft_in_use and _fft_resolves(den)
     if fft_resolved and uses_fft_convolutions(device, window, stride):
         z = _fft_numerators(exp_scores, values, rpe_exp * mixing.to(rpe_exp.dtype), den)
         return z, den, underflowed, fft_resolved
