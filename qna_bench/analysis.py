@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from qna_bench.registry import ROLES, find_layer, role_of
+from qna_bench.roofline import roofline_frame
 from qna_bench.rounds import ratio_spread
 
 # A problem's shape, without its window and mode.
@@ -541,6 +542,8 @@ class Analysis:
     failures: pd.DataFrame  # non-ok rows
     models: pd.DataFrame  # whole backbones: one row per model, problem and mode (`model_table`)
     model_ratios: pd.DataFrame  # each model against QnA-ViT (`model_ratios`)
+    layers: pd.DataFrame  # the rows of `frame` that are layers, not whole models (what the figures draw)
+    roofline: pd.DataFrame  # the layers' measured points against their roofs (`qna_bench.roofline`)
 
 
 def analyse(frame: pd.DataFrame) -> Analysis:
@@ -567,4 +570,6 @@ def analyse(frame: pd.DataFrame) -> Analysis:
         failures=sort_rows(failed, ["problem", "mode", "role", "layer", "window"]),
         models=models,
         model_ratios=model_ratios(data[model_rows], models),
+        layers=layers,
+        roofline=roofline_frame(layers),
     )

@@ -58,6 +58,10 @@ class MeasureConfig:
     # CUDA: let cuDNN time its convolution algorithms per shape on the first call and keep the fastest
     # (as timm's benchmark script does); the warm-up call absorbs the search. Recorded in every row.
     cudnn_benchmark: Any = True
+    # The machine's peak compute and bandwidth per memory level, for the roofline, measured once per machine
+    # and settings in the sweep process: `cached` (reuse a probe of the last 24 h from the disk cache,
+    # $QNA_BENCH_CACHE_DIR), `fresh` (measure now) or `off` (no probe columns, no roofline).
+    probes: Any = "cached"
 
 
 @dataclass

@@ -30,7 +30,7 @@ HARNESS_MODULES = frozenset({"qna_bench.registry", "qna_bench.problem"})
 ENVIRONMENT_KEY_FIELDS = ("device_name", "torch_version")
 # Settings a row's numbers do not depend on, so they do not make a row stale. A `timeout` or `skipped`
 # row is stale after all when the budget grew (see `is_current`).
-SETTINGS_NOT_IN_VERSION = frozenset({"point_budget_s", "profile_dir"})
+SETTINGS_NOT_IN_VERSION = frozenset({"point_budget_s", "profile_dir", "probes"})
 # Statuses whose row a larger budget may turn into a measurement.
 BUDGET_STATUSES = ("timeout", "skipped")
 

@@ -26,18 +26,16 @@ from qna_bench.analysis import (
     SETTING_COLUMNS,
     SHAPE_COLUMNS,
     SUBJECT,
+    Analysis,
     analyse,
-    is_model,
-    latest_rows,
     mode_order,
-    ratio_frame,
     settings,
     shown_by_default,
     sort_rows,
     strongest,
-    with_roles,
 )
 from qna_bench.results import read_results
+from qna_bench.roofline import level_roofs
 
 MIB = 2**20
 ROLE_LABELS = {SUBJECT: "under test", "reference": "reference", "baseline": "baseline"}
@@ -184,8 +182,14 @@ def _rest(frame: pd.DataFrame, column: str) -> pd.DataFrame:
                        indicator=True).query("_merge == 'left_only'")
 
 
+def _analysed(source: Analysis | pd.DataFrame) -> Analysis:
+    """The figures take one `Analysis` of the frame; a bare results frame (a notebook's, a test's) is
+    analysed here."""
+    return source if isinstance(source, Analysis) else analyse(source)
+
+
 def _metric_figure(
-    frame: pd.DataFrame,
+    source: Analysis | pd.DataFrame,
     column: str,
     value: Callable[[pd.DataFrame], pd.Series],
     band: Callable[[pd.DataFrame], tuple[pd.Series, pd.Series]] | None,
@@ -193,7 +197,7 @@ def _metric_figure(
     title: str,
     every_layer: bool,
 ) -> Figure | None:
-    frame = latest_rows(with_roles(frame))
+    frame = _analysed(source).layers
     styles = _layer_styles(frame)  # the whole frame, so each layer keeps its colour across figures
     many_devices = _many_contexts(frame)
     panels = _panels(_selected(frame, column, every_layer))
@@ -236,10 +240,10 @@ def _metric_figure(
     return _finish(fig, axes, len(panels), f"{title} ({which}) — {_devices(frame)}")
 
 
-def latency_figure(frame: pd.DataFrame, every_layer: bool = False) -> Figure | None:
+def latency_figure(source: Analysis | pd.DataFrame, every_layer: bool = False) -> Figure | None:
     """Median latency vs window (band: q25–q75), log y."""
     return _metric_figure(
-        frame, "median_s",
+        source, "median_s",
         lambda f: f["median_s"] * 1e3,
         lambda f: (f["q25_s"] * 1e3, f["q75_s"] * 1e3),
         "median latency (ms, log; band q25–q75)",
@@ -247,10 +251,10 @@ def latency_figure(frame: pd.DataFrame, every_layer: bool = False) -> Figure | N
     )
 
 
-def memory_figure(frame: pd.DataFrame, every_layer: bool = False) -> Figure | None:
+def memory_figure(source: Analysis | pd.DataFrame, every_layer: bool = False) -> Figure | None:
     """Peak memory above inputs vs window, log y."""
     return _metric_figure(
-        frame, "peak_bytes",
+        source, "peak_bytes",
         lambda f: f["peak_bytes"].astype("Float64") / MIB,
         None,
         "peak memory above inputs (MiB, log)",
@@ -279,10 +283,10 @@ def _ratio_limits(ax: Axes, values: list[float], claim: float) -> None:
     _log_ticks(ax.yaxis, "×")
 
 
-def ratio_figure(frame: pd.DataFrame, every_layer: bool = False) -> Figure | None:
+def ratio_figure(source: Analysis | pd.DataFrame, every_layer: bool = False) -> Figure | None:
     """Each shown layer's latency and memory divided by QnA's at the same point, with the claimed factors."""
-    frame = latest_rows(with_roles(frame))
-    ratios = ratio_frame(frame)
+    analysis = _analysed(source)
+    frame, ratios = analysis.layers, analysis.ratios
     panels = _panels(ratios)
     if not panels:
         return None
@@ -309,12 +313,12 @@ def ratio_figure(frame: pd.DataFrame, every_layer: bool = False) -> Figure | Non
     return _finish(fig, axes, 2 * len(panels), f"Each layer relative to QnA — {_devices(frame)}")
 
 
-def headline_figure(frame: pd.DataFrame) -> Figure | None:
+def headline_figure(source: Analysis | pd.DataFrame) -> Figure | None:
     """QnA against the strongest attention peer at each window: that peer's latency and peak memory over
     QnA's, one row of panels per problem shape, forward and train as two lines, the round-to-round spread
     as error bars, the claimed factor and parity marked. None without a peer paired with QnA."""
-    frame = latest_rows(with_roles(frame))
-    ratios = ratio_frame(frame)
+    analysis = _analysed(source)
+    frame, ratios = analysis.layers, analysis.ratios
     peers = ratios[ratios["role"] == PEER]
     if not len(peers):
         return None
@@ -352,10 +356,10 @@ def headline_figure(frame: pd.DataFrame) -> Figure | None:
                    f"{_devices(frame)}")
 
 
-def pareto_figure(frame: pd.DataFrame, every_layer: bool = False) -> Figure | None:
+def pareto_figure(source: Analysis | pd.DataFrame, every_layer: bool = False) -> Figure | None:
     """Latency (x, log) against peak memory (y, log): one marker series per shown layer joined in window
     order, markers sized by window, the smallest and largest window labelled. Lower left is better on both."""
-    frame = latest_rows(with_roles(frame))
+    frame = _analysed(source).layers
     ok = frame[(frame["status"] == "ok") & frame["median_s"].notna() & (frame["peak_bytes"].astype("Float64") > 0)]
     panels = _panels(_selected(ok, "median_s", every_layer))
     if not panels:
@@ -392,10 +396,10 @@ def pareto_figure(frame: pd.DataFrame, every_layer: bool = False) -> Figure | No
                    f"{_devices(frame)}")
 
 
-def models_figure(frame: pd.DataFrame) -> Figure | None:
+def models_figure(source: Analysis | pd.DataFrame) -> Figure | None:
     """Whole models: images/s and peak memory per model, forward and train side by side, one row of panels
     per problem. None without model rows."""
-    found = analyse(frame)
+    found = _analysed(source)
     models = found.models
     if not len(models):
         return None
@@ -432,38 +436,42 @@ def models_figure(frame: pd.DataFrame) -> Figure | None:
                         f"{shape['threads']} threads ({problem})", label, "")
             ax.grid(True, axis="x", alpha=0.3)
             ax.grid(False, axis="y")
-    return _finish(fig, axes, 2 * len(problems), f"Whole models — {_devices(frame)}")
+    return _finish(fig, axes, 2 * len(problems), f"Whole models — {_devices(found.frame)}")
 
 
-def figures(frame: pd.DataFrame, every_layer: bool = False) -> dict[str, Figure]:
+def figures(source: Analysis | pd.DataFrame, every_layer: bool = False) -> dict[str, Figure]:
     """Every figure that has data, by file stem: headline (with QnA measured), latency, memory (and their
     ``_all`` companions where the default leaves layers out), ratio_to_qna (with QnA measured), pareto,
-    roofline, models."""
-    frame = with_roles(frame)
-    layers = frame[~is_model(frame)]
+    roofline, models. All drawn from one `Analysis`."""
+    analysis = _analysed(source)
+    layers = analysis.layers
     makers: dict[str, Callable[[], Figure | None]] = {}
     if (layers["role"] == SUBJECT).any():
-        makers["headline"] = lambda: headline_figure(layers)
+        makers["headline"] = lambda: headline_figure(analysis)
     for name, make, column in (("latency", latency_figure, "median_s"), ("memory", memory_figure, "peak_bytes")):
-        makers[name] = lambda make=make: make(layers, every_layer)
-        if not every_layer and len(layers) and len(_rest(latest_rows(layers), column)):
-            makers[f"{name}_all"] = lambda make=make: make(layers, True)
+        makers[name] = lambda make=make: make(analysis, every_layer)
+        if not every_layer and len(layers) and len(_rest(layers, column)):
+            makers[f"{name}_all"] = lambda make=make: make(analysis, True)
     if (layers["role"] == SUBJECT).any():
-        makers["ratio_to_qna"] = lambda: ratio_figure(layers, every_layer)
-    makers["pareto"] = lambda: pareto_figure(layers, every_layer)
-    makers["roofline"] = lambda: roofline_figure(layers)
-    makers["models"] = lambda: models_figure(frame)
+        makers["ratio_to_qna"] = lambda: ratio_figure(analysis, every_layer)
+    makers["pareto"] = lambda: pareto_figure(analysis, every_layer)
+    makers["roofline"] = lambda: roofline_figure(analysis)
+    makers["models"] = lambda: models_figure(analysis)
     made = {name: make() for name, make in makers.items()}
     return {name: fig for name, fig in made.items() if fig is not None}
 
 
-def draw_figures(results_path: str | Path, out_dir: str | Path | None = None, every_layer: bool = False) -> list[Path]:
-    """Write every figure of `figures` as PNG next to the parquet (or into ``out_dir``); return their paths."""
+def draw_figures(
+    results_path: str | Path, out_dir: str | Path | None = None, every_layer: bool = False,
+    analysis: Analysis | None = None,
+) -> list[Path]:
+    """Write every figure of `figures` as PNG next to the parquet (or into ``out_dir``); return their paths.
+    ``analysis``: the parquet's, where the caller has it already (the report does)."""
     results_path = Path(results_path)
     out_dir = Path(out_dir) if out_dir is not None else results_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, fig in figures(read_results(results_path), every_layer).items():
+    for name, fig in figures(analysis or analyse(read_results(results_path)), every_layer).items():
         path = out_dir / f"{name}.png"
         save_png(fig, path)
         written.append(path)
@@ -489,35 +497,44 @@ def _window_size(window: int) -> float:
     return 12.0 + 4.0 * window
 
 
-def roofline_figure(frame: pd.DataFrame) -> Figure | None:
+ROOF_LEVEL_STYLES = {"L2": ":", "LLC": "--", "DRAM": "-"}
+
+
+def _draw_roofs(ax: Axes, points: pd.DataFrame, peak_flops: float) -> None:
+    """The compute roof and one bandwidth roof per probed memory level (L2 dotted, LLC dashed, DRAM solid),
+    each bent at its own ridge and labelled with its rate."""
+    roofs = level_roofs(points)
+    ridges = [peak_flops / rate for _, rate in roofs]
+    low = min([float(points["intensity"].min()), *ridges]) / 3
+    high = max([float(points["intensity"].max()), *ridges]) * 3
+    for name, rate in roofs:
+        ridge = peak_flops / rate
+        ax.plot([low, ridge, high], [low * rate / 1e9, peak_flops / 1e9, peak_flops / 1e9], color="black",
+                linewidth=1.2 if name == "DRAM" else 0.9, linestyle=ROOF_LEVEL_STYLES[name], zorder=2)
+        ax.annotate(f"{name} {rate / 1e9:.1f} GB/s", (low * 1.15, low * rate / 1e9), ha="left", va="bottom",
+                    fontsize=7)
+    ax.annotate(f"peak {peak_flops / 1e9:.1f} GFLOP/s (probe)", (high, peak_flops / 1e9), ha="right",
+                va="bottom", fontsize=8)
+
+
+def roofline_figure(source: Analysis | pd.DataFrame) -> Figure | None:
     """Achieved GFLOP/s against arithmetic intensity, log-log, one panel per problem shape: one marker
-    per layer, window and mode under the roofs the run's machine probes measured. None without probes."""
+    per layer, window and mode under the roofs the run's machine probes measured (compute, and the
+    bandwidth of each memory level probed). None without probes."""
     from matplotlib.lines import Line2D
 
-    from qna_bench.roofline import roofline_frame
-
-    points = roofline_frame(frame)
+    analysis = _analysed(source)
+    points = analysis.roofline
     if points.empty:
         return None
-    points = with_roles(points)
-    styles = _layer_styles(frame)
+    styles = _layer_styles(analysis.layers)
     legend_rows = sort_rows(points.drop_duplicates("layer"), ["role", "layer"])
     shape_columns = ["device_name", "dtype", *SHAPE_COLUMNS]
     shapes = list(points.groupby(shape_columns, sort=True, dropna=False))
     fig, axes = _figure(len(shapes), ncols=2, panel_size=(6.4, 5.0), constrained=False)
     fig.set_figwidth(fig.get_figwidth() + 2.8)
     for ax, (shape_values, shape_points) in zip(axes, shapes):
-        peak_flops = float(shape_points["peak_flops_probe"].median())
-        bandwidth = float(shape_points["peak_bytes_per_s_probe"].median())
-        low = min(float(shape_points["intensity"].min()), peak_flops / bandwidth) / 3
-        high = max(float(shape_points["intensity"].max()), peak_flops / bandwidth) * 3
-        ridge = peak_flops / bandwidth
-        ax.plot([low, ridge, high], [low * bandwidth / 1e9, peak_flops / 1e9, peak_flops / 1e9], color="black",
-                linewidth=1.2, zorder=2)
-        ax.annotate(f"peak {peak_flops / 1e9:.1f} GFLOP/s (probe)", (high, peak_flops / 1e9), ha="right",
-                    va="bottom", fontsize=8)
-        ax.annotate(f"{bandwidth / 1e9:.1f} GB/s (probe) × intensity", (low * 1.15, low * bandwidth / 1e9), ha="left",
-                    va="top", fontsize=8)
+        _draw_roofs(ax, shape_points, float(shape_points["peak_flops_probe"].median()))
         for (layer, mode), group in shape_points.groupby(["layer", "mode"], sort=True):
             ax.scatter(group["intensity"].astype(float), group["achieved_flops_per_s"].astype(float) / 1e9,
                        s=[_window_size(int(k)) for k in group["window"]], marker=ROOFLINE_MARKERS.get(mode, "s"),
@@ -544,11 +561,16 @@ def roofline_figure(frame: pd.DataFrame) -> Figure | None:
                                 markersize=_window_size(int(k)) ** 0.5, label=f"k = {k}")
         for k in sorted({windows[0], windows[-1]})
     ]
+    handles += [
+        Line2D([], [], color="black", linestyle=ROOF_LEVEL_STYLES[name], label=f"{name} roof")
+        for name, _ in level_roofs(points)
+    ]
     for ax in axes[len(shapes):]:
         ax.axis("off")
     legend_width = 2.8 / fig.get_figwidth()
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1 - legend_width, 0.5), fontsize=8, frameon=False)
-    fig.suptitle(f"Roofline: achieved FLOP/s under the probed roofs — {_devices(points)}", fontsize=11)
+    fig.suptitle(f"Roofline: achieved FLOP/s under the probed roofs (each point against the level its "
+                 f"working set fits in) — {_devices(points)}", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1 - legend_width, 1 - 0.35 / fig.get_figheight()))
     return fig
 

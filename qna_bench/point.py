@@ -49,6 +49,8 @@ class MeasureSettings:
     profile_dir: str | None = None
     # CUDA: cuDNN picks each convolution's algorithm by timing them on the first call.
     cudnn_benchmark: bool = True
+    # The machine probes: `cached` (from the disk cache when fresh), `fresh` (measured now) or `off`.
+    probes: str = "cached"
 
 
 @dataclass(frozen=True)

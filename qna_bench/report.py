@@ -680,8 +680,9 @@ def write_report(results_path: str | Path, out_dir: str | Path | None = None, dr
     results_path = Path(results_path)
     out_dir = Path(out_dir) if out_dir is not None else results_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = plots.draw_figures(results_path, out_dir) if draw else []
-    text = render(analyse(read_results(results_path)), figures)
+    analysis = analyse(read_results(results_path))
+    figures = plots.draw_figures(results_path, out_dir, analysis=analysis) if draw else []
+    text = render(analysis, figures)
     path = out_dir / REPORT_FILE
     path.write_text(text, encoding="utf-8")
     return path
@@ -717,22 +718,25 @@ def roofline_section(analysis: Analysis) -> str:
     the points far below it (with their profiles) and any point above it."""
     from qna_bench import roofline
 
-    points = roofline.roofline_frame(analysis.frame)
+    points = analysis.roofline
     if points.empty:
         return ""
     parts = [
         "## Roofline: how close each layer runs to this machine's limits",
-        "Fraction of the roof = achieved FLOP/s ÷ min(peak FLOP/s, intensity × peak bytes/s), with the intensity "
-        "from the layer's closed-form minimum bytes moved. The peaks are this run's machine probes (same device, "
-        "dtype and threads as the points): "
+        "Fraction of the roof = achieved FLOP/s ÷ min(peak FLOP/s, intensity × the bytes/s of the memory level "
+        "its working set fits in), with the intensity and the working set from the layer's closed-form minimum "
+        "bytes moved (cache-aware: a point whose bytes fit the L2 of the measuring threads is judged against the "
+        "L2 roof, one that fits the last-level cache against the LLC roof, any other against DRAM). The peaks "
+        "are this run's machine probes (same device, dtype and threads as the points): "
         + "; ".join(
             f"{device} {dtype}: {_fmt(group['peak_flops_probe'].median() / 1e9, 1)} GFLOP/s, "
-            f"{_fmt(group['peak_bytes_per_s_probe'].median() / 1e9, 1)} GB/s "
-            f"(ridge at {_fmt(group['peak_flops_probe'].median() / group['peak_bytes_per_s_probe'].median(), 1)} "
+            + ", ".join(f"{name} {_fmt(rate / 1e9, 1)} GB/s" for name, rate in roofline.level_roofs(group))
+            + f" (DRAM ridge at {_fmt(group['peak_flops_probe'].median() / group['peak_bytes_per_s_probe'].median(), 1)} "
             "FLOP/byte)"
             for (device, dtype), group in points.groupby(["device_name", "dtype"], sort=True)
         )
-        + ". A memory-bound point's fraction is its achieved bytes/s over the probed bandwidth.",
+        + ". A memory-bound point's fraction is its achieved bytes/s over its level's probed bandwidth; the "
+        "column `bound` names the roof that bounds it (`compute`, or the memory level).",
     ]
     above = roofline.above_roof(points)
     if len(above):

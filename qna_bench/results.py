@@ -84,9 +84,14 @@ SCHEMA = pa.schema(
         # the layer's closed-form minimum bytes moved per call (LayerSpec.analytic_bytes)
         ("bytes_analytic", pa.int64()),
         ("params", pa.int64()),
-        # this run's machine probes (qna_bench.measure.probes): peak FLOP/s and bytes/s, and how measured
+        # this run's machine probes (qna_bench.measure.probes): peak FLOP/s, the bandwidth past the
+        # last-level cache (DRAM), of the L2 and of the LLC, the cache sizes assumed, and how measured
         ("peak_flops_probe", pa.float64()),
         ("peak_bytes_per_s_probe", pa.float64()),
+        ("peak_bytes_per_s_l2_probe", pa.float64()),
+        ("peak_bytes_per_s_llc_probe", pa.float64()),
+        ("l2_bytes_probe", pa.int64()),
+        ("llc_bytes_probe", pa.int64()),
         ("probe_method", pa.string()),
         # environment
         ("torch_version", pa.string()),

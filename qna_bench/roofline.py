@@ -1,23 +1,36 @@
-"""The roofline from a results frame: each point's achieved FLOP/s and bytes/s, its arithmetic intensity,
-and the fraction it reaches of the roof its run's machine probes set, min(peak FLOP/s, intensity × peak
-bytes/s). Derived here from the stored columns, never stored.
+"""The cache-aware roofline from a results frame: each point's achieved FLOP/s and bytes/s, its arithmetic
+intensity, the memory level its working set fits in, and the fraction it reaches of that level's roof,
+min(peak FLOP/s, intensity × the level's probed bytes/s). Derived here from the stored columns, never
+stored; pure functions over the newest rows (`qna_bench.analysis` hands them in).
+
+A point's working set is its closed-form bytes (``bytes_analytic``: every byte its algorithm moves, so at
+least its footprint): one that fits the L2 of the measuring threads is judged against the L2 roof, one
+that fits the last-level cache against the LLC roof, any other against the DRAM roof, after the
+cache-aware rooflines of LBNL's Empirical Roofline Toolkit and Intel Advisor. Rows measured before the
+cache probes carry only the DRAM roof, and are judged against it.
 """
 
 from __future__ import annotations
 
 import pandas as pd
 
-from qna_bench.plots import latest_rows
-
 # A point this far above its roof means a probe or a count is wrong, not a fast layer.
 ABOVE_ROOF_TOLERANCE = 0.10
 # Points under this fraction of their roof are "far below" it: the report lists them with their profiles.
 FAR_BELOW_FRACTION = 0.10
+# Memory levels from the innermost out: (name, bandwidth column, capacity column); DRAM has no capacity.
+LEVELS = (
+    ("L2", "peak_bytes_per_s_l2_probe", "l2_bytes_probe"),
+    ("LLC", "peak_bytes_per_s_llc_probe", "llc_bytes_probe"),
+    ("DRAM", "peak_bytes_per_s_probe", None),
+)
 ROOF_COLUMNS = (
     "work_flops",
     "achieved_flops_per_s",
     "achieved_bytes_per_s",
     "intensity",
+    "roof_level",
+    "level_bytes_per_s",
     "roof_flops_per_s",
     "roof_fraction",
     "bound",
@@ -38,30 +51,51 @@ def roof(intensity: pd.Series | float, peak_flops: pd.Series | float, peak_bytes
     return min(memory_roof, peak_flops)
 
 
-def roofline_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """The latest measured row of every point that has a time, a FLOP and byte count and its run's
-    probes, with `ROOF_COLUMNS` added (``bound``: which roof is the lower at its intensity)."""
+def _column(frame: pd.DataFrame, name: str | None) -> pd.Series:
+    if name is None or name not in frame:
+        return pd.Series(pd.NA, index=frame.index, dtype="Float64")
+    return frame[name].astype("Float64")
+
+
+def memory_level(rows: pd.DataFrame, working_set: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """Per row: the innermost level whose probed capacity holds ``working_set`` and whose bandwidth was
+    probed (else DRAM), and that level's bandwidth."""
+    level = pd.Series("DRAM", index=rows.index, dtype="string")
+    bandwidth = _column(rows, "peak_bytes_per_s_probe")
+    decided = pd.Series(False, index=rows.index)
+    for name, rate_column, size_column in LEVELS[:-1]:
+        rate, size = _column(rows, rate_column), _column(rows, size_column)
+        fits = ((working_set <= size) & (rate > 0)).fillna(False).astype(bool) & ~decided
+        level = level.mask(fits, name)
+        bandwidth = bandwidth.mask(fits, rate)
+        decided |= fits
+    return level, bandwidth
+
+
+def roofline_frame(rows: pd.DataFrame) -> pd.DataFrame:
+    """The ``ok`` rows (one per point: the newest) that have a time, a FLOP and byte count and their
+    run's probes, with `ROOF_COLUMNS` added (``bound``: ``compute``, or the memory level whose roof is the
+    lower at the point's intensity)."""
     needed = ("bytes_analytic", "peak_flops_probe", "peak_bytes_per_s_probe")
-    if frame.empty or any(column not in frame for column in needed):
-        return frame.iloc[0:0].assign(**{column: pd.Series(dtype="Float64") for column in ROOF_COLUMNS})
-    rows = latest_rows(frame)
+    if rows.empty or any(column not in rows for column in needed):
+        return rows.iloc[0:0].assign(**{column: pd.Series(dtype="Float64") for column in ROOF_COLUMNS})
     rows = rows[rows["status"] == "ok"].copy()
     rows["work_flops"] = work_flops(rows)
     seconds = rows["median_s"].astype("Float64")
     moved = rows["bytes_analytic"].astype("Float64")
     peak_flops = rows["peak_flops_probe"].astype("Float64")
-    peak_bandwidth = rows["peak_bytes_per_s_probe"].astype("Float64")
-    known = (seconds > 0) & (rows["work_flops"] > 0) & (moved > 0) & (peak_flops > 0) & (peak_bandwidth > 0)
-    rows = rows[known.fillna(False)].copy()
-    seconds, moved = seconds[rows.index], moved[rows.index]
-    peak_flops, peak_bandwidth = peak_flops[rows.index], peak_bandwidth[rows.index]
+    dram = rows["peak_bytes_per_s_probe"].astype("Float64")
+    known = (seconds > 0) & (rows["work_flops"] > 0) & (moved > 0) & (peak_flops > 0) & (dram > 0)
+    rows = rows[known.fillna(False).astype(bool)].copy()
+    seconds, moved, peak_flops = seconds[rows.index], moved[rows.index], peak_flops[rows.index]
     rows["achieved_flops_per_s"] = rows["work_flops"] / seconds
     rows["achieved_bytes_per_s"] = moved / seconds
     rows["intensity"] = rows["work_flops"] / moved
-    rows["roof_flops_per_s"] = roof(rows["intensity"], peak_flops, peak_bandwidth)
+    rows["roof_level"], rows["level_bytes_per_s"] = memory_level(rows, moved)
+    rows["roof_flops_per_s"] = roof(rows["intensity"], peak_flops, rows["level_bytes_per_s"])
     rows["roof_fraction"] = rows["achieved_flops_per_s"] / rows["roof_flops_per_s"]
-    memory_bound = rows["intensity"] * peak_bandwidth < peak_flops
-    rows["bound"] = memory_bound.map({True: "memory", False: "compute"}).astype("string")
+    memory_bound = (rows["intensity"] * rows["level_bytes_per_s"] < peak_flops).astype(bool)
+    rows["bound"] = rows["roof_level"].where(memory_bound, "compute").astype("string")
     return rows.reset_index(drop=True)
 
 
@@ -84,3 +118,14 @@ def typical_fractions(roofline: pd.DataFrame) -> pd.DataFrame:
     table = grouped["roof_fraction"].agg(points="count", median="median", lowest="min", highest="max")
     table["bound"] = grouped["bound"].agg(lambda bounds: bounds.mode().iloc[0])
     return table.reset_index()
+
+
+def level_roofs(roofline: pd.DataFrame) -> list[tuple[str, float]]:
+    """The memory levels these points' probes measured, innermost first, with their median bytes/s."""
+    roofs = []
+    for name, rate_column, _ in LEVELS:
+        rate = _column(roofline, rate_column).dropna()
+        rate = rate[rate > 0]
+        if len(rate):
+            roofs.append((name, float(rate.median())))
+    return roofs

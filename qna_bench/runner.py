@@ -22,6 +22,7 @@ from qna_bench import results, rounds
 from qna_bench.budget import time_limits
 from qna_bench.environment import Environment
 from qna_bench.identity import is_current, point_identity
+from qna_bench.measure.probes import MachineProbes, machine_probes
 from qna_bench.point import (
     MeasureSettings,
     PointStep,
@@ -138,6 +139,7 @@ def run_sweep(
     limits = time_limits(settings.point_budget_s)
     setup = WorkerSetup(layer_modules([p.layer for p in points if left[key_of[id(p)]]]), settings, env,
                         memory_cap_bytes, cap_memory)
+    probes = _probes(points, left, key_of, settings, memory_cap_bytes, stream)
     with PointWorker(setup) as worker:
         try:
             if todo:
@@ -170,6 +172,7 @@ def run_sweep(
                     if isinstance(measured, WorkerLost):
                         measured = _lost_row(measured, point, env, settings, run_id, limits.hard_kill_s)
                         measured["point_seconds"] = time.perf_counter() - started
+                    measured.update(probes[(point.problem.device, point.problem.dtype)].columns())
                     row = measured if row is None else _with_round(row, measured, round_index, run_id)
                     measured_once[(*group, round_index)] = key
                     if (row["status"] in GROWING_FAILURES and settings.skip_larger_after_failure
@@ -185,6 +188,20 @@ def run_sweep(
             print(f"\ninterrupted: {len(written)} of {todo} points written to {results_path}", file=stream)
             return SweepOutcome(len(written), skipped, True, _count(written))
     return SweepOutcome(len(written), skipped, False, _count(written))
+
+
+def _probes(
+    points: Sequence[SweepPoint], left: dict[str, int], key_of: dict[int, str], settings: MeasureSettings,
+    memory_cap_bytes: int | None, stream: TextIO,
+) -> dict[tuple[str, str], MachineProbes]:
+    """The machine probes of every device and dtype the sweep measures, once, in this process (cached
+    on disk across runs): the worker processes, started again after every kill, never probe."""
+    wanted = sorted({(p.problem.device, p.problem.dtype) for p in points if left[key_of[id(p)]]})
+    probes = {}
+    for device, dtype in wanted:
+        probes[(device, dtype)] = machine_probes(device, dtype, settings.threads, settings.probes,
+                                                 cap_bytes=memory_cap_bytes, stream=stream)
+    return probes
 
 
 def _count(statuses: dict[str, str]) -> dict[str, int]:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from qna_bench import results
 from qna_bench.environment import read_environment
+from qna_bench.measure.probes import PROBE_MODES
 from qna_bench.problem import MODES, Problem
 from qna_bench.registry import LayerSpec, list_layers, resolve_layers
 from qna_bench.runner import (
@@ -136,6 +137,12 @@ def _number(value: Any, field_name: str, *, allow_zero: bool = False, allow_null
     return value
 
 
+def _choice(value: Any, field_name: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise BadInput([f"{field_name}={value!r}: allowed values are {', '.join(allowed)}"])
+    return value
+
+
 def _flag(value: Any, field_name: str) -> bool:
     if not isinstance(value, bool):
         raise BadInput([f"{field_name}={value!r}: allowed values are true, false"])
@@ -166,6 +173,7 @@ def _settings(cfg: DictConfig) -> tuple[MeasureSettings, int | None]:
         rounds=int(rounds),
         profile_dir=results_dir(cfg) if _flag(measure.profile, "measure.profile") else None,
         cudnn_benchmark=_flag(measure.cudnn_benchmark, "measure.cudnn_benchmark"),
+        probes=_choice(measure.probes, "measure.probes", PROBE_MODES),
     )
     return settings, int(cap_gib * 2**30) if cap_gib else None
 

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from qna_bench.environment import Environment
-from qna_bench.measure.probes import machine_probes
 from qna_bench.memcap import address_space_cap
 from qna_bench.point import MeasureSettings, SweepPoint, run_point, warm_up_process
 from qna_bench.problem import Problem
@@ -174,9 +173,7 @@ def _serve(conn: Connection, setup: WorkerSetup) -> None:
             if not warmed_up:
                 warm_up_process(point, setup.settings)
                 warmed_up = True
-            probes = machine_probes(problem.device, problem.dtype, setup.settings.threads)
-            row = run_point(point, setup.settings, setup.env, run_id, first_round=first_round)
-            conn.send({**row, **probes.columns()})
+            conn.send(run_point(point, setup.settings, setup.env, run_id, first_round=first_round))
 
 
 def layer_modules(layers: Sequence[Any]) -> tuple[str, ...]:

@@ -1,10 +1,34 @@
-"""Shared fixtures: tiny problems and a place for results."""
+"""Shared fixtures: tiny problems, a private disk cache, and the committed reference runs."""
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 
+from qna_bench.disk_cache import CACHE_DIR_ENV
 from qna_bench.problem import Problem
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def committed_results(name: str) -> list[Path]:
+    """The files called ``name`` under results/ that git tracks: the committed reference runs, never a
+    user's own runs (results/runs/ and results/multirun/ are ignored)."""
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--", "results"], capture_output=True,
+                            text=True, check=True).stdout
+    return sorted(REPO / path for path in listed.split("\0") if path and Path(path).name == name)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_disk_cache(tmp_path_factory):
+    """Every test (and the sweeps it starts) reads and writes a disk cache of its own session, never the
+    user's ~/.cache/qna_bench: the probes and QnA's plans are measured once per session and shared."""
+    folder = tmp_path_factory.mktemp("qna_bench_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_DIR_ENV, str(folder))
+        yield folder
 
 
 @pytest.fixture

@@ -141,7 +141,7 @@ def test_failed_points_are_marked_not_dropped(claims_frame):
     figure = plots.latency_figure(frame)
     train = figure.axes[1]
     marked = {to_hex(c.get_facecolor()[0]) for c in train.collections if c.get_label() == plots.NO_NUMBER}
-    styles = plots._layer_styles(plots.with_roles(frame))
+    styles = plots._layer_styles(plots.analyse(frame).layers)
     # NA has no number at any window, yet it stands for its family; SASA ran out of memory at k=11.
     assert {to_hex(styles["na"]["color"]), to_hex(styles["sasa"]["color"])} <= marked
     assert any(label.startswith("× on the bottom edge: no number") for label in _labels(figure))

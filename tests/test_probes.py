@@ -1,10 +1,15 @@
-"""The machine probes are timed calls whose work is known: twice the work takes about twice the time."""
+"""The machine probes: timed calls whose work is known, working sets sized per memory level and bounded
+by the memory there is, measured once per machine and settings (a disk cache), and harmless when they fail."""
 
 from __future__ import annotations
+
+import json
+from dataclasses import replace
 
 import pytest
 import torch
 
+from qna_bench.disk_cache import JsonStore
 from qna_bench.measure import probes
 from qna_bench.results import COLUMNS
 
@@ -12,6 +17,7 @@ CPU = torch.device("cpu")
 # Rates at one size and at four times it (two doublings) agree within this factor; a probe whose time
 # did not follow the work would be off by 4×. Loose on purpose: other processes load the cores.
 RATE_TOLERANCE = 2.0
+MIB = 2**20
 
 
 def _rates(probe, small, large, rounds: int = 3) -> tuple[float, float, int, int]:
@@ -29,8 +35,8 @@ def _rates(probe, small, large, rounds: int = 3) -> tuple[float, float, int, int
         ("gemm", lambda s: probes.gemm_probe(CPU, torch.float32, s, repeats=2), 1, 4),
         ("depthwise", lambda s: probes.depthwise_probe(CPU, torch.float32, s, repeats=2), 1, 4),
         ("dense conv", lambda s: probes.dense_conv_probe(CPU, torch.float32, s, repeats=2), 1, 4),
-        ("copy", lambda s: probes.copy_probe(CPU, torch.float32, s, repeats=2), 64 * 2**20, 256 * 2**20),
-        ("triad", lambda s: probes.triad_probe(CPU, torch.float32, s, repeats=2), 64 * 2**20, 256 * 2**20),
+        ("copy", lambda s: probes.copy_probe(CPU, torch.float32, s, repeats=2), 64 * MIB, 256 * MIB),
+        ("triad", lambda s: probes.triad_probe(CPU, torch.float32, s, repeats=2), 96 * MIB, 384 * MIB),
     ],
 )
 def test_a_probe_doubled_twice_does_four_times_the_work_in_about_four_times_the_time(name, probe, small, large):
@@ -39,11 +45,121 @@ def test_a_probe_doubled_twice_does_four_times_the_work_in_about_four_times_the_
     assert 1 / RATE_TOLERANCE < rate_large / rate_small < RATE_TOLERANCE, (name, rate_small, rate_large)
 
 
-def test_measure_machine_reports_positive_peaks_and_what_measured_them():
+def test_a_bandwidth_probe_moves_its_whole_working_set():
+    assert probes.copy_probe(CPU, torch.float32, 8 * MIB).work == 8 * MIB  # read 4 MiB, write 4 MiB
+    assert probes.triad_probe(CPU, torch.float32, 3 * MIB).work == 3 * MIB
+
+
+def test_measure_machine_reports_every_level_and_what_measured_them():
     measured = probes.measure_machine("cpu", "float32", threads=1, target_s=0.005)
     assert measured.peak_flops > 1e8 and measured.peak_bytes_per_s > 1e8
-    assert "gemm" in measured.method and "dense conv" in measured.method and "copy" in measured.method and "1 threads" in measured.method
+    for part in ("gemm", "dense conv", "DRAM ", "1 threads", "(sysfs)"):
+        assert part in measured.method, part
+    if measured.l2_bytes:
+        assert measured.peak_bytes_per_s_l2 > 1e8
     assert set(measured.columns()) <= set(COLUMNS)
+
+
+def test_sizes_parse_with_and_without_units():
+    assert probes.parse_size("480M") == probes.parse_size("480MiB") == 480 * MIB
+    assert probes.parse_size("32K\n") == 32 * 2**10 and probes.parse_size("1048576") == MIB
+    with pytest.raises(ValueError):
+        probes.parse_size("lots")
+
+
+def test_the_llc_override_sets_the_cache_the_working_sets_are_sized_from():
+    caches = probes.cache_sizes("cpu", threads=2, environ={probes.LLC_OVERRIDE_ENV: "480M"})
+    assert caches.llc_bytes == 480 * MIB and probes.LLC_OVERRIDE_ENV in caches.source
+
+
+@pytest.mark.parametrize("llc_mib", [0, 1, 32, 480, 4096])
+def test_working_sets_fit_their_level_and_never_exceed_the_memory_budget(llc_mib):
+    caches = probes.CacheSizes(l2_bytes=2 * MIB, llc_bytes=llc_mib * MIB, source="test")
+    budget = 512 * MIB
+    sets = probes.working_sets(caches, budget)
+    assert sets.l2 == MIB  # half the L2
+    assert sets.llc == (min(llc_mib * MIB // 2, budget) if llc_mib * MIB >= 4 * caches.l2_bytes else 0)
+    assert sets.dram <= budget and max(sets.l2, sets.llc, sets.dram) <= budget
+    assert sets.dram >= min(budget, probes.DRAM_MIN_BYTES)
+    assert bool(sets.note) == (probes.DRAM_CACHE_MULTIPLE * llc_mib * MIB > budget)
+
+
+def test_the_dram_probe_holds_a_small_share_of_available_memory_at_most():
+    budget = probes.memory_budget_bytes(CPU)
+    assert budget <= probes.DRAM_MAX_BYTES
+    assert probes.memory_budget_bytes(CPU, cap_bytes=64 * MIB) == 8 * MIB
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def fake_measure(monkeypatch):
+    """`measure_machine` replaced by a counter that returns made-up probes."""
+    calls = []
+
+    def measure(device, dtype, threads, **kwargs):
+        calls.append((device, dtype, threads))
+        return probes.MachineProbes(1e11, 1e10, 5e10, 3e10, 2 * MIB, 32 * MIB, f"fake {len(calls)}")
+
+    monkeypatch.setattr(probes, "measure_machine", measure)
+    return calls
+
+
+def test_probes_are_measured_once_per_machine_and_settings_then_read_from_the_cache(tmp_path, fake_measure):
+    store, clock = JsonStore("probes", tmp_path), _Clock()
+    first = probes.machine_probes("cpu", "float32", 2, store=store, now=clock)
+    again = probes.machine_probes("cpu", "float32", 2, store=store, now=clock)
+    assert len(fake_measure) == 1 and again.peak_flops == first.peak_flops
+    assert first.method == "fake 1" and again.method.startswith("fake 1; cached, measured ")
+    probes.machine_probes("cpu", "float32", 1, store=store, now=clock)  # other settings: measured
+    assert len(fake_measure) == 2
+    clock.now += probes.MAX_AGE_S + 1  # too old: measured again
+    probes.machine_probes("cpu", "float32", 2, store=store, now=clock)
+    assert len(fake_measure) == 3
+    probes.machine_probes("cpu", "float32", 2, "fresh", store=store, now=clock)
+    assert len(fake_measure) == 4
+    assert probes.machine_probes("cpu", "float32", 2, "off", store=store) == probes.MachineProbes.none()
+    assert len(fake_measure) == 4
+
+
+def test_a_corrupt_or_foreign_cache_is_ignored_and_rewritten(tmp_path, fake_measure):
+    store = JsonStore("probes", tmp_path)
+    store.path.write_text("{ not json")
+    probes.machine_probes("cpu", "float32", 2, store=store)
+    key = probes.probe_key("cpu", "float32", 2)
+    assert json.loads(store.path.read_text())[key]["probes"]["method"] == "fake 1"
+    store.put(key, {"probes": {"unknown_field": 1}, "measured_at_s": 0})
+    probes.machine_probes("cpu", "float32", 2, store=store)
+    assert len(fake_measure) == 2
+
+
+def test_a_failing_probe_gives_no_probes_and_one_warning_line(tmp_path, monkeypatch, capsys):
+    def fail(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(probes, "measure_machine", fail)
+    got = probes.machine_probes("cpu", "float32", 2, store=JsonStore("probes", tmp_path))
+    assert got == probes.MachineProbes.none()
+    assert all(value is None for value in got.columns().values())
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: the machine probes failed (RuntimeError")
+
+
+def test_the_cache_key_names_the_llc_override(monkeypatch):
+    plain = probes.probe_key("cpu", "float32", 2, environ={})
+    overridden = probes.probe_key("cpu", "float32", 2, environ={probes.LLC_OVERRIDE_ENV: "480M"})
+    assert plain != overridden and torch.__version__ in plain
+
+
+def test_no_probes_are_all_empty_columns():
+    none = probes.MachineProbes.none()
+    assert replace(none) == none and set(none.columns()) <= set(COLUMNS)
 
 
 def test_grown_doubles_the_scale_until_a_call_takes_the_target():
@@ -57,12 +173,7 @@ def test_grown_doubles_the_scale_until_a_call_takes_the_target():
     assert scales == [1, 2, 4, 8]
 
 
-def test_bandwidth_buffers_are_far_larger_than_the_last_level_cache():
-    assert probes.stream_bytes(CPU) >= probes.CACHE_MULTIPLE * probes.last_level_cache_bytes()
-    assert probes.stream_bytes(CPU) >= probes.MIN_STREAM_BYTES
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_probes_run_on_the_gpu():
     measured = probes.measure_machine("cuda", "float32", threads=0, target_s=0.005)
-    assert measured.peak_flops > 1e11 and measured.peak_bytes_per_s > 1e10
+    assert measured.peak_flops > 1e11 and measured.peak_bytes_per_s > 1e10 and measured.peak_bytes_per_s_l2 > 1e10

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import committed_results
 
 from qna_bench import analysis as A
 from qna_bench import registry, report, results
@@ -395,7 +396,7 @@ def test_noisy_timings_and_missing_memory_are_called_out():
     assert "sasa no memory reading at k = 3" in noisy
 
 
-COMMITTED_REPORTS = sorted((Path(__file__).resolve().parent.parent / "results").rglob("report.md"))
+COMMITTED_REPORTS = committed_results("report.md")
 
 
 @pytest.mark.parametrize("committed", COMMITTED_REPORTS, ids=lambda p: str(p.parent.relative_to(p.parents[2])))

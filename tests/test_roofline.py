@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import committed_results
 from test_report import synthetic_row
 
 from qna_bench import results, roofline
+from qna_bench.analysis import analyse
 
 PEAK_FLOPS, PEAK_BANDWIDTH = 100e9, 10e9  # ridge at 10 FLOPs per byte
 PROBES = dict(peak_flops_probe=PEAK_FLOPS, peak_bytes_per_s_probe=PEAK_BANDWIDTH, probe_method="synthetic")
@@ -36,7 +38,31 @@ def test_a_memory_bound_point_is_measured_against_its_bandwidth_roof(frame_of):
     assert point["achieved_bytes_per_s"] == pytest.approx(2e9)
     assert point["roof_flops_per_s"] == pytest.approx(20e9)
     assert point["roof_fraction"] == pytest.approx(0.2)
-    assert point["bound"] == "memory"
+    assert point["bound"] == "DRAM" and point["roof_level"] == "DRAM"
+
+
+CACHE_PROBES = dict(PROBES, peak_bytes_per_s_l2_probe=80e9, peak_bytes_per_s_llc_probe=40e9,
+                    l2_bytes_probe=2 * 2**20, llc_bytes_probe=32 * 2**20)
+
+
+@pytest.mark.parametrize(
+    "moved,level,bandwidth",
+    [(2**20, "L2", 80e9), (2 * 2**20, "L2", 80e9), (12 * 10**6, "LLC", 40e9), (32 * 2**20 + 1, "DRAM", 10e9)],
+)
+def test_a_point_is_judged_against_the_roof_of_the_level_its_working_set_fits_in(frame_of, moved, level, bandwidth):
+    # intensity 1: memory-bound under every level (ridges at 1.25, 2.5 and 10 FLOP/byte)
+    row = synthetic_row("conv_dw", 3, latency_s=moved / 20e9, flops=moved, bytes_analytic=moved, **CACHE_PROBES)
+    point = roofline.roofline_frame(frame_of([row])).iloc[0]
+    assert point["roof_level"] == level and point["bound"] == level
+    assert point["level_bytes_per_s"] == pytest.approx(bandwidth)
+    assert point["roof_fraction"] == pytest.approx(20e9 / bandwidth)
+
+
+def test_a_level_without_a_probe_passes_its_points_to_the_next_level_out(frame_of):
+    probes = dict(CACHE_PROBES, peak_bytes_per_s_l2_probe=None)
+    row = synthetic_row("conv_dw", 3, latency_s=0.001, flops=2**20, bytes_analytic=2**20, **probes)
+    assert roofline.roofline_frame(frame_of([row])).iloc[0]["roof_level"] == "LLC"
+    assert roofline.level_roofs(roofline.roofline_frame(frame_of([row]))) == [("LLC", 40e9), ("DRAM", 10e9)]
 
 
 def test_a_compute_bound_point_is_measured_against_the_peak_and_the_closed_form_stands_in_for_the_counter(frame_of):
@@ -71,11 +97,9 @@ def test_a_frame_from_before_the_probes_has_no_roofline(frame_of):
     assert roofline.roofline_frame(frame_of([synthetic_row("qna", 3, latency_s=0.01)])).empty
 
 
-@pytest.mark.parametrize("path", sorted(REPO.glob("results/**/results.parquet")), ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", committed_results(results.RESULTS_FILE), ids=lambda p: str(p.parent.relative_to(REPO)))
 def test_no_committed_point_lies_more_than_ten_percent_above_its_roof(path):
-    frame = results.read_results(path)
-    points = roofline.roofline_frame(frame)
-    above = roofline.above_roof(points)
+    above = roofline.above_roof(analyse(results.read_results(path)).roofline)
     assert above.empty, above[["layer", "mode", "window", "roof_fraction"]].to_string()
 
 
@@ -99,8 +123,8 @@ def test_the_report_section_gives_each_layers_fraction_and_links_the_far_below_p
     from qna_bench import report
 
     text = report.roofline_section(report.analyse(frame_of(_sweep_rows())))
-    assert "100.0 GFLOP/s, 10.0 GB/s (ridge at 10.0 FLOP/byte)" in text
-    assert "| qna | train | memory | 50.0% | 1.0% | 25.5% |" in text
+    assert "100.0 GFLOP/s, DRAM 10.0 GB/s (DRAM ridge at 10.0 FLOP/byte)" in text
+    assert "| qna | train | DRAM | 50.0% | 1.0% | 25.5% |" in text
     assert "| qna | train | 16×16, C=8, 2 heads (P1) | 5 | 1.0% | 0.20 | 2.0 | [profile](profiles/p.md) |" in text
     assert "above their roof" not in text
     assert report.roofline_section(report.analyse(frame_of([synthetic_row("qna", 3, latency_s=0.01)]))) == ""
@@ -127,6 +151,20 @@ def test_the_roofline_figure_is_log_log_with_both_roofs_units_and_a_legend_outsi
     figure.savefig(path, dpi=90)
     assert path.stat().st_size < 200_000
     assert plots.roofline_figure(frame_of([synthetic_row("qna", 3, latency_s=0.01)])) is None
+
+
+def test_the_roofline_figure_draws_a_roof_per_probed_memory_level(frame_of):
+    from qna_bench import plots
+
+    rows = [synthetic_row("conv_dw", k, latency_s=0.001 * k, flops=2**20 * k, bytes_analytic=2**20 * k, **CACHE_PROBES)
+            for k in (1, 9, 41)]
+    figure = plots.roofline_figure(frame_of(rows))
+    (ax,) = [ax for ax in figure.axes if ax.has_data()]
+    roofs = ax.get_lines()
+    assert [line.get_linestyle() for line in roofs] == [":", "--", "-"]  # L2, LLC, DRAM
+    assert [line.get_xdata()[1] for line in roofs] == pytest.approx([1.25, 2.5, 10.0])  # each level's ridge
+    labels = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert {"L2 roof", "LLC roof", "DRAM roof"} <= set(labels)
 
 
 def test_a_profiled_sweep_rows_carry_the_probes_bytes_and_profiles_and_draw_the_roofline(tmp_path):

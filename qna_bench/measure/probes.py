@@ -1,22 +1,33 @@
-"""Machine probes: this device's peak compute and memory bandwidth, timed once per run in the measuring process.
+"""Machine probes: this device's peak compute and the bandwidth of each memory level, measured once per
+machine and settings, in the sweep process, and cached on disk (`qna_bench.disk_cache`).
 
 Peak compute is the highest of a large GEMM, a compute-bound depthwise convolution and a dense 3×3
-convolution (oneDNN's convolution kernels beat the GEMM on some CPUs); peak bandwidth the higher of a copy and a triad over
-buffers far larger than the last-level cache. Each probe grows its size until one call takes
-``target_s``, then keeps the fastest of ``repeats`` timed calls: a peak is the best the machine did.
+convolution (oneDNN's convolution kernels beat the GEMM on some CPUs). Bandwidth is measured per level,
+after the Empirical Roofline Toolkit and cache-aware rooflines: a copy and a triad over a working set
+that fits the L2 caches of the measuring threads, one that fits the last-level cache (LLC) and one that
+does not, each sized from the cache sizes and never more than a small share of the memory there is
+(`DRAM_MAX_SHARE` of what is available, `DRAM_MAX_BYTES` at most). Each probe keeps the fastest of a few
+timed calls: a peak is the best the machine did.
 """
 
 from __future__ import annotations
 
-import functools
 import math
+import os
+import socket
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TextIO
 
 import torch
 import torch.nn.functional as F
+
+from qna_bench.disk_cache import JsonStore
+from qna_bench.environment import device_name, utc_now
+from qna_bench.memcap import available_bytes
 
 # Probe sizes at scale 1; each doubling of the scale doubles the work.
 GEMM_ROWS, GEMM_INNER = 256, 2048
@@ -24,11 +35,20 @@ CONV_BATCH, CONV_CHANNELS, CONV_SIZE, CONV_WINDOW = 1, 128, 56, 31
 # A dense 3×3 convolution, oneDNN's best-tuned kernel: at 1 thread it ran 12% above the GEMM probe
 # (dense 3×3, 56², C=64: 79.7 against 71.1 GFLOP/s, 2026-11-30), so the GEMM alone is no peak.
 DENSE_CHANNELS, DENSE_WINDOW = 128, 3
-# Bandwidth buffers: at least this many times the last-level cache, and at least this many bytes.
-CACHE_MULTIPLE, MIN_STREAM_BYTES = 8, 256 * 2**20
-# CUDA L2 caches are tens of MiB; its buffers start at 1 GiB.
-CUDA_STREAM_BYTES = 2**30
 MAX_SCALE = 1024
+# A cache level's working set is this share of its size (the rest holds code, stack, page tables).
+CACHE_SHARE = 0.5
+# The DRAM working set: this many times the LLC, at least DRAM_MIN_BYTES, and never more than
+# DRAM_MAX_SHARE of available memory nor DRAM_MAX_BYTES. A VM that reports a 480 MiB L3 once made the
+# probes hold 11 GiB per worker, and parallel workers died of it (2026-12-05).
+DRAM_CACHE_MULTIPLE, DRAM_MIN_BYTES, DRAM_MAX_BYTES, DRAM_MAX_SHARE = 4, 64 * 2**20, 512 * 2**20, 1 / 8
+# One timed bandwidth sample loops its call until it takes this long (small buffers copy in microseconds).
+SAMPLE_S = 0.002
+LLC_OVERRIDE_ENV = "QNA_BENCH_LLC_BYTES"
+# A cached probe older than this is measured again.
+MAX_AGE_S = 24 * 3600
+PROBE_MODES = ("cached", "fresh", "off")
+_SIZE_SUFFIXES = {"K": 2**10, "M": 2**20, "G": 2**30}
 
 
 @dataclass(frozen=True)
@@ -45,18 +65,43 @@ class Timed:
 
 
 @dataclass(frozen=True)
-class MachineProbes:
-    """Peak FLOP/s and bytes/s of this device, dtype and thread count, and what achieved them."""
+class CacheSizes:
+    """The caches the probes size their working sets from: ``l2_bytes`` the L2 of the measuring threads
+    together (one core's L2 × threads on a CPU), ``llc_bytes`` the last-level cache; 0 where unknown.
+    ``source`` says where they came from (sysfs, the GPU's properties, the `LLC_OVERRIDE_ENV` override)."""
 
-    peak_flops: float
-    peak_bytes_per_s: float
-    method: str
+    l2_bytes: int
+    llc_bytes: int
+    source: str
+
+
+@dataclass(frozen=True)
+class MachineProbes:
+    """Peak FLOP/s and the bandwidth of each memory level (bytes/s; None where not measured) of this
+    device, dtype and thread count, the cache sizes they assumed, and what achieved them."""
+
+    peak_flops: float | None
+    peak_bytes_per_s: float | None  # past the last-level cache (DRAM, or GPU memory)
+    peak_bytes_per_s_l2: float | None
+    peak_bytes_per_s_llc: float | None
+    l2_bytes: int | None
+    llc_bytes: int | None
+    method: str | None
+
+    @classmethod
+    def none(cls) -> MachineProbes:
+        """No probes: a run with ``measure.probes=off``, or whose probes failed."""
+        return cls(None, None, None, None, None, None, None)
 
     def columns(self) -> dict[str, object]:
         """The result-row columns that carry the probes."""
         return {
             "peak_flops_probe": self.peak_flops,
             "peak_bytes_per_s_probe": self.peak_bytes_per_s,
+            "peak_bytes_per_s_l2_probe": self.peak_bytes_per_s_l2,
+            "peak_bytes_per_s_llc_probe": self.peak_bytes_per_s_llc,
+            "l2_bytes_probe": self.l2_bytes,
+            "llc_bytes_probe": self.llc_bytes,
             "probe_method": self.method,
         }
 
@@ -66,16 +111,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _fastest(call: Callable[[], object], device: torch.device, repeats: int) -> float:
+def _fastest(call: Callable[[], object], device: torch.device, repeats: int, loops: int = 1) -> float:
+    """Seconds of one call at its fastest over ``repeats`` samples of ``loops`` calls each."""
     call()  # warm-up: first-touch of the buffers, kernel selection
     _sync(device)
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        call()
+        for _ in range(loops):
+            call()
         _sync(device)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, (time.perf_counter() - start) / loops)
     return best
+
+
+def _loops_for(call: Callable[[], object], device: torch.device) -> int:
+    """Calls per timed sample so that one sample takes about `SAMPLE_S`."""
+    call()
+    _sync(device)
+    start = time.perf_counter()
+    call()
+    _sync(device)
+    return max(1, math.ceil(SAMPLE_S / max(time.perf_counter() - start, 1e-7)))
 
 
 def gemm_probe(device: torch.device, dtype: torch.dtype, scale: int = 1, repeats: int = 3) -> Timed:
@@ -106,25 +163,6 @@ def depthwise_probe(device: torch.device, dtype: torch.dtype, scale: int = 1, re
     return Timed(flops, seconds, f"depthwise conv {CONV_WINDOW}x{CONV_WINDOW} over {batch}x{CONV_CHANNELS}x{CONV_SIZE}²")
 
 
-def copy_probe(device: torch.device, dtype: torch.dtype, buffer_bytes: int, repeats: int = 3) -> Timed:
-    """``dst.copy_(src)``: each byte read once and written once."""
-    numel = buffer_bytes // dtype.itemsize
-    src = torch.ones(numel, device=device, dtype=dtype)
-    dst = torch.zeros_like(src)
-    seconds = _fastest(lambda: dst.copy_(src), device, repeats)
-    return Timed(2 * numel * dtype.itemsize, seconds, f"copy 2x{buffer_bytes / 2**20:.0f} MiB")
-
-
-def triad_probe(device: torch.device, dtype: torch.dtype, buffer_bytes: int, repeats: int = 3) -> Timed:
-    """``a = b + 2c``: two buffers read, one written."""
-    numel = buffer_bytes // dtype.itemsize
-    b = torch.ones(numel, device=device, dtype=dtype)
-    c = torch.ones_like(b)
-    a = torch.empty_like(b)
-    seconds = _fastest(lambda: torch.add(b, c, alpha=2, out=a), device, repeats)
-    return Timed(3 * numel * dtype.itemsize, seconds, f"triad 3x{buffer_bytes / 2**20:.0f} MiB")
-
-
 def dense_conv_probe(device: torch.device, dtype: torch.dtype, scale: int = 1, repeats: int = 3) -> Timed:
     """A dense 3×3 convolution, 128 → 128 channels over (scale, 128, 56, 56) channels_last."""
     batch = CONV_BATCH * scale
@@ -142,24 +180,115 @@ def dense_conv_probe(device: torch.device, dtype: torch.dtype, scale: int = 1, r
     return Timed(flops, seconds, f"dense conv {DENSE_WINDOW}x{DENSE_WINDOW} over {batch}x{DENSE_CHANNELS}x{CONV_SIZE}²")
 
 
-def last_level_cache_bytes() -> int:
-    """The largest CPU cache Linux reports (sysfs), 0 when it reports none."""
-    sizes = []
-    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = path.read_text().strip().upper()
-        factor = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+def copy_probe(device: torch.device, dtype: torch.dtype, working_set_bytes: int, repeats: int = 3) -> Timed:
+    """``dst.copy_(src)`` over two buffers of half the working set: each byte read once and written once."""
+    numel = max(1, working_set_bytes // 2 // dtype.itemsize)
+    src = torch.ones(numel, device=device, dtype=dtype)
+    dst = torch.zeros_like(src)
+
+    def call() -> None:
+        dst.copy_(src)
+
+    seconds = _fastest(call, device, repeats, _loops_for(call, device))
+    return Timed(2 * numel * dtype.itemsize, seconds, f"copy {_mib(2 * numel * dtype.itemsize)}")
+
+
+def triad_probe(device: torch.device, dtype: torch.dtype, working_set_bytes: int, repeats: int = 3) -> Timed:
+    """``a = b + 2c`` over three buffers of a third of the working set: two read, one written."""
+    numel = max(1, working_set_bytes // 3 // dtype.itemsize)
+    b = torch.ones(numel, device=device, dtype=dtype)
+    c = torch.ones_like(b)
+    a = torch.empty_like(b)
+
+    def call() -> None:
+        torch.add(b, c, alpha=2, out=a)
+
+    seconds = _fastest(call, device, repeats, _loops_for(call, device))
+    return Timed(3 * numel * dtype.itemsize, seconds, f"triad {_mib(3 * numel * dtype.itemsize)}")
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.3g} MiB"
+
+
+def parse_size(text: str) -> int:
+    """``"480M"``, ``"480MiB"``, ``"32K"`` or a plain byte count."""
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    factor = _SIZE_SUFFIXES.get(cleaned[-1:], 1)
+    number = cleaned[:-1] if cleaned[-1:] in _SIZE_SUFFIXES else cleaned
+    value = int(float(number) * factor)
+    if value <= 0:
+        raise ValueError(f"{text!r}: not a positive size")
+    return value
+
+
+def _sysfs_caches(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> dict[int, int]:
+    """Cache level → size in bytes of cpu0's data or unified caches, as Linux reports them."""
+    sizes: dict[int, int] = {}
+    for index in root.glob("index*"):
         try:
-            sizes.append(int(text.rstrip("KMG")) * factor)
-        except ValueError:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            level = int((index / "level").read_text())
+            sizes[level] = max(sizes.get(level, 0), parse_size((index / "size").read_text()))
+        except (OSError, ValueError):
             continue
-    return max(sizes, default=0)
+    return sizes
 
 
-def stream_bytes(device: torch.device) -> int:
-    """Bandwidth buffer size: far past the last-level cache."""
+def cache_sizes(device: str | torch.device, threads: int, environ: dict[str, str] | None = None) -> CacheSizes:
+    """The L2 the ``threads`` measuring threads use together and the LLC; ``$QNA_BENCH_LLC_BYTES``
+    (e.g. ``480M``) overrides the LLC the machine reports."""
+    device = torch.device(device)
+    environ = os.environ if environ is None else environ
     if device.type == "cuda":
-        return CUDA_STREAM_BYTES
-    return max(MIN_STREAM_BYTES, CACHE_MULTIPLE * last_level_cache_bytes())
+        l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0)
+        sizes, source = CacheSizes(l2, l2, "GPU properties"), "GPU properties"
+    else:
+        levels = _sysfs_caches()
+        l2 = levels.get(2, 0) * max(1, threads)
+        sizes, source = CacheSizes(l2, max(levels.values(), default=0), "sysfs"), "sysfs"
+    override = environ.get(LLC_OVERRIDE_ENV)
+    if override:
+        sizes = CacheSizes(sizes.l2_bytes, parse_size(override), f"{source}, LLC from ${LLC_OVERRIDE_ENV}")
+    return sizes
+
+
+def memory_budget_bytes(device: torch.device, cap_bytes: int | None = None) -> int:
+    """The most a DRAM probe may hold: `DRAM_MAX_SHARE` of the memory available (of the device's free
+    memory on a GPU; of ``cap_bytes`` too where a cap applies), `DRAM_MAX_BYTES` at most."""
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        available = available_bytes() or DRAM_MIN_BYTES
+    if cap_bytes:
+        available = min(available, cap_bytes)
+    return int(min(DRAM_MAX_BYTES, DRAM_MAX_SHARE * available))
+
+
+@dataclass(frozen=True)
+class WorkingSets:
+    """The working set (bytes) each bandwidth level is probed with; 0: that level is not probed."""
+
+    l2: int
+    llc: int
+    dram: int
+    note: str
+
+
+def working_sets(caches: CacheSizes, budget_bytes: int) -> WorkingSets:
+    """L2: half the L2 of the threads; LLC: half the LLC, where it is a level of its own (at least 4× the
+    L2); DRAM: `DRAM_CACHE_MULTIPLE` × the LLC, within ``budget_bytes``. A DRAM working set the budget
+    holds under that multiple is said in ``note``: its roof may then be read partly from cache."""
+    l2 = int(CACHE_SHARE * caches.l2_bytes)
+    llc = int(CACHE_SHARE * caches.llc_bytes) if caches.llc_bytes >= 4 * caches.l2_bytes else 0
+    wanted = max(DRAM_MIN_BYTES, DRAM_CACHE_MULTIPLE * caches.llc_bytes)
+    dram = min(wanted, budget_bytes)
+    note = ""
+    if dram < wanted:
+        note = (f"DRAM working set {_mib(dram)} held to the memory budget, under {DRAM_CACHE_MULTIPLE}x the "
+                f"{_mib(caches.llc_bytes)} LLC: its roof may be read partly from cache")
+    return WorkingSets(min(l2, budget_bytes), min(llc, budget_bytes), dram, note)
 
 
 def grown(probe: Callable[[int], Timed], target_s: float) -> Timed:
@@ -172,27 +301,83 @@ def grown(probe: Callable[[int], Timed], target_s: float) -> Timed:
         scale *= 2
 
 
-def measure_machine(device: str | torch.device, dtype: str | torch.dtype, threads: int, target_s: float = 0.05) -> MachineProbes:
-    """Peak compute and bandwidth on ``device`` in ``dtype`` with ``threads`` torch threads (0: leave as is)."""
+def _bandwidth(device: torch.device, dtype: torch.dtype, working_set: int) -> Timed | None:
+    if working_set <= 0:
+        return None
+    return max((copy_probe(device, dtype, working_set), triad_probe(device, dtype, working_set)),
+               key=lambda t: t.rate)
+
+
+def measure_machine(
+    device: str | torch.device, dtype: str | torch.dtype, threads: int, target_s: float = 0.05,
+    cap_bytes: int | None = None, environ: dict[str, str] | None = None,
+) -> MachineProbes:
+    """Peak compute and each level's bandwidth on ``device`` in ``dtype`` with ``threads`` torch threads
+    (0: leave as is)."""
     device = torch.device(device)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if threads > 0:
         torch.set_num_threads(threads)
+    caches = cache_sizes(device, torch.get_num_threads(), environ)
+    sets = working_sets(caches, memory_budget_bytes(device, cap_bytes))
     with torch.inference_mode():
         compute = [
             grown(lambda s: gemm_probe(device, dtype, s), target_s),
             grown(lambda s: depthwise_probe(device, dtype, s), target_s),
             grown(lambda s: dense_conv_probe(device, dtype, s), target_s),
         ]
-        buffer_bytes = stream_bytes(device)
-        bandwidth = [copy_probe(device, dtype, buffer_bytes), triad_probe(device, dtype, buffer_bytes)]
+        l2, llc, dram = (_bandwidth(device, dtype, size) for size in (sets.l2, sets.llc, sets.dram))
     best_compute = max(compute, key=lambda t: t.rate)
-    best_bandwidth = max(bandwidth, key=lambda t: t.rate)
-    described = "; ".join(f"{t.size}: {t.rate / 1e9:.1f} G/s" for t in (*compute, *bandwidth))
-    return MachineProbes(best_compute.rate, best_bandwidth.rate, f"{dtype}, {torch.get_num_threads()} threads; {described}")
+    described = "; ".join(
+        f"{label}{t.size}: {t.rate / 1e9:.1f} G/s"
+        for label, t in (*(("", t) for t in compute), ("L2 ", l2), ("LLC ", llc), ("DRAM ", dram)) if t is not None
+    )
+    caches_text = f"L2 {_mib(caches.l2_bytes)}, LLC {_mib(caches.llc_bytes)} ({caches.source})"
+    return MachineProbes(
+        peak_flops=best_compute.rate,
+        peak_bytes_per_s=dram.rate,
+        peak_bytes_per_s_l2=l2.rate if l2 else None,
+        peak_bytes_per_s_llc=llc.rate if llc else None,
+        l2_bytes=caches.l2_bytes or None,
+        llc_bytes=caches.llc_bytes or None,
+        method="; ".join(filter(None, [f"{dtype}, {torch.get_num_threads()} threads; {caches_text}; {described}",
+                                       sets.note])),
+    )
 
 
-@functools.lru_cache(maxsize=8)
-def machine_probes(device: str, dtype: str, threads: int) -> MachineProbes:
-    """`measure_machine` once per process and (device, dtype, threads): the points of a run share it."""
-    return measure_machine(device, dtype, threads)
+def probe_key(device: str, dtype: str, threads: int, environ: dict[str, str] | None = None) -> str:
+    """What a cached probe is valid for: the machine (host, device name with its instruction set),
+    dtype, threads, torch version and the LLC override."""
+    environ = os.environ if environ is None else environ
+    override = environ.get(LLC_OVERRIDE_ENV, "")
+    return "|".join([socket.gethostname(), device_name(device), dtype, str(threads), torch.__version__,
+                     f"llc={override}"])
+
+
+def machine_probes(
+    device: str, dtype: str, threads: int, mode: str = "cached", *, store: JsonStore | None = None,
+    cap_bytes: int | None = None, stream: TextIO | None = None, now: Callable[[], float] = time.time,
+) -> MachineProbes:
+    """The probes of this machine and settings: from the disk cache when ``mode`` is ``cached`` and an
+    entry younger than `MAX_AGE_S` is there, else measured (and cached); ``off``: none. A probe that fails
+    gives no probes and one warning line; it never stops the sweep."""
+    if mode == "off":
+        return MachineProbes.none()
+    store = store if store is not None else JsonStore("probes")
+    key = probe_key(device, dtype, threads)
+    entry = store.get(key) if mode == "cached" else None
+    if isinstance(entry, dict):
+        try:
+            if now() - float(entry["measured_at_s"]) < MAX_AGE_S:
+                cached = MachineProbes(**entry["probes"])
+                return MachineProbes(**{**asdict(cached), "method": f"{cached.method}; cached, measured {entry['measured_at']}"})
+        except (KeyError, TypeError, ValueError):
+            pass  # a foreign or older entry: measured again and replaced
+    try:
+        measured = measure_machine(device, dtype, threads, cap_bytes=cap_bytes)
+    except Exception as exc:  # a probe that fails must not stop the sweep
+        print(f"warning: the machine probes failed ({type(exc).__name__}: {exc}); rows carry no probes "
+              "and no roofline", file=stream or sys.stderr)
+        return MachineProbes.none()
+    store.put(key, {"probes": asdict(measured), "measured_at_s": now(), "measured_at": utc_now()})
+    return measured

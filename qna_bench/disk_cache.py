@@ -1,0 +1,60 @@
+"""A small JSON store on disk for what is measured once per machine and reused across runs (machine
+probes, QnA's tuned plans): ``$QNA_BENCH_CACHE_DIR``, by default ``~/.cache/qna_bench``.
+
+Each store is one JSON file mapping a key (a string that names everything the entry depends on) to an
+entry. Writes are atomic (a temporary file renamed over the old one), so a reader never sees half a file;
+a file that does not parse, or holds something else, reads as empty and is rewritten on the next put.
+Two processes that write at once may lose one entry, never corrupt the file: the loser measures again
+next time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+CACHE_DIR_ENV = "QNA_BENCH_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """``$QNA_BENCH_CACHE_DIR``, else ``~/.cache/qna_bench`` (``$XDG_CACHE_HOME`` respected)."""
+    configured = os.environ.get(CACHE_DIR_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "qna_bench"
+
+
+class JsonStore:
+    """One JSON file of entries by key."""
+
+    def __init__(self, name: str, folder: Path | None = None):
+        self.path = (folder if folder is not None else cache_dir()) / f"{name}.json"
+
+    def read(self) -> dict[str, Any]:
+        """Every entry; empty when the file is missing, unreadable or not a JSON object."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self, key: str) -> Any | None:
+        return self.read().get(key)
+
+    def put(self, key: str, entry: Any) -> None:
+        """Add or replace one entry (read, update, atomic rename). An unwritable folder is not an error:
+        the entry is then measured again next time."""
+        entries = self.read()
+        entries[key] = entry
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.stem}.", suffix=".tmp")
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                json.dump(entries, out, indent=1, sort_keys=True)
+            os.replace(temporary, self.path)
+        except OSError:
+            return
