@@ -17,10 +17,10 @@ def format_duration(seconds: float) -> str:
 class Progress:
     """Prints ``[i/n] label ... result | elapsed m:ss, ETA m:ss`` as each point finishes."""
 
-    def __init__(self, total: int, stream: TextIO = sys.stderr, clock=time.monotonic):
+    def __init__(self, total: int, stream: TextIO | None = None, clock=time.monotonic):
         self.total = total
         self.done = 0
-        self.stream = stream
+        self.stream = stream or sys.stderr
         self._clock = clock
         self._start = clock()
         self._label = ""

@@ -108,7 +108,7 @@ def run_sweep(
     resume: bool = True,
     memory_cap_bytes: int | None = None,
     cap_memory: bool = False,
-    stream: TextIO = sys.stderr,
+    stream: TextIO | None = None,
 ) -> SweepOutcome:
     """Measure every point ``settings.rounds`` times in a `PointWorker`, in `plan_rounds` order.
 
@@ -117,6 +117,7 @@ def run_sweep(
     (`qna_bench.identity.is_current`) with a final status is not measured again, and a current ``ok`` row
     with fewer rounds than asked for gets the rounds it lacks.
     """
+    stream = stream or sys.stderr  # looked up per call: a caller may have redirected it
     run_id = uuid.uuid4().hex[:12]
     count = settings.rounds
     keys = [point_identity(p.layer, p.problem, env, settings) for p in points]

@@ -66,13 +66,12 @@ def test_a_tiny_sweep_writes_every_row_and_its_figures(tmp_path):
 
 def test_rerunning_a_sweep_measures_nothing_new_and_resume_false_remeasures(tmp_path):
     args = ("layers=conv_dw", "windows=3", "modes=forward", *FAST, f"results_dir={tmp_path}", "plots=false")
-    assert run_cli(*args).returncode == 0
+    assert run_cli_in_process(*args, cwd=tmp_path)[0] == 0
     first = results.read_results(tmp_path / results.RESULTS_FILE)
-    again = run_cli(*args)
-    assert again.returncode == 0 and "1 of 1 points already" in again.stderr
+    code, stderr = run_cli_in_process(*args, cwd=tmp_path)
+    assert code == 0 and "1 of 1 points already" in stderr
     assert results.read_results(tmp_path / results.RESULTS_FILE).equals(first)
-    forced = run_cli(*args, "resume=false")
-    assert forced.returncode == 0
+    assert run_cli_in_process(*args, "resume=false", cwd=tmp_path)[0] == 0
     remeasured = results.read_results(tmp_path / results.RESULTS_FILE)
     assert len(remeasured) == 1 and remeasured.loc[0, "run_id"] != first.loc[0, "run_id"]
 
@@ -160,13 +159,13 @@ def test_bad_input_in_a_real_process_exits_2_with_one_line(tmp_path):
 
 def test_every_invalid_combination_is_reported_at_once_and_skip_invalid_runs_the_rest(tmp_path):
     args = ("layers=[conv_dw,conv_dense]", "windows=[2,3,4]", "modes=forward", *FAST, f"results_dir={tmp_path}", "plots=false")
-    refused = run_cli(*args)
-    assert refused.returncode == 2
-    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    code, stderr = run_cli_in_process(*args, cwd=tmp_path)
+    assert code == 2
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert sum("needs an odd window" in e for e in errors) == 4  # k=2 and k=4 for both layers
     assert not (tmp_path / results.RESULTS_FILE).exists()
-    done = run_cli(*args, "skip_invalid=true")
-    assert done.returncode == 0, done.stderr
+    code, stderr = run_cli_in_process(*args, "skip_invalid=true", cwd=tmp_path)
+    assert code == 0, stderr
     frame = results.read_results(tmp_path / results.RESULTS_FILE)
     assert sorted(frame["window"]) == [3, 3]
 
@@ -174,12 +173,11 @@ def test_every_invalid_combination_is_reported_at_once_and_skip_invalid_runs_the
 def test_a_foreign_parquet_at_the_results_path_is_refused_and_kept(tmp_path):
     target = tmp_path / results.RESULTS_FILE
     target.write_bytes(b"PAR1 definitely not ours")
-    done = run_cli("layers=conv_dw", "windows=3", *FAST, f"results_dir={tmp_path}")
-    assert done.returncode == 2
-    assert "refusing to touch it" in done.stderr
+    code, stderr = run_cli_in_process("layers=conv_dw", "windows=3", *FAST, f"results_dir={tmp_path}", cwd=tmp_path)
+    assert code == 2
+    assert "refusing to touch it" in stderr
     assert target.read_bytes() == b"PAR1 definitely not ours"
 
 
 def test_unknown_config_keys_are_bad_input_too(tmp_path):
-    done = run_cli("problem.colour=blue", f"results_dir={tmp_path}")
-    assert done.returncode == 2
+    assert run_cli_in_process("problem.colour=blue", f"results_dir={tmp_path}", cwd=tmp_path)[0] == 2

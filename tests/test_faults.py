@@ -138,8 +138,12 @@ def test_larger_windows_after_a_timeout_are_skipped_not_run(tmp_path):
 
 
 def _worker(serve=None) -> PointWorker:
+    """A measuring worker, or with ``serve`` a stand-in that gets no setup: its process then imports only
+    `fault_workers`, not torch, and starts in a fraction of a second."""
+    if serve is not None:
+        return PointWorker(None, serve)
     settings = MeasureSettings(threads=1, min_run_time_s=0.01, min_replicates=1, point_budget_s=None)
-    return PointWorker(WorkerSetup(("fault_layers",), settings, read_environment("cpu"), None, False), serve)
+    return PointWorker(WorkerSetup(("fault_layers",), settings, read_environment("cpu"), None, False))
 
 
 def test_a_point_stuck_in_native_code_is_killed_at_the_hard_limit_and_the_next_runs_in_a_fresh_worker(tiny_problem):
@@ -197,3 +201,50 @@ def test_the_layers_of_a_point_run_back_to_back_and_rotate_with_the_rounds(tmp_p
     frame = results.read_results(tmp_path / results.RESULTS_FILE)
     assert len(frame) == 6 and (frame["rounds"] == 2).all()
     assert all(len(m) == 2 for m in frame["round_medians_s"])
+
+
+def test_three_tiny_sweeps_started_at_once_on_a_machine_reporting_a_huge_cache_all_finish_ok(tmp_path):
+    """A VM that reports a 480 MiB L3 once made every worker hold 11 GiB to probe bandwidth, and parallel
+    sweeps died of it. Now each sweep probes once, within a share of the memory there is."""
+    env = {**_env(), "QNA_BENCH_LLC_BYTES": "480M", "QNA_BENCH_CACHE_DIR": str(tmp_path / "cache")}
+    folders = [tmp_path / f"sweep{i}" for i in range(3)]
+    processes = [
+        subprocess.Popen(_command("layers=[conv_dw]", "windows=3", "modes=forward", "measure.probes=fresh", *FAST,
+                                  f"results_dir={folder}"),
+                         env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for folder in folders
+    ]
+    errors = [process.communicate(timeout=300)[1] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0, 0], errors
+    for folder in folders:
+        row = results.read_results(folder / results.RESULTS_FILE).iloc[0]
+        assert row["status"] == "ok" and row["llc_bytes_probe"] == 480 * 2**20
+        assert row["peak_bytes_per_s_probe"] > 0 and "QNA_BENCH_LLC_BYTES" in row["probe_method"]
+
+
+RESIDENT_LIMIT = int(1.5 * 2**30)
+_RESIDENT_SCRIPT = """
+import resource, runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exit_:
+    assert not exit_.code, exit_.code
+print("resident", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+"""
+
+
+def test_a_tiny_sweep_and_its_worker_stay_under_one_and_a_half_gib_resident_while_probing(tmp_path):
+    """The sweep process probes the machine (fresh) and its worker measures QnA and the depthwise
+    convolution: neither holds more than 1.5 GiB at its peak (ru_maxrss; the worker is the sweep's
+    largest child)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _RESIDENT_SCRIPT, str(REPO / "run_bench.py"), "layers=[qna,conv_dw]", "windows=[3,5]",
+         "measure.probes=fresh", *FAST, f"results_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=300, env={**_env(), "QNA_BENCH_CACHE_DIR": str(tmp_path / "cache")},
+        cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sweep_bytes, worker_bytes = map(int, done.stdout.split("resident")[-1].split())
+    assert 0 < sweep_bytes < RESIDENT_LIMIT and 0 < worker_bytes < RESIDENT_LIMIT, (sweep_bytes, worker_bytes)
+    assert (results.read_results(tmp_path / results.RESULTS_FILE)["status"] == "ok").all()

@@ -258,7 +258,7 @@ def _acceptance_points() -> list[tuple[str, str, dict]]:
     return [p for p in points if get_layer(p[0]).unsupported_reason(Problem(mode=p[1], **p[2])) is None]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per process: a module scope ran it again whenever xdist interleaved modules
 def resident_growth() -> list[tuple[tuple[str, str, dict], int, int]]:
     """(reported peak, resident growth) per point, from one fresh process. glibc is told to hand blocks of
     64 KiB or more straight back to the system and to trim its heap on every free (so the high-water mark

@@ -31,7 +31,7 @@ def _job_rows(sweep_dir: Path) -> set[str]:
     return keys
 
 
-def test_a_two_job_multirun_merges_to_exactly_the_union(tmp_path):
+def test_a_two_job_multirun_merges_to_exactly_the_union_and_a_rerun_measures_nothing_new(tmp_path):
     done = _multirun(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     merged = results.read_results(tmp_path / results.RESULTS_FILE)
@@ -39,15 +39,10 @@ def test_a_two_job_multirun_merges_to_exactly_the_union(tmp_path):
     assert set(merged["point_key"]) == _job_rows(tmp_path)
     assert set(zip(merged["layer"], merged["window"])) == {(a, k) for a in ("conv_dw", "conv_dense") for k in (3, 5)}
     assert (tmp_path / "latency.png").stat().st_size > 0
-
-
-def test_rerunning_the_sweep_into_its_folder_measures_nothing_new(tmp_path):
-    assert _multirun(tmp_path).returncode == 0
-    first = results.read_results(tmp_path / results.RESULTS_FILE)
     again = _multirun(tmp_path, "plots=false")
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("2 of 2 points already") == 2
-    assert results.read_results(tmp_path / results.RESULTS_FILE).equals(first)
+    assert results.read_results(tmp_path / results.RESULTS_FILE).equals(merged)
 
 
 @pytest.mark.slow
