@@ -21,6 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from qna_bench import results
 from qna_bench.environment import read_environment
 from qna_bench.problem import MODES, Problem
+from qna_bench.qna import TUNES
 from qna_bench.registry import LayerSpec, list_layers, resolve_layers
 from qna_bench.runner import (
     MeasureSettings,
@@ -142,6 +143,12 @@ def _flag(value: Any, field_name: str) -> bool:
     return value
 
 
+def _qna_tune(value: Any) -> str:
+    if value not in TUNES:
+        raise BadInput([f"qna.tune={value!r}: allowed values are {', '.join(TUNES)}"])
+    return value
+
+
 def _settings(cfg: DictConfig) -> tuple[MeasureSettings, int | None]:
     measure = cfg.measure
     threads = _number(measure.threads, "measure.threads", allow_zero=True)
@@ -166,6 +173,7 @@ def _settings(cfg: DictConfig) -> tuple[MeasureSettings, int | None]:
         rounds=int(rounds),
         profile_dir=results_dir(cfg) if _flag(measure.profile, "measure.profile") else None,
         cudnn_benchmark=_flag(measure.cudnn_benchmark, "measure.cudnn_benchmark"),
+        qna_tune=_qna_tune(cfg.qna.tune),
     )
     return settings, int(cap_gib * 2**30) if cap_gib else None
 
