@@ -171,6 +171,7 @@ class QnA(nn.Module):
                 f"x.shape[-1]={x.shape[-1]}: QnA was built for in_channels={self.in_channels} (input is (B, H, W, C))"
             )
 
+    @torch.compiler.disable  # Python bookkeeping on shapes, run eagerly under torch.compile
     def _choose(self, packed: Tensor, train: bool) -> PlanChoice:
         """The plan of this call's key: forced, chosen earlier by this module, or from `choose_plan`."""
         if self.plan is not None:
