@@ -46,6 +46,7 @@ from qna_bench.analysis import (
     with_roles,
 )
 from qna_bench.analysis import missing as _missing
+from qna_bench.qna.plans import PASSES
 from qna_bench.results import STATUSES, read_results
 
 REPORT_FILE = "report.md"
@@ -191,7 +192,8 @@ def _plan_of(flags: object) -> tuple[str, str, bool] | None:
     plan = record.get("plan")
     if not isinstance(plan, dict):
         return "not recorded", "", False
-    passes = ", ".join(f"{p} {form}" for p, form in plan.items() if p != "fft_chunk_bytes" and form != "direct")
+    order = sorted(plan, key=lambda p: (PASSES.index(p) if p in PASSES else len(PASSES), p))
+    passes = ", ".join(f"{p} {plan[p]}" for p in order if p != "fft_chunk_bytes" and plan[p] != "direct")
     name = str(record.get("plan_name", "?"))
     return (f"{name} ({passes})" if passes else name), str(record.get("plan_source", "")), bool(
         record.get("plan_fell_back"))
