@@ -159,13 +159,16 @@ def cache_files(folder: Path) -> list[Path]:
 
 
 def test_the_tuner_picks_the_cheaper_candidate_and_caches_it(qna_plan_cache: Path) -> None:
-    timer = StubTimer({"fft_backward": 0.2, "padded": 0.5})
+    """First the forward's forms by forward calls (direct, padded, fft: a tie keeps the first), then
+    the backward's among the plans that share the winning forward (direct, fft_kernel_grads,
+    fft_backward)."""
+    timer = StubTimer({"fft_backward": 0.2, "fft_kernel_grads": 0.5})
     module = tuned_module(timer)
     train_call(module)
     flags = module.plan_flags()
     assert flags["plan_name"] == "fft_backward" and flags["plan_source"] == "tuned"
     assert flags["plan"]["numerator_grads"] == "fft" and flags["tune_seconds"] >= 0
-    assert set(timer.calls) == {p.name for p in candidate_plans("cpu", 5, 1, train=True)}
+    assert set(timer.calls) == {"direct", "padded", "fft", "fft_kernel_grads", "fft_backward"}
     (entry,) = [json.loads(f.read_text()) for f in cache_files(qna_plan_cache)]
     assert entry["plan"] == "fft_backward" and entry["key"]["mode"] == "train" and entry["key"]["window"] == 5
 
@@ -190,7 +193,7 @@ def test_a_changed_key_tunes_again_and_a_seen_key_does_not(qna_plan_cache: Path)
 def test_the_cache_survives_a_new_process(qna_plan_cache: Path) -> None:
     """A subprocess on the same cache folder gets the stub's winner (the real timer would not pick it
     reliably) from the cache, without timing."""
-    module = tuned_module(StubTimer({"padded_fft_kernel_grads": 0.1}))
+    module = tuned_module(StubTimer({"padded": 0.5, "padded_fft_kernel_grads": 0.1}))
     train_call(module)
     assert module.plan_flags()["plan_name"] == "padded_fft_kernel_grads"
     script = (
@@ -221,6 +224,15 @@ def test_a_corrupt_or_foreign_cache_file_is_ignored_and_rewritten(qna_plan_cache
     assert json.loads(path.read_text())["plan"] == "fft_kernel_grads"
 
 
+def test_the_forward_winner_bounds_the_train_candidates(qna_plan_cache: Path) -> None:
+    """A forward won by the FFT numerators leaves one train candidate sharing it (fft): no train call."""
+    timer = StubTimer({"fft": 0.1, "fft_backward": 0.01})
+    module = tuned_module(timer)
+    train_call(module)
+    assert module.plan_flags()["plan_name"] == "fft" and set(timer.calls) == {"direct", "padded", "fft"}
+    assert [label.split()[0] for label, _ in module.plan_choice.timings_s] == ["forward"] * 3
+
+
 def test_tune_off_takes_the_default_plan_without_timing(qna_plan_cache: Path) -> None:
     timer = StubTimer()
     module = tuned_module(timer, window=7, tune="off")
@@ -233,7 +245,7 @@ def test_tune_off_takes_the_default_plan_without_timing(qna_plan_cache: Path) ->
 
 def test_tune_always_times_again_despite_the_cache(qna_plan_cache: Path) -> None:
     train_call(tuned_module(StubTimer({"fft": 0.1})))
-    timer = StubTimer({"padded": 0.1})
+    timer = StubTimer({"padded": 0.1})  # forward: padded; then padded against padded_fft_kernel_grads
     module = tuned_module(timer, tune="always")
     train_call(module)
     assert timer.calls and module.plan_flags()["plan_name"] == "padded"

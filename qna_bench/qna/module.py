@@ -22,7 +22,17 @@ from qna_bench.qna.official import load_official_params
 from qna_bench.qna.plans import Plan, get_plan, plan_names
 from qna_bench.qna.reference import qna_attention_reference
 from qna_bench.qna.shapes import STRIDES
-from qna_bench.qna.tuning import TUNES, PlanChoice, PlanKey, Timer, Tune, choose_plan, plan_key, time_call
+from qna_bench.qna.tuning import (
+    TUNES,
+    CallWith,
+    PlanChoice,
+    PlanKey,
+    Timer,
+    Tune,
+    choose_plan,
+    plan_key,
+    time_call,
+)
 
 Impl = Literal["fast", "reference"]
 IMPLS: tuple[str, ...] = ("fast", "reference")
@@ -180,19 +190,19 @@ class QnA(nn.Module):
         remembered = self._choices.get((key, self.plan, self.tune))
         if remembered is None:
             remembered = choose_plan(
-                key, packed.device, self.stride, train, self.tune, self._timed_call(packed, train), self.timer
+                key, packed.device, self.stride, train, self.tune, self._timed_call(packed), self.timer
             )
             self._choices[(key, self.plan, self.tune)] = remembered
         return remembered
 
-    def _timed_call(self, packed: Tensor, train: bool) -> Callable[[Plan], Callable[[], None]]:
-        """``call_with(plan)``: one call of the core on copies of this call's inputs, forward only or
-        forward and backward (with a fixed random output gradient), as the call itself will run."""
+    def _timed_call(self, packed: Tensor) -> CallWith:
+        """``call_with(plan, train)``: one call of the core on copies of this call's inputs, forward only
+        or forward and backward (with a fixed random output gradient)."""
         inputs = packed.detach()
         params = [p.detach().requires_grad_(p.requires_grad) for p in (self.rpe_bias, self.query_mixing)]
         grads: list[Tensor] = []
 
-        def call_with(plan: Plan) -> Callable[[], None]:
+        def call_with(plan: Plan, train: bool) -> Callable[[], None]:
             def call() -> None:
                 if not train:
                     with torch.no_grad():

@@ -32,14 +32,19 @@ TUNES: tuple[str, ...] = get_args(Tune)
 PlanSource = Literal["tuned", "cache", "default", "forced"]
 CACHE_ENV = "QNA_BENCH_CACHE_DIR"
 CACHE_SUBDIR = "qna-plans"
-# Timing: per candidate one warm call (its first call pays for its own allocations, FFT descriptors
-# and oneDNN primitives) and one timed call; the candidates within this factor of the best get one more,
-# and the best single call wins. A QnA(128, 128, 4) train step at B=8, 56x56 on a 2-core CPU takes
-# 0.1-0.4 s, so a key with several candidates costs a few seconds once per machine, then the cache.
-RECHECK_FACTOR = 1.25
+# Timing, in two stages: the forward passes' forms by forward calls (cheap), then, in train mode, the
+# backward's among the plans that share the forward's winning forms, by forward and backward calls.
+# Each stage: one warm call, one timed call per candidate, one more for those within this factor of
+# the best; the best single call wins. A QnA(128, 128, 4) forward at B=8, 56x56 on a 2-core CPU takes
+# 0.05-0.15 s and a train step 0.15-0.4 s: a key costs 0.5 s (forward) to 2 s (train) once per
+# machine, then the cache.
+RECHECK_FACTOR = 1.15
 
 # One call of a candidate in seconds: ``timer(plan, call)``. Tests stub it.
 Timer = Callable[[Plan, Callable[[], None]], float]
+# ``call_with(plan, train)``: one call of the layer at the key's shape with ``plan``, forward only
+# (``train=False``) or forward and backward.
+CallWith = Callable[[Plan, bool], Callable[[], None]]
 
 
 def time_call(plan: Plan, call: Callable[[], None]) -> float:
@@ -157,23 +162,39 @@ def write_cached(key: PlanKey, choice: PlanChoice) -> None:
         pass
 
 
-def time_plans(
-    candidates: list[Plan], train: bool, call_with: Callable[[Plan], Callable[[], None]], timer: Timer
+def time_plans(candidates: list[Plan], calls: list[Callable[[], None]], timer: Timer) -> list[float]:
+    """The best time of each candidate's ``call`` (one warm call, then `RECHECK_FACTOR`)."""
+    timer(candidates[0], calls[0])  # warm: the first call of a shape pays for allocations
+    best = [timer(plan, call) for plan, call in zip(candidates, calls)]
+    fastest = min(best)
+    for i, (plan, call) in enumerate(zip(candidates, calls)):
+        if best[i] <= RECHECK_FACTOR * fastest:
+            best[i] = min(best[i], timer(plan, call))
+    return best
+
+
+def tune_plan(
+    device: torch.device, window: int, stride: int, train: bool, call_with: CallWith, timer: Timer
 ) -> PlanChoice:
-    """Time ``candidates`` (`RECHECK_FACTOR`) with ``call_with(plan)`` making one call; the fastest."""
+    """Time the candidates of a call in two stages (see `RECHECK_FACTOR`) and return the fastest."""
     started = time.perf_counter()
-    calls = {plan.name: call_with(plan) for plan in candidates}
-    best = {}
-    for plan in candidates:
-        timer(plan, calls[plan.name])  # warm
-        best[plan.name] = timer(plan, calls[plan.name])
-    fastest = min(best.values())
-    for plan in candidates:
-        if best[plan.name] <= RECHECK_FACTOR * fastest:
-            best[plan.name] = min(best[plan.name], timer(plan, calls[plan.name]))
-    winner = min(candidates, key=lambda plan: best[plan.name])
-    timings = tuple((plan.name, best[plan.name]) for plan in candidates)
-    return PlanChoice(winner, train, "tuned", time.perf_counter() - started, timings)
+    timings: list[tuple[str, float]] = []
+    forward = candidate_plans(device, window, stride, train=False)
+    winner = forward[0]
+    if len(forward) > 1:
+        best = time_plans(forward, [call_with(plan, False) for plan in forward], timer)
+        winner = forward[best.index(min(best))]
+        timings += [(f"forward {plan.name}", t) for plan, t in zip(forward, best)]
+    if train:
+        shared = [p for p in candidate_plans(device, window, stride, train=True)
+                  if p.resolved(stride, False).forms == winner.forms]
+        winner = shared[0]
+        if len(shared) > 1:
+            best = time_plans(shared, [call_with(plan, True) for plan in shared], timer)
+            winner = shared[best.index(min(best))]
+            timings += [(f"train {plan.name}", t) for plan, t in zip(shared, best)]
+    seconds = time.perf_counter() - started if timings else 0.0
+    return PlanChoice(winner, train, "tuned", seconds, tuple(timings))
 
 
 def choose_plan(
@@ -182,7 +203,7 @@ def choose_plan(
     stride: int,
     train: bool,
     tune: str,
-    call_with: Callable[[Plan], Callable[[], None]],
+    call_with: CallWith,
     timer: Timer = time_call,
 ) -> PlanChoice:
     """The plan for ``key`` under the ``tune`` setting; times candidates with ``call_with`` on a miss."""
@@ -194,10 +215,6 @@ def choose_plan(
         cached = read_cached(key, device, train, stride)
         if cached is not None:
             return PlanChoice(cached, train, "cache")
-    candidates = candidate_plans(device, key.window, stride, train)
-    if len(candidates) == 1:
-        choice = PlanChoice(candidates[0], train, "tuned")
-    else:
-        choice = time_plans(candidates, train, call_with, timer)
+    choice = tune_plan(device, key.window, stride, train, call_with, timer)
     write_cached(key, choice)
     return choice
