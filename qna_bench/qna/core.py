@@ -5,6 +5,7 @@ the form of each pass; the FFT passes run only where the data let an FFT resolve
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -216,7 +217,7 @@ class _QnAAttention(torch.autograd.Function):
 
 def _without_fft(plan: Plan) -> Plan:
     """``plan`` with its FFT passes direct: what a call runs where the data do not resolve an FFT."""
-    return Plan(plan.name, plan.devices, plan.convolutions, fft_chunk_bytes=plan.fft_chunk_bytes)
+    return dataclasses.replace(plan, numerators="direct", numerator_grads="direct", kernel_grads="direct")
 
 
 def _unpack(packed: Tensor, rpe_bias: Tensor) -> tuple[Tensor, Tensor]:
