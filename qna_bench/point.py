@@ -1,4 +1,5 @@
-"""Measures one sweep point: build → first call (on CPU: the memory pass) → FLOPs → latency → row.
+"""Measures one sweep point: build → prepare (a layer's own choices, such as QnA's plan) → first call
+(on CPU: the memory pass) → FLOPs → latency → row.
 
 The worker process runs `run_point`; whatever goes wrong becomes the row's status and reason. The
 sweep loop (`qna_bench.runner`) decides which points run and in what order.

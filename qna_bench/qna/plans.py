@@ -140,8 +140,8 @@ DEFAULT_FFT_KERNEL_GRAD_WINDOW = 7
 def default_plan(device: str | torch.device, window: int, stride: int, train: bool) -> Plan:
     """The plain choice of ``tune="off"``, the same on every machine: direct everywhere, the kernel
     gradients as FFTs from `DEFAULT_FFT_KERNEL_GRAD_WINDOW` where the device has that plan."""
-    names = available_plans(device)
-    name = "fft_kernel_grads" if window >= DEFAULT_FFT_KERNEL_GRAD_WINDOW and "fft_kernel_grads" in names else "direct"
+    fft = train and window >= DEFAULT_FFT_KERNEL_GRAD_WINDOW and "fft_kernel_grads" in available_plans(device)
+    name = "fft_kernel_grads" if fft else "direct"
     return get_plan(name, device).resolved(stride, train)
 
 
