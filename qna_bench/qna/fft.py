@@ -14,8 +14,8 @@ from torch import Tensor
 # one's to each window's own sum. So the FFT paths (numerators and kernel gradients) run only where
 # every image's denominators lie within this ratio of their max, per query and head (the error of an
 # output pixel grows as the image's largest denominator over its own); elsewhere the direct paths run.
-# In fp32 the FFT convolution's error is ~4e-7 of the image's largest value (measured on the AVX2 EPYC), so 2^-6
-# keeps it near 2.5e-5 of the output's scale. Random inputs at init spread their logits by ~1.5 and
+# In fp32 the FFT convolution's error is ~4e-7 of the image's largest value (measured on the AVX2 EPYC),
+# so 2^-6 keeps it near 2.5e-5 of the output's scale. Random inputs at init spread their logits by ~1.5 and
 # pass; a window ~4 below its image's max does not.
 FFT_RESOLVED_RATIO: dict[torch.dtype, float] = {torch.float32: 2.0**-6, torch.float64: 2.0**-12}
 
