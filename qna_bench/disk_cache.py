@@ -46,15 +46,23 @@ class JsonStore:
         return self.read().get(key)
 
     def put(self, key: str, entry: Any) -> None:
-        """Add or replace one entry (read, update, atomic rename). An unwritable folder is not an error:
-        the entry is then measured again next time."""
+        """Add or replace one entry (read, update, atomic rename)."""
         entries = self.read()
         entries[key] = entry
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.stem}.", suffix=".tmp")
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                json.dump(entries, out, indent=1, sort_keys=True)
-            os.replace(temporary, self.path)
-        except OSError:
-            return
+        write_json_atomic(self.path, entries)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """``data`` as JSON at ``path``: written to a temporary file beside it and renamed over the old one.
+    An unwritable folder (a read-only home) is not an error: what it held is measured again next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    except OSError:
+        return
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(data, out, indent=1, sort_keys=True)
+        os.replace(temporary, path)
+    except OSError:
+        Path(temporary).unlink(missing_ok=True)

@@ -26,6 +26,8 @@ from qna_bench.problem import Problem
 WRAPPED_LIBRARIES = ("torch", "timm", "natten")
 # Harness modules every layer imports: an edit there is not an edit of one layer.
 HARNESS_MODULES = frozenset({"qna_bench.registry", "qna_bench.problem"})
+# Harness subpackages: a layer brings the modules of theirs it imports, not the whole package.
+HARNESS_PACKAGES = frozenset({"qna_bench.measure"})
 # Environment fields that change a timing (the others, e.g. hostname, only describe the run).
 ENVIRONMENT_KEY_FIELDS = ("device_name", "torch_version")
 # Settings a row's numbers do not depend on, so they do not make a row stale. A `timeout` or `skipped`
@@ -71,10 +73,26 @@ def _modules_used(module: Any) -> set[str]:
     return names
 
 
+def _subpackage(name: str) -> str | None:
+    """The package holding module ``name`` when that is a subpackage (``qna_bench.qna`` for
+    ``qna_bench.qna.core``), not a top-level one such as ``qna_bench`` or ``baselines``."""
+    parent = name.rpartition(".")[0]
+    if "." not in parent or parent in HARNESS_PACKAGES or parent not in sys.modules:
+        return None
+    return parent
+
+
+def _package_sources(name: str, module: Any) -> dict[str, bytes]:
+    """Every source file of package ``name``'s folder, its subfolders included, keyed by path."""
+    folder = Path(module.__file__).parent
+    return {f"{name}/{path.relative_to(folder)}": path.read_bytes() for path in sorted(folder.rglob("*.py"))}
+
+
 @functools.cache
 def module_code_version(module_name: str) -> str:
     """A hash of the source of ``module_name`` and of the project modules it imports, transitively (not
-    the harness), plus the versions of the wrapped libraries any of them imports."""
+    the harness), plus the versions of the wrapped libraries any of them imports. A module of a
+    subpackage (the QnA layer's ``qna_bench.qna``) brings every file of that package."""
     sources: dict[str, bytes] = {}
     libraries: set[str] = set()
     pending = [module_name]
@@ -84,6 +102,11 @@ def module_code_version(module_name: str) -> str:
             continue
         module = sys.modules[name]
         sources[name] = Path(module.__file__).read_bytes()
+        if hasattr(module, "__path__") and "." in name:
+            sources.update(_package_sources(name, module))
+        package = _subpackage(name)
+        if package is not None and package not in sources and _is_project_module(package):
+            pending.append(package)
         for used in _modules_used(module):
             root = used.split(".")[0]
             if root in WRAPPED_LIBRARIES:

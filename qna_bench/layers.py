@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from qna_bench.measure.traffic import traffic_bytes
 from qna_bench.problem import Problem
-from qna_bench.qna import (
-    STRIDES,
-    QnA,
-    convolution_window,
-    fft_lengths,
-    uses_fft_convolutions,
-    uses_fft_weight_grad,
-)
+from qna_bench.qna import STRIDES, Plan, QnA, convolution_window, default_plan, fft_lengths
 from qna_bench.registry import register_layer
 
 NUM_QUERIES = 2  # the released models' default
@@ -42,23 +36,32 @@ def _fft_c2r_flops(x_shape, dim, *args, out_shape=None, **kwargs) -> int:
 QNA_FLOP_FORMULAS = {torch.ops.aten._fft_r2c: _fft_r2c_flops, torch.ops.aten._fft_c2r: _fft_c2r_flops}
 
 
-def qna_flops(problem: Problem, num_queries: int = NUM_QUERIES) -> int:
-    """2 × multiply-adds of QnA's projections and direct windowed sums, plus the real FFTs of the paths
-    the fast form takes on this device (`uses_fft_convolutions`, `uses_fft_weight_grad`); element-wise
-    work (the spectra's products included) is not counted.
+def _resolved(problem: Problem, plan: Plan | None) -> Plan:
+    """``plan`` (or the machine-independent `default_plan`) as a call of this problem runs it."""
+    train = problem.mode == "train"
+    if plan is None:
+        return default_plan(problem.device, problem.window, problem.stride, train)
+    return plan.resolved(problem.stride, train)
 
-    Counts what the fast form runs, as `FlopCounterMode` with `QNA_FLOP_FORMULAS` counts it, on data
-    that the FFT resolves (`FFT_RESOLVED_RATIO`; random inputs do): direct convolutions at
+
+def qna_flops(problem: Problem, num_queries: int = NUM_QUERIES, plan: Plan | None = None) -> int:
+    """2 × multiply-adds of QnA's projections and direct windowed sums, plus the real FFTs of the passes
+    ``plan`` runs as FFTs (None: `default_plan`); element-wise work (the spectra's products included)
+    is not counted.
+
+    Counts what the fast form runs with that plan, as `FlopCounterMode` with `QNA_FLOP_FORMULAS` counts
+    it, on data that the FFT resolves (`FFT_RESOLVED_RATIO`; random inputs do): direct convolutions at
     `convolution_window` (the zero taps of a padded kernel included). Numerators on the FFT path: per
     query, forward a real FFT and an inverse of each of the B·F products E·V plus one FFT of each head's
     kernel; backward four per product (E·V, the output gradient, and two inverses) plus each head's
     kernel spectrum again and the inverse of its batch-summed kernel-gradient spectrum. Direct path in
     train mode: every product's input and kernel gradients, plus the numerators recomputed. Kernel
-    gradients on the FFT path (`uses_fft_weight_grad`): per query, real FFTs of the B·(F+h) products and
+    gradients on the FFT path (``plan.kernel_grads``): per query, real FFTs of the B·(F+h) products and
     output gradients and the inverses of the F+h batch-summed spectra.
     """
+    plan = _resolved(problem, plan)
     b, c, heads, k = problem.batch, problem.channels, problem.heads, problem.window
-    conv_k = convolution_window(problem.device, k, problem.stride)  # the kernel gradients stay at k
+    conv_k = convolution_window(k, problem.stride, plan.convolutions)  # the kernel gradients stay at k
     out_h, out_w = problem.output_hw
     pixels, out_pixels = b * problem.height * problem.width, b * out_h * out_w
     linear = (
@@ -69,15 +72,15 @@ def qna_flops(problem: Problem, num_queries: int = NUM_QUERIES) -> int:
     )
     numerators, denominators = (out_pixels * num_queries * ch * conv_k**2 for ch in (c, heads))
     points = math.prod(fft_lengths(problem.height, problem.width, k))
-    fft_numerators = uses_fft_convolutions(problem.device, k, problem.stride, "forward")
+    fft_numerators = plan.numerators == "fft"
     flops = 2 * (linear + denominators)
     flops += real_fft_flops(num_queries * (2 * b * c + heads), points) if fft_numerators else 2 * numerators
     if problem.mode != "train":
         return flops
     # input and weight gradients of the linears; the denominators' input gradient
     flops += 2 * (2 * linear + denominators)
-    fft_weight_grad = uses_fft_weight_grad(problem.device, k, problem.stride)
-    if uses_fft_convolutions(problem.device, k, problem.stride, "backward"):
+    fft_weight_grad = plan.kernel_grads == "fft"
+    if plan.numerator_grads == "fft":
         flops += real_fft_flops(num_queries * (4 * b * c + 2 * heads), points)
         kernel_grad_channels = heads  # the numerators' kernel gradients came with their spectra
     else:
@@ -124,8 +127,28 @@ def _build(problem: Problem, impl: str) -> nn.Module:
     )
 
 
+def _prepare(module: nn.Module, x: torch.Tensor, problem: Problem, settings: Any) -> None:
+    """The fast form chooses its plan under ``qna.tune`` (``settings.qna_tune``) before the first call."""
+    module.tune = settings.qna_tune
+    if module.impl == "fast":
+        module.choose_plan(x, train=problem.mode == "train")
+
+
 def _flags(module: nn.Module, problem: Problem) -> dict:
-    return {"impl": module.impl, "num_queries": module.num_queries, "normalize_queries": module.normalize_queries}
+    """The form and its queries; for the fast form its plan (`QnA.plan_flags`): ``plan``, ``plan_name``,
+    ``plan_source``, ``tune_seconds``, ``plan_fell_back``."""
+    return {
+        "impl": module.impl,
+        "num_queries": module.num_queries,
+        "normalize_queries": module.normalize_queries,
+        **({"tune": module.tune, **module.plan_flags()} if module.impl == "fast" else {}),
+    }
+
+
+def _cost_args(module: nn.Module) -> dict[str, Any]:
+    """The closed forms count the plan the fast form chose."""
+    choice = getattr(module, "plan_choice", None)
+    return {"plan": choice.plan} if module.impl == "fast" and choice is not None else {}
 
 
 def _qna_reads(problem: Problem, num_queries: int) -> dict[str, int]:
@@ -138,10 +161,13 @@ def _qna_reads(problem: Problem, num_queries: int) -> dict[str, int]:
     )
 
 
-def qna_bytes(problem: Problem, num_queries: int = NUM_QUERIES) -> int:
+def qna_bytes(problem: Problem, num_queries: int = NUM_QUERIES, plan: Plan | None = None) -> int:
     """Bytes the fast form moves: values and scores packed (B, H, W, C + Nq·h), exp(scores), the
     denominator (B, H', W', Nq·h), per query the weighted values (B, H, W, C) and the numerator
-    (B, H', W', C), and z (B, H', W', C) written and read back; the output written."""
+    (B, H', W', C), and z (B, H', W', C) written and read back; the output written.
+
+    The same for every CPU ``plan``: an FFT pass keeps its spectra in chunks sized for the cache
+    (``Plan.fft_chunk_bytes``) and moves the same tensors as the direct one."""
     c, heads = problem.channels, problem.heads
     out_h, out_w = problem.output_hw
     pixels, out_pixels = problem.batch * problem.height * problem.width, problem.batch * out_h * out_w
@@ -191,6 +217,7 @@ _QNA = dict(
     unsupported=_unsupported,
     flags=_flags,
     flop_formulas=QNA_FLOP_FORMULAS,
+    cost_args=_cost_args,
 )
 
 
@@ -201,6 +228,7 @@ _QNA = dict(
     description="QnA, fast form (the layer under test), 2 learned queries",
     analytic_flops=qna_flops,
     analytic_bytes=qna_bytes,
+    prepare=_prepare,
     **_QNA,
 )
 def build_qna(problem: Problem) -> nn.Module:
@@ -214,6 +242,7 @@ def build_qna(problem: Problem) -> nn.Module:
     description="QnA, naive reference form (unfolded windows), same parameters as qna",
     analytic_flops=qna_reference_flops,
     analytic_bytes=qna_reference_bytes,
+    prepare=_prepare,
     **_QNA,
 )
 def build_qna_reference(problem: Problem) -> nn.Module:

@@ -1,4 +1,5 @@
-"""Measures one sweep point: build → first call (on CPU: the memory pass) → FLOPs → latency → row.
+"""Measures one sweep point: build → prepare (a layer's own choices, such as QnA's plan) → first call
+(on CPU: the memory pass) → FLOPs → latency → row.
 
 The worker process runs `run_point`; whatever goes wrong becomes the row's status and reason. The
 sweep loop (`qna_bench.runner`) decides which points run and in what order.
@@ -51,6 +52,8 @@ class MeasureSettings:
     cudnn_benchmark: bool = True
     # The machine probes: `cached` (from the disk cache when fresh), `fresh` (measured now) or `off`.
     probes: str = "cached"
+    # qna.tune: how QnA's fast form chooses its plan (cached, always, off); see `qna_bench.qna.tuning`.
+    qna_tune: str = "cached"
 
 
 @dataclass(frozen=True)
@@ -176,11 +179,13 @@ def run_point(
             torch.set_num_threads(settings.threads)
             module = layer.build(problem)
             row["params"] = count_parameters(module)
-            if layer.analytic_flops is not None:
-                row["flops_analytic"] = int(layer.analytic_flops(problem))
-            if layer.analytic_bytes is not None:
-                row["bytes_analytic"] = int(layer.analytic_bytes(problem))
             x = problem.make_input(layer.layout)
+            if layer.prepare is not None:  # before the first call: no choosing inside a measurement
+                layer.prepare(module, x, problem, settings)
+            if layer.analytic_flops is not None:
+                row["flops_analytic"] = layer.closed_form_flops(problem, module)
+            if layer.analytic_bytes is not None:
+                row["bytes_analytic"] = layer.closed_form_bytes(problem, module)
             step = PointStep(module, x, problem)
             row["first_call_s"], memory = _first_call(step, problem.torch_device, track_memory, layer.compiles)
             row["base_bytes"] = step.base_bytes
@@ -239,6 +244,8 @@ def warm_up_process(point: SweepPoint, settings: MeasureSettings, calls: int = 3
         with PointBudget(time_limits(settings.point_budget_s).first_call_s).alarm():
             torch.set_num_threads(settings.threads)
             step = PointStep(point.layer.build(point.problem), point.problem.make_input(point.layer.layout), point.problem)
+            if point.layer.prepare is not None:
+                point.layer.prepare(step.module, step.x, point.problem, settings)
             for _ in range(calls):
                 step()
     except Exception:  # noqa: BLE001 - the point itself will run again and report what went wrong

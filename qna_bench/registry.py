@@ -74,6 +74,13 @@ class LayerSpec:
     analytic_flops: Callable[[Problem], int] | None = None
     # Closed-form bytes one call moves at minimum (`qna_bench.measure.traffic`), for the roofline.
     analytic_bytes: Callable[[Problem], int] | None = None
+    # Once per point, after the build and before the first call, outside every measurement:
+    # ``prepare(module, x, problem, settings)`` lets a layer that chooses among its own paths choose
+    # (QnA: its plan, under the ``qna.tune`` setting), as cuDNN's benchmark mode does in its first call.
+    prepare: Callable[[nn.Module, torch.Tensor, Problem, Any], None] | None = None
+    # Keyword arguments the closed forms take from the prepared module (QnA: the plan it chose), so
+    # that they count what the layer runs: see `closed_form_flops`.
+    cost_args: Callable[[nn.Module], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -117,6 +124,21 @@ class LayerSpec:
         if problem.mode != "train":
             module.requires_grad_(False)
         return module
+
+    def closed_form_flops(self, problem: Problem, module: nn.Module | None = None) -> int | None:
+        """`analytic_flops` of ``problem`` for the paths ``module`` (built and prepared) chose."""
+        if self.analytic_flops is None:
+            return None
+        return int(self.analytic_flops(problem, **self._cost_args(module)))
+
+    def closed_form_bytes(self, problem: Problem, module: nn.Module | None = None) -> int | None:
+        """`analytic_bytes` of ``problem`` for the paths ``module`` (built and prepared) chose."""
+        if self.analytic_bytes is None:
+            return None
+        return int(self.analytic_bytes(problem, **self._cost_args(module)))
+
+    def _cost_args(self, module: nn.Module | None) -> dict[str, Any]:
+        return self.cost_args(module) if module is not None and self.cost_args is not None else {}
 
     def layer_flags(self, module: nn.Module, problem: Problem) -> dict[str, Any]:
         return dict(self.flags(module, problem)) if self.flags is not None else {}

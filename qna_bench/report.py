@@ -9,6 +9,7 @@ The same parquet always gives the same bytes.
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -45,7 +46,7 @@ from qna_bench.analysis import (
     with_roles,
 )
 from qna_bench.analysis import missing as _missing
-from qna_bench.qna import tuned_thresholds
+from qna_bench.qna.plans import PASSES
 from qna_bench.results import STATUSES, read_results
 
 REPORT_FILE = "report.md"
@@ -180,17 +181,46 @@ def timing_warnings(data: pd.DataFrame) -> list[str]:
 # Sections
 
 
-def _tuning_text() -> str:
-    """Where QnA's machine-dependent choices (FFT kernel gradients and convolutions, padded windows) were
-    tuned: on another machine its speed may be off its best."""
-    tuned = tuned_thresholds()
-    fft = ", ".join(f"stride {s}: k ≥ {k}" for s, k in sorted(tuned["fft_weight_grad_min_window"].items()))
-    convolutions = "; ".join(f"{isa}: " + ", ".join(f"{direction} k ≥ {k}" for direction, k in passes.items())
-                             for isa, passes in sorted(tuned["fft_conv_min_window"].items())) or "none"
-    padded = "; ".join(f"{machine}: " + ", ".join(f"k={k} as {to}" for k, to in sorted(windows.items()))
-                       for machine, windows in sorted(tuned["padded_windows"].items())) or "none"
-    return (f"tuned on {tuned['tuned_on']} (FFT kernel gradients from {fft}; FFT numerator convolutions, "
-            f"stride 1: {convolutions}; padded windows: {padded}); see qna_bench/qna.py")
+def _plan_of(flags: object) -> tuple[str, str, bool] | None:
+    """(plan, source, fell back) from a QnA row's ``layer_flags``; None for a row of another form."""
+    try:
+        record = json.loads(flags) if isinstance(flags, str) else {}
+    except ValueError:
+        record = {}
+    if record.get("impl") != "fast":
+        return None
+    plan = record.get("plan")
+    if not isinstance(plan, dict):
+        return "not recorded", "", False
+    order = sorted(plan, key=lambda p: (PASSES.index(p) if p in PASSES else len(PASSES), p))
+    passes = ", ".join(f"{p} {plan[p]}" for p in order if p != "fft_chunk_bytes" and plan[p] != "direct")
+    name = str(record.get("plan_name", "?"))
+    return (f"{name} ({passes})" if passes else name), str(record.get("plan_source", "")), bool(
+        record.get("plan_fell_back"))
+
+
+def plan_rows(data: pd.DataFrame) -> list[list[str]]:
+    """QnA's plan per problem, layer, mode and plan, with its windows, as the rows record them (a row
+    measured before plans were recorded says "not recorded"): what ran, never today's defaults."""
+    if "layer_flags" not in data:
+        return []
+    found: dict[tuple[str, str, str, str], dict[str, set]] = {}
+    for row in data[data["family"] == "qna"].itertuples():
+        plan = _plan_of(row.layer_flags)
+        if plan is None:
+            continue
+        text, source, fell_back = plan
+        entry = found.setdefault((str(row.problem), str(row.layer), str(row.mode), text),
+                                 {"windows": set(), "sources": set(), "fell_back": set()})
+        entry["windows"].add(int(row.window))
+        entry["sources"].update([source] if source else [])
+        if fell_back:
+            entry["fell_back"].add(int(row.window))
+    order = {m: i for i, m in enumerate(mode_order(data["mode"].unique()))}
+    keys = sorted(found, key=lambda k: (k[0], k[1], order.get(k[2], 99), min(found[k]["windows"]), k[3]))
+    return [[problem, layer, mode, _k_list(found[key]["windows"]), text, ", ".join(sorted(found[key]["sources"])),
+             _k_list(found[key]["fell_back"]) if found[key]["fell_back"] else ""]
+            for key in keys for problem, layer, mode, text in [key]]
 
 
 def header_section(analysis: Analysis) -> str:
@@ -214,7 +244,6 @@ def header_section(analysis: Analysis) -> str:
         *([("load average", _load_text(data))] if "load_avg" in data else []),
         ("runs", f"{data['run_id'].nunique()} run id(s)"),
         ("rows", f"{rows_text}; statuses: {statuses}"),
-        ("QnA's tuned thresholds", _tuning_text()),
     ]
     problems = []
     for _, shape in analysis.problems.iterrows():
@@ -236,6 +265,12 @@ def header_section(analysis: Analysis) -> str:
              "stride", "dilation", "modes", "windows k"],
             problems,
         ),
+        "### QnA's plans",
+        "The form of each pass of QnA's fast form, as each row records it (`layer_flags`); passes not "
+        "named ran direct. Source: tuned (timed on this machine), cache (timed earlier), default "
+        "(`qna.tune=off`) or forced. Fell back: windows where the data made the FFT passes run direct.",
+        markdown_table(["problem", "layer", "mode", "windows k", "plan", "source", "fell back at k"], plan_rows(data))
+        if plan_rows(data) else "No QnA fast-form rows.",
         "### Reliability of the timings",
         "\n".join(f"- {note}." for note in timing_warnings(data))
         or "No warning: every timed point had a quiet machine (where recorded), enough replicates and a narrow spread.",

@@ -22,6 +22,7 @@ from qna_bench import results
 from qna_bench.environment import read_environment
 from qna_bench.measure.probes import PROBE_MODES
 from qna_bench.problem import MODES, Problem
+from qna_bench.qna import TUNES
 from qna_bench.registry import LayerSpec, list_layers, resolve_layers
 from qna_bench.runner import (
     MeasureSettings,
@@ -174,6 +175,7 @@ def _settings(cfg: DictConfig) -> tuple[MeasureSettings, int | None]:
         profile_dir=results_dir(cfg) if _flag(measure.profile, "measure.profile") else None,
         cudnn_benchmark=_flag(measure.cudnn_benchmark, "measure.cudnn_benchmark"),
         probes=_choice(measure.probes, "measure.probes", PROBE_MODES),
+        qna_tune=_choice(cfg.qna.tune, "qna.tune", TUNES),
     )
     return settings, int(cap_gib * 2**30) if cap_gib else None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,11 @@ def private_disk_cache(tmp_path_factory):
 @pytest.fixture
 def tiny_problem() -> Problem:
     return Problem(batch=1, height=10, width=9, channels=8, heads=2, window=3)
+
+
+@pytest.fixture
+def qna_plan_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A disk cache of this test's own, for the tests of QnA's plan cache (inherited by subprocesses)."""
+    folder = tmp_path_factory.mktemp("qna_plans")
+    monkeypatch.setenv("QNA_BENCH_CACHE_DIR", str(folder))
+    yield folder

@@ -57,10 +57,14 @@ def _build(name: str, problem: Problem) -> torch.nn.Module:
 
 
 def _forward_macs(name: str, problem: Problem) -> tuple[int | None, str]:
-    """Multiply-adds of one forward counted by `FlopCounterMode` (FLOPs / 2), and the count's method."""
+    """Multiply-adds of one forward counted by `FlopCounterMode` (FLOPs / 2), and the count's method.
+    QnA layers run their default plan (``qna.tune=off``: direct windowed sums, as the published
+    figures count them), chosen before the counted call."""
     spec = get_layer(name)
     model = spec.build(problem)
     images = problem.make_input(spec.layout)
+    if spec.prepare is not None:
+        spec.prepare(model, images, problem, MeasureSettings(threads=torch.get_num_threads(), qna_tune="off"))
 
     def forward() -> None:
         with torch.inference_mode():
@@ -284,3 +288,6 @@ def test_runner_rows(name, mode, status):
         assert json.loads(row["layer_flags"])["natten_backend"] == "flex-fna"
     else:
         assert row["flops"] == row["flops_analytic"] and row["peak_bytes"] > 0
+        plans = json.loads(row["layer_flags"])["qna_plans"]  # k=3: one candidate, tuned or cached by a twin layer
+        layers = sum(isinstance(m, QnA) for m in get_layer(name).factory(problem).modules())
+        assert sum(plans.values()) == layers and set(plans) <= {"direct (tuned)", "direct (cache)"}

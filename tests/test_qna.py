@@ -1,8 +1,9 @@
 """Tests of the QnA layer: fast form against the reference form and the official algorithm, gradients,
-argument checks, output sizes, both kernel-gradient paths, torch.compile and half precision."""
+argument checks, output sizes, the FFT and padded paths forced by plan, torch.compile and half precision."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Iterator
@@ -13,8 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-import qna_bench.qna as qna_module
-from qna_bench.qna import QnA, qna_attention, qna_attention_reference, qna_output_size
+import qna_bench.qna.core as qna_core
+import qna_bench.qna.fft as qna_fft
+from qna_bench.qna import (
+    FFT_CHUNK_BYTES,
+    QnA,
+    get_plan,
+    qna_attention,
+    qna_attention_reference,
+    qna_output_size,
+)
+from qna_bench.qna.direct import depthwise_conv_input_grad
+from qna_bench.qna.plans import _PLANS
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,48 +38,35 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(params=["direct", "fft"])
-def weight_grad_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Force every kernel gradient through one path and check that path ran."""
-    calls = {"fft": 0}
-    original = qna_module._depthwise_weight_grad_fft
+def count_fft_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """The calls of each FFT path (forward numerators, backward numerators, kernel gradients), updated as
+    they run."""
+    calls = {"forward": 0, "backward": 0, "kernel_grad": 0}
+    for name, path in (
+        ("fft_numerators", "forward"),
+        ("fft_numerator_grads", "backward"),
+        ("depthwise_weight_grad_fft", "kernel_grad"),
+    ):
+        original = getattr(qna_core, name)
 
-    def counting(*args: object) -> torch.Tensor:
-        calls["fft"] += 1
-        return original(*args)
-
-    threshold = 1 if request.param == "fft" else 1 << 30
-    monkeypatch.setattr(qna_module, "FFT_WEIGHT_GRAD_MIN_WINDOW", {1: threshold, 2: threshold})
-    monkeypatch.setattr(qna_module, "_depthwise_weight_grad_fft", counting)
-    yield request.param
-    assert (calls["fft"] > 0) == (request.param == "fft")
-
-
-def force_fft_convolutions(monkeypatch: pytest.MonkeyPatch, forward: bool, backward: bool) -> dict[str, int]:
-    """Run the numerators' convolutions of each pass through the FFT (from window 1) or directly, on this
-    CPU; returns the number of calls of each FFT path, updated as they run."""
-    isa = torch.backends.cpu.get_cpu_capability()
-    passes = {"forward": 1 if forward else 1 << 30, "backward": 1 if backward else 1 << 30}
-    monkeypatch.setattr(qna_module, "FFT_CONV_MIN_WINDOW", {isa: passes})
-    calls = {"forward": 0, "backward": 0}
-    for name, direction in (("_fft_numerators", "forward"), ("_fft_numerator_grads", "backward")):
-        original = getattr(qna_module, name)
-
-        def counting(*args: object, _original=original, _direction=direction) -> object:
-            calls[_direction] += 1
+        def counting(*args: object, _original=original, _path=path) -> object:
+            calls[_path] += 1
             return _original(*args)
 
-        monkeypatch.setattr(qna_module, name, counting)
+        monkeypatch.setattr(qna_core, name, counting)
     return calls
 
 
-@pytest.fixture(params=["direct", "fft"])
-def convolution_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Force the numerators' convolutions of both passes through one path and check that path ran."""
-    fft = request.param == "fft"
-    calls = force_fft_convolutions(monkeypatch, forward=fft, backward=fft)
+@pytest.fixture(params=["direct", "fft_kernel_grads"])
+def weight_grad_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A plan with each kernel-gradient path (the test forces it); checks that path ran."""
+    calls = count_fft_calls(monkeypatch)
     yield request.param
-    assert (calls["forward"] > 0) == fft
+    assert (calls["kernel_grad"] > 0) == (request.param == "fft_kernel_grads")
+
+
+# The plan that runs the numerators' convolutions as FFTs in the forward, the backward or both.
+FFT_CONVOLUTION_PLANS = {(True, True): "fft", (True, False): "fft_forward", (False, True): "fft_backward"}
 
 
 def make_qna(dtype: torch.dtype = torch.float64, seed: int = 0, **kwargs: object) -> QnA:
@@ -158,7 +156,7 @@ def test_fast_matches_reference_fp32(
 def test_both_weight_grad_paths_match_reference(weight_grad_path: str) -> None:
     for stride in (1, 2):
         for window in (1, 5, 9):
-            module = make_qna(in_channels=5, features=8, heads=2, window=window, stride=stride)
+            module = make_qna(in_channels=5, features=8, heads=2, window=window, stride=stride, plan=weight_grad_path)
             compare_forms(module, torch.randn(2, 11, 8, 5, dtype=torch.float64), rtol=1e-10)
 
 
@@ -167,13 +165,15 @@ def test_both_weight_grad_paths_match_reference(weight_grad_path: str) -> None:
 def test_fft_convolutions_match_reference(
     monkeypatch: pytest.MonkeyPatch, window: int, forward: bool, backward: bool
 ) -> None:
-    """The numerators as FFT convolutions in either pass or both: output and every gradient equal the
-    reference form's (fp64, several heads, queries and chunks; fp32 on the benchmark's map size)."""
-    calls = force_fft_convolutions(monkeypatch, forward, backward)
+    """The numerators as FFT convolutions in either pass or both (forced plans): output and every
+    gradient equal the reference form's (fp64, several heads, queries and chunks; fp32 on the
+    benchmark's map size)."""
+    calls = count_fft_calls(monkeypatch)
+    plan = FFT_CONVOLUTION_PLANS[forward, backward]
     for num_queries, heads in ((1, 1), (2, 4), (3, 2)):
-        module = make_qna(in_channels=6, features=8, heads=heads, window=window, num_queries=num_queries)
+        module = make_qna(in_channels=6, features=8, heads=heads, window=window, num_queries=num_queries, plan=plan)
         compare_forms(module, torch.randn(2, 9, 7, 6, dtype=torch.float64), rtol=1e-10)
-    module = make_qna(torch.float32, in_channels=8, features=8, heads=2, window=window)
+    module = make_qna(torch.float32, in_channels=8, features=8, heads=2, window=window, plan=plan)
     compare_forms(module, torch.randn(1, 56, 56, 8), rtol=1e-5)
     assert (calls["forward"] > 0) == forward and (calls["backward"] > 0) == backward
 
@@ -181,23 +181,25 @@ def test_fft_convolutions_match_reference(
 @pytest.mark.parametrize("chunk_bytes", [1, 7000, 1 << 30])
 def test_fft_convolution_chunks(monkeypatch: pytest.MonkeyPatch, chunk_bytes: int) -> None:
     """Chunks of one channel, of part of a head, of a whole head: the same output and gradients."""
-    force_fft_convolutions(monkeypatch, forward=True, backward=True)
-    monkeypatch.setattr(qna_module, "_FFT_CHUNK_BYTES", chunk_bytes)
-    module = make_qna(in_channels=6, features=12, heads=2, window=5)
+    chunked = dataclasses.replace(get_plan("fft", "cpu"), name="fft_chunked", fft_chunk_bytes=chunk_bytes)
+    monkeypatch.setitem(_PLANS, chunked.name, chunked)
+    module = make_qna(in_channels=6, features=12, heads=2, window=5, plan=chunked.name)
     compare_forms(module, torch.randn(2, 10, 8, 6, dtype=torch.float64), rtol=1e-10)
 
 
-def test_fft_convolutions_run_only_with_stride_1_on_cpu_from_the_tuned_windows(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    isa = torch.backends.cpu.get_cpu_capability()
-    monkeypatch.setattr(qna_module, "FFT_CONV_MIN_WINDOW", {isa: {"forward": 17, "backward": 9}})
-    uses = qna_module.uses_fft_convolutions
-    assert uses("cpu", 17, 1) and not uses("cpu", 15, 1) and not uses("cpu", 31, 2)
-    assert uses("cpu", 9, 1, "backward") and not uses("cpu", 7, 1, "backward")
-    assert not uses("cuda", 31, 1) and not uses("cuda", 31, 1, "backward")
-    monkeypatch.setattr(qna_module, "FFT_CONV_MIN_WINDOW", {"another ISA": {"forward": 1, "backward": 1}})
-    assert not uses("cpu", 31, 1) and not uses("cpu", 31, 1, "backward")
+def test_fft_convolutions_run_only_with_stride_1_and_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forced FFT plan at stride 2 runs its numerators directly (the FFT numerators are stride-1
+    convolutions) and its kernel gradients as FFTs; the FFT plans are CPU plans."""
+    calls = count_fft_calls(monkeypatch)
+    module = make_qna(in_channels=6, features=8, heads=2, window=5, stride=2, plan="fft")
+    compare_forms(module, torch.randn(2, 9, 7, 6, dtype=torch.float64), rtol=1e-10)
+    assert calls["forward"] == calls["backward"] == 0 and calls["kernel_grad"] > 0
+    assert module.plan_flags()["plan"] == {
+        "convolutions": "direct", "numerators": "direct", "numerator_grads": "direct", "kernel_grads": "fft",
+        "fft_chunk_bytes": str(FFT_CHUNK_BYTES),
+    }
+    with pytest.raises(ValueError, match="plan='fft': QnA's plans on cuda are direct"):
+        get_plan("fft", "cuda")
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -224,14 +226,14 @@ def test_fft_kernel_gradient_matches_convolution_backward(
         7,
         [False, True, False],
     )[1]
-    actual = qna_module._depthwise_weight_grad_fft(
-        x, qna_module._LazyGrad(grad_out.unsqueeze(-1)), tuple(out_size), window, stride, padding
+    actual = qna_fft.depthwise_weight_grad_fft(
+        x, qna_fft.LazyGrad(grad_out.unsqueeze(-1)), tuple(out_size), window, stride, padding, FFT_CHUNK_BYTES
     )
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 7000, 1 << 30])
-def test_fft_kernel_gradient_chunks(monkeypatch: pytest.MonkeyPatch, chunk_bytes: int) -> None:
+def test_fft_kernel_gradient_chunks(chunk_bytes: int) -> None:
     """Chunks of one channel, chunks that split heads, one chunk: same kernel gradient, from a lazy a / b."""
     x = torch.randn(2, 12, 10, 6, dtype=torch.float64)
     a, b = (
@@ -251,8 +253,7 @@ def test_fft_kernel_gradient_chunks(monkeypatch: pytest.MonkeyPatch, chunk_bytes
         6,
         [False, True, False],
     )[1]
-    monkeypatch.setattr(qna_module, "_FFT_CHUNK_BYTES", chunk_bytes)
-    actual = qna_module._depthwise_weight_grad_fft(x, qna_module._LazyGrad(a, b), (6, 5), 5, 2, 2)
+    actual = qna_fft.depthwise_weight_grad_fft(x, qna_fft.LazyGrad(a, b), (6, 5), 5, 2, 2, chunk_bytes)
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -307,13 +308,13 @@ def test_large_rpe_bias_does_not_overflow() -> None:
 def recomputed_pixels(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many output pixels each call of the fast form recomputed with their own max."""
     counts: list[int] = []
-    original = qna_module._recompute_windows
+    original = qna_core.recompute_windows
 
     def counting(z: torch.Tensor, underflowed: torch.Tensor, *args: object) -> torch.Tensor:
         counts.append(int(underflowed.sum()))
         return original(z, underflowed, *args)
 
-    monkeypatch.setattr(qna_module, "_recompute_windows", counting)
+    monkeypatch.setattr(qna_core, "recompute_windows", counting)
     return counts
 
 
@@ -340,7 +341,13 @@ def test_fp32_logits_spread_150_within_an_image_match_fp64_reference(
 
 
 def compare_core_with_fp64_reference(
-    dtype: torch.dtype, spread: float, window: int, stride: int, tol: float, logit_std: float = 1.0
+    dtype: torch.dtype,
+    spread: float,
+    window: int,
+    stride: int,
+    tol: float,
+    logit_std: float = 1.0,
+    plan: str | None = None,
 ) -> None:
     """`qna_attention` in ``dtype`` with every logit raised by spread/2 in the left half of each image and
     lowered by spread/2 in the right half, against the reference in fp64 on the same, exactly
@@ -360,7 +367,7 @@ def compare_core_with_fp64_reference(
     low = [t.to(dtype).requires_grad_(True) for t in inputs]
     exact = [t.detach().double().requires_grad_(True) for t in low]
     grad_out = torch.randn(2, qna_output_size(11, window, stride), qna_output_size(16, window, stride), features)
-    out = qna_attention(*low, stride=stride)
+    out = qna_attention(*low, stride=stride, plan=plan)
     out.backward(grad_out.to(dtype))
     expected = qna_attention_reference(*exact, stride=stride)
     expected.backward(grad_out.double())
@@ -387,18 +394,9 @@ def test_half_logits_spread_30_within_an_image_match_fp64_reference(
 
 @pytest.fixture
 def every_fft_path(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """FFT numerators in both passes and FFT kernel gradients from window 1; the calls of each."""
-    calls = force_fft_convolutions(monkeypatch, forward=True, backward=True)
-    monkeypatch.setattr(qna_module, "FFT_WEIGHT_GRAD_MIN_WINDOW", {1: 1, 2: 1})
-    original = qna_module._depthwise_weight_grad_fft
-
-    def counting(*args: object) -> torch.Tensor:
-        calls["kernel_grad"] += 1
-        return original(*args)
-
-    calls["kernel_grad"] = 0
-    monkeypatch.setattr(qna_module, "_depthwise_weight_grad_fft", counting)
-    return calls
+    """The calls of each FFT path, for tests that force the plan "fft" (FFT numerators in both passes
+    and FFT kernel gradients)."""
+    return count_fft_calls(monkeypatch)
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
@@ -408,7 +406,7 @@ def test_fft_paths_with_underflowed_windows_match_fp64_reference(
     """A spread of 150 on the FFT paths: the low half's windows underflow and are recomputed; the rest,
     logits and biases spread by ~0.3 around their half's level, lies within `FFT_RESOLVED_RATIO` of its
     image's max, so the FFTs run, and the result stays exact."""
-    compare_core_with_fp64_reference(dtype, 150.0, 9, 1, tol, logit_std=0.3)
+    compare_core_with_fp64_reference(dtype, 150.0, 9, 1, tol, logit_std=0.3, plan="fft")
     assert min(recomputed_pixels) > 0
     assert every_fft_path["forward"] and every_fft_path["backward"] and every_fft_path["kernel_grad"]
 
@@ -420,16 +418,18 @@ def test_fft_paths_give_way_to_direct_ones_where_an_image_spreads(
     """Windows 20 below their image's max: an FFT convolution's rounding (relative to the image's largest
     value) would swamp them, so every convolution runs directly and stays within 1e-4 of fp64. With the
     check turned off the FFT paths run and miss by far more: the check is what keeps them exact. The FFT
-    kernel gradients alone (as before the FFT numerators) missed too: rpe_bias's gradient by 100%."""
-    if not fft_numerators:
-        monkeypatch.setattr(qna_module, "FFT_CONV_MIN_WINDOW", {})
-    module = make_qna(torch.float32, in_channels=8, features=8, heads=2, window=9)
+    kernel gradients alone (as before the FFT numerators) missed too: rpe_bias's gradient by 100%. The
+    module says that its plan fell back."""
+    plan = "fft" if fft_numerators else "fft_kernel_grads"
+    module = make_qna(torch.float32, in_channels=8, features=8, heads=2, window=9, plan=plan)
     x = split_image(torch.randn(2, 11, 16, 8), module, 20.0)
     compare_with_fp64_reference(module, x, rtol=1e-4)
     assert every_fft_path == {"forward": 0, "backward": 0, "kernel_grad": 0}
-    monkeypatch.setattr(qna_module, "FFT_RESOLVED_RATIO", {torch.float32: 0.0, torch.float64: 0.0})
+    assert module.plan_flags()["plan_fell_back"] is True
+    monkeypatch.setattr(qna_fft, "FFT_RESOLVED_RATIO", {torch.float32: 0.0, torch.float64: 0.0})
     with pytest.raises(AssertionError, match="max error"):
         compare_with_fp64_reference(module, x, rtol=1e-2)
+    assert module.plan_flags()["plan_fell_back"] is False
     assert every_fft_path["kernel_grad"]
     assert bool(every_fft_path["forward"]) == bool(every_fft_path["backward"]) == fft_numerators
 
@@ -446,7 +446,7 @@ def test_split_logits_in_inference_mode_match_grad_mode() -> None:
 # gradcheck of the fast form in fp64
 
 
-def gradcheck_core(stride: int, window: int) -> bool:
+def gradcheck_core(stride: int, window: int, plan: str) -> bool:
     """gradcheck of `qna_attention` in fp64 w.r.t. scores, values, biases and mixing weights, 2 queries, 2 heads."""
     torch.manual_seed(0)
     num_queries, heads, features = 2, 2, 4
@@ -455,7 +455,7 @@ def gradcheck_core(stride: int, window: int) -> bool:
     rpe = torch.randn(num_queries, heads, window, window, dtype=torch.float64, requires_grad=True)
     mixing = torch.randn(num_queries, heads, window, window, dtype=torch.float64, requires_grad=True)
     return torch.autograd.gradcheck(
-        lambda s, v, b, w: qna_attention(s, v, b, w, stride),
+        lambda s, v, b, w: qna_attention(s, v, b, w, stride, plan=plan),
         (scores, values, rpe, mixing),
         eps=1e-6,
         atol=1e-8,
@@ -464,12 +464,12 @@ def gradcheck_core(stride: int, window: int) -> bool:
 
 @pytest.mark.parametrize(("stride", "window"), [(1, 1), (1, 3), (2, 3), (1, 5), (2, 5)])
 def test_gradcheck_core(stride: int, window: int, weight_grad_path: str) -> None:
-    assert gradcheck_core(stride, window)
+    assert gradcheck_core(stride, window, weight_grad_path)
 
 
 @pytest.mark.parametrize("window", [3, 5])
 def test_gradcheck_core_on_fft_convolutions(window: int, every_fft_path: dict[str, int]) -> None:
-    assert gradcheck_core(1, window)
+    assert gradcheck_core(1, window, "fft")
     assert every_fft_path["forward"] and every_fft_path["backward"] and every_fft_path["kernel_grad"]
 
 
@@ -657,7 +657,7 @@ def test_depthwise_convolutions_run_channels_last(stride: int) -> None:
     out = F.conv2d(x.permute(0, 3, 1, 2), kernel, stride=stride, padding=2, groups=16)
     assert out.is_contiguous(memory_format=torch.channels_last)
     grad_out = torch.randn(out.shape).permute(0, 2, 3, 1)  # (B, H', W', C)
-    grad_x = qna_module._depthwise_conv_input_grad(grad_out, kernel, (9, 8), stride, 2)
+    grad_x = depthwise_conv_input_grad(grad_out, kernel, (9, 8), stride, 2)
     assert grad_x.shape == x.shape and grad_x.is_contiguous()
     x_nchw = x.permute(0, 3, 1, 2).requires_grad_()
     conv = F.conv2d(x_nchw, kernel, stride=stride, padding=2, groups=16)
@@ -719,7 +719,7 @@ def test_half_precision_on_cpu(dtype: torch.dtype, weight_grad_path: str) -> Non
         module = make_qna(torch.float32, in_channels=16, features=16, heads=4, window=7, stride=stride)
         x = torch.randn(2, 15, 12, 16)
         out_ref, grads_ref = run_with_grads(module, x, "reference")
-        half = QnA(16, 16, 4, window=7, stride=stride).to(dtype)
+        half = QnA(16, 16, 4, window=7, stride=stride, plan=weight_grad_path).to(dtype)
         half.load_state_dict(module.state_dict())
         out, grads = run_with_grads(half, x.to(dtype), "fast")
         assert out.dtype == dtype
@@ -769,24 +769,30 @@ def test_cuda_half_large_logits_stay_finite() -> None:
 # FLOPs: the closed form counts what the fast form runs
 
 
-def qna_counted_and_closed_form_flops(mode: str, window: int, stride: int) -> tuple[int, int]:
-    """FLOPs of one step of the registry's QnA by `FlopCounterMode` with the layer's formulas, and by `qna_flops`."""
-    from qna_bench.layers import qna_flops
+def qna_counted_and_closed_form_flops(mode: str, window: int, stride: int, plan: str | None = None) -> tuple[int, int]:
+    """FLOPs of one step of the registry's QnA (its plan forced, or tuned) by `FlopCounterMode` with the
+    layer's formulas, and by `qna_flops` for the plan the step ran (`LayerSpec.closed_form_flops`)."""
     from qna_bench.measure.flops import count_flops
+    from qna_bench.point import MeasureSettings
     from qna_bench.problem import Problem
     from qna_bench.registry import get_layer
 
     problem = Problem(batch=2, height=15, width=13, channels=16, heads=2, window=window, stride=stride, mode=mode)
     spec = get_layer("qna")
     module = spec.build(problem)
+    module.plan = plan
     x = problem.make_input(spec.layout)
+    spec.prepare(module, x, problem, MeasureSettings(threads=torch.get_num_threads()))  # the harness's order
 
     def step() -> None:
         out = module(x)
         if mode == "train":
             out.backward(problem.make_output_grad(out))
 
-    return count_flops(step, spec.flop_formulas).flops, qna_flops(problem)
+    counted = count_flops(step, spec.flop_formulas).flops
+    if plan is not None:
+        assert module.plan_choice.plan.name == plan
+    return counted, spec.closed_form_flops(problem, module)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -796,7 +802,7 @@ def test_flop_counter_agrees_with_closed_form_in_train_mode_on_both_kernel_gradi
 ) -> None:
     """`FlopCounterMode` (with the layer's FFT formulas) within 2% of `qna_flops` on the direct and on
     the FFT kernel-gradient path."""
-    counted, expected = qna_counted_and_closed_form_flops("train", window, stride)
+    counted, expected = qna_counted_and_closed_form_flops("train", window, stride, weight_grad_path)
     assert counted == pytest.approx(expected, rel=0.02)
 
 
@@ -811,35 +817,19 @@ def test_flop_counter_agrees_with_closed_form_in_forward_mode(window: int, strid
 @pytest.mark.parametrize("window", [3, 7, 13])
 @pytest.mark.parametrize("mode", ["forward", "train"])
 def test_flop_counter_agrees_with_closed_form_on_fft_convolutions(
-    monkeypatch: pytest.MonkeyPatch, mode: str, window: int, forward: bool, backward: bool
+    mode: str, window: int, forward: bool, backward: bool
 ) -> None:
-    force_fft_convolutions(monkeypatch, forward, backward)
-    counted, expected = qna_counted_and_closed_form_flops(mode, window, 1)
+    counted, expected = qna_counted_and_closed_form_flops(mode, window, 1, FFT_CONVOLUTION_PLANS[forward, backward])
     assert counted == pytest.approx(expected, rel=0.02)
-
-
-def test_tuned_thresholds_report_the_live_values_and_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(qna_module, "FFT_WEIGHT_GRAD_MIN_WINDOW", {1: 5, 2: 9})
-    tuned = qna_module.tuned_thresholds()
-    assert tuned["tuned_on"] == qna_module.TUNED_ON and "Zen 4" in tuned["tuned_on"]
-    assert tuned["fft_weight_grad_min_window"] == {1: 5, 2: 9}
-    assert tuned["fft_conv_min_window"] == qna_module.FFT_CONV_MIN_WINDOW
-    assert set(tuned["fft_resolved_ratio"]) == {"float32", "float64"}
-    assert set(tuned["underflow_denominator"]) == {"float32", "float64"}
 
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("mode", ["forward", "train"])
-def test_padded_convolution_windows_stay_exact_and_counted(
-    monkeypatch: pytest.MonkeyPatch, mode: str, stride: int
-) -> None:
-    """Windows run through a larger zero-padded kernel (`PADDED_WINDOWS`, for this machine): the fast
-    form still equals the reference form, and the closed-form FLOPs count the padded convolutions."""
-    machine = (torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())
-    monkeypatch.setattr(qna_module, "PADDED_WINDOWS", {machine: {3: 7, 7: 9}})
-    assert qna_module.convolution_window("cpu", 3, 1) == 7
+def test_padded_convolution_windows_stay_exact_and_counted(mode: str, stride: int) -> None:
+    """Windows run through the zero-padded kernel of k + 2 (the plan "padded"): the fast form still
+    equals the reference form, and the closed-form FLOPs count the padded convolutions."""
     for window in (3, 7):
-        module = make_qna(in_channels=5, features=8, heads=2, window=window, stride=stride)
+        module = make_qna(in_channels=5, features=8, heads=2, window=window, stride=stride, plan="padded")
         compare_forms(module, torch.randn(2, 11, 8, 5, dtype=torch.float64), rtol=1e-10)
-        counted, expected = qna_counted_and_closed_form_flops(mode, window, stride)
+        counted, expected = qna_counted_and_closed_form_flops(mode, window, stride, "padded")
         assert counted == pytest.approx(expected, rel=0.02)

@@ -409,3 +409,30 @@ def test_committed_reports_regenerate_from_their_parquet(committed, tmp_path):
     assert body + "\n" == regenerated
     linked = set(re.findall(r"\]\(([^)]+\.png)\)", figures))
     assert linked and linked == {p.name for p in committed.parent.glob("*.png")}  # no stale figure
+
+
+def test_the_setup_shows_the_plans_the_qna_rows_record_and_says_when_a_row_recorded_none():
+    """What ran, read from each row's layer_flags: a report of an old file says "not recorded" instead
+    of printing today's choices."""
+    fft = {"convolutions": "direct", "numerators": "fft", "numerator_grads": "fft", "kernel_grads": "fft",
+           "fft_chunk_bytes": "2097152"}
+    direct = {"convolutions": "direct", "numerators": "direct"}
+    rows = [
+        synthetic_row("qna", 3, "forward", 1e-3, 1000, layer_flags={"impl": "fast", "plan": direct, "plan_name": "direct",
+                                                                   "plan_source": "tuned", "plan_fell_back": False}),
+        synthetic_row("qna", 5, "forward", 1e-3, 1000, layer_flags={"impl": "fast", "plan": direct, "plan_name": "direct",
+                                                                   "plan_source": "cache", "plan_fell_back": False}),
+        synthetic_row("qna", 9, "train", 1e-3, 1000, layer_flags={"impl": "fast", "plan": fft, "plan_name": "fft",
+                                                                 "plan_source": "tuned", "plan_fell_back": True}),
+        synthetic_row("qna", 11, "train", 1e-3, 1000, layer_flags={"impl": "fast", "num_queries": 2}),
+        synthetic_row("qna_reference", 3, "forward", 1e-3, 1000, layer_flags={"impl": "reference"}),
+        synthetic_row("conv_dw", 3, "forward", 1e-3, 1000),
+    ]
+    table = report.plan_rows(_frame(rows).assign(problem="P1"))
+    assert table == [
+        ["P1", "qna", "forward", "3, 5", "direct", "cache, tuned", ""],
+        ["P1", "qna", "train", "9", "fft (numerators fft, numerator_grads fft, kernel_grads fft)", "tuned", "9"],
+        ["P1", "qna", "train", "11", "not recorded", "", ""],
+    ]
+    text = report.header_section(_only(rows, set()))
+    assert "### QnA's plans" in text and "not recorded" in text and "tuned thresholds" not in text

@@ -25,6 +25,7 @@ from qna_bench.models.qna_vit import (
     qna_vit_macs,
 )
 from qna_bench.problem import Problem
+from qna_bench.qna import QnA
 from qna_bench.registry import Role, register_layer
 
 NUM_CLASSES = 1000
@@ -89,6 +90,35 @@ def regularisation(module: nn.Module) -> dict[str, float]:
 # QnA-ViT
 
 
+def prepare_qna_layers(module: nn.Module, x: torch.Tensor, problem: Problem, settings: Any) -> None:
+    """Every QnA layer of a model chooses its plan under ``qna.tune`` in one untimed call (forward, or
+    forward and backward in train mode) before the model's first measured call."""
+    for layer in module.modules():
+        if isinstance(layer, QnA):
+            layer.tune = settings.qna_tune
+    if problem.mode != "train":
+        with torch.inference_mode():
+            module(x)
+        return
+    out = module(x)
+    out.backward(torch.zeros_like(out))
+    for t in (x, *module.parameters()):
+        t.grad = None
+
+
+def qna_plan_flags(module: nn.Module) -> dict[str, Any]:
+    """The plans a model's QnA layers chose: layers per plan name and source, and the tuning seconds."""
+    plans: dict[str, int] = {}
+    seconds = 0.0
+    for layer in module.modules():
+        flags = layer.plan_flags() if isinstance(layer, QnA) else {}
+        if flags:
+            name = f"{flags['plan_name']} ({flags['plan_source']})"
+            plans[name] = plans.get(name, 0) + 1
+            seconds += flags["tune_seconds"]
+    return {"qna_plans": dict(sorted(plans.items())), "tune_seconds": round(seconds, 4)}
+
+
 def _qna_vit_entry(name: str, config: QnAViTConfig, description: str) -> None:
     def constraints(problem: Problem) -> list[str]:
         errors = image_constraints(problem, name)
@@ -108,6 +138,7 @@ def _qna_vit_entry(name: str, config: QnAViTConfig, description: str) -> None:
             "lsa_fused_attn": use_fused_attn(experimental=True),
             "init": "random",
             **regularisation(module),
+            **qna_plan_flags(module),
         }
 
     def analytic(problem: Problem) -> int:
@@ -127,6 +158,7 @@ def _qna_vit_entry(name: str, config: QnAViTConfig, description: str) -> None:
         flags=flags,
         flop_formulas=CPU_SDPA_FLOP_FORMULAS,
         analytic_flops=analytic,
+        prepare=prepare_qna_layers,
         **_MODEL,
     )(build)
 

@@ -1,0 +1,282 @@
+"""The fast form of QnA's windowed softmax: scores (B, H, W, Nq*h) and values (B, H, W, F) -> z
+(B, H', W', F) as two depthwise convolutions per query, with a hand-written backward. A `Plan` names
+the form of each pass; the FFT passes run only where the data let an FFT resolve them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from qna_bench.qna.direct import depthwise_conv, depthwise_conv_input_grad, depthwise_weight_grad_direct
+from qna_bench.qna.fft import (
+    LazyGrad,
+    depthwise_weight_grad_fft,
+    fft_numerator_grads,
+    fft_numerators,
+    fft_resolves,
+)
+from qna_bench.qna.plans import Plan, default_plan, get_plan
+from qna_bench.qna.shapes import check_core_args
+from qna_bench.qna.underflow import recompute_windows, underflowed
+
+
+def _kernels(rpe_bias: Tensor, dtype: torch.dtype) -> Tensor:
+    """``exp(b)`` per query and head, shifted by its max: a per-(query, head) factor that cancels
+    between numerator and denominator and keeps the exponent finite."""
+    return torch.exp(rpe_bias - rpe_bias.detach().amax(dim=(-2, -1), keepdim=True)).to(dtype)
+
+
+def _value_kernel(rpe_exp: Tensor, mixing: Tensor, head_dim: int) -> Tensor:
+    """The numerator's kernel for one query: ``exp(b) * w`` (h, k, k) repeated over each head's d channels."""
+    heads, window = rpe_exp.shape[0], rpe_exp.shape[-1]
+    kernel = (rpe_exp * mixing.to(rpe_exp.dtype)).unsqueeze(1)
+    return kernel.expand(heads, head_dim, window, window).reshape(heads * head_dim, 1, window, window)
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the windowed softmax's core: fp32 for half types (see `_qna_forward`), else ``dtype``."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _exp_scores(scores: Tensor) -> Tensor:
+    """``exp(s - m)`` in the work dtype, with ``m`` the max over each image, per query and head: a
+    constant within every window, so exact, and it keeps the largest term at 1 (no overflow)."""
+    scores = scores.to(work_dtype(scores.dtype))
+    return torch.exp(scores - scores.detach().amax(dim=(1, 2), keepdim=True))
+
+
+def _qna_forward(
+    exp_scores: Tensor, values: Tensor, rpe_exp: Tensor, mixing: Tensor, stride: int, padding: int, plan: Plan
+) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """The fast form on exponentiated scores (B, H, W, Nq, h) in the work dtype; returns z (B, H', W', F)
+    and den (B, H', W', Nq, h) in the work dtype, the underflowed pixels (`underflowed`), and whether
+    the plan's FFT passes may run on these data (`fft_resolves`, checked only where the plan has one):
+    the numerators then run as FFT convolutions where the plan says so, and the backward follows.
+
+    One query at a time, so the largest intermediate is (B, H, W, F). For half types the whole core
+    (E, E*V, both convolutions, the division) runs in fp32: E and the denominator then resolve windows
+    down to ~87 below the image's max instead of ~17 (fp16), and the numerator E*V cannot underflow
+    silently to 0 where the denominator is still fine. The cost is fp32 intermediates for half inputs.
+    """
+    batch, height, width, num_queries, heads = exp_scores.shape
+    features = values.shape[-1]
+    head_dim = features // heads
+    den_kernel = rpe_exp.reshape(num_queries * heads, 1, *rpe_exp.shape[-2:])
+    den = depthwise_conv(exp_scores.view(batch, height, width, -1), den_kernel, stride, padding, plan.convolutions)
+    out_h, out_w = den.shape[1:3]
+    den = den.view(batch, out_h, out_w, num_queries, heads)
+    underflow = underflowed(den)
+    fft_resolved = plan.uses_fft and fft_resolves(den)
+    if fft_resolved and plan.numerators == "fft":
+        z = fft_numerators(exp_scores, values, rpe_exp * mixing.to(rpe_exp.dtype), den, plan.fft_chunk_bytes)
+        return z, den, underflow, fft_resolved
+    v = values.unflatten(-1, (heads, head_dim))
+    z: Tensor | None = None
+    for n in range(num_queries):
+        weighted = (exp_scores[..., n, :, None] * v).flatten(-2)
+        kernel = _value_kernel(rpe_exp[n], mixing[n], head_dim)
+        num = depthwise_conv(weighted, kernel, stride, padding, plan.convolutions)
+        del weighted
+        num = num.view(batch, out_h, out_w, heads, head_dim)
+        z = num.div_(den[..., n, :, None]) if z is None else z.addcdiv_(num, den[..., n, :, None])
+    assert z is not None
+    return z.view(batch, out_h, out_w, features), den, underflow, fft_resolved
+
+
+class _QnAAttention(torch.autograd.Function):
+    """The fast form with a hand-written backward.
+
+    Takes the values and the scores packed in one tensor (B, H, W, F + Nq*h), as one matmul makes them,
+    and returns their gradient packed the same way, the underflowed pixels and whether the plan's FFT
+    passes fell back to direct ones (a 0-dim bool tensor). Saves only exp(s - m) (B, H, W, Nq*h), the
+    packed input (for the values) and the denominator (B, H', W', Nq*h). The products E*V and the
+    numerators are recomputed one query at a time in backward and freed as soon as they are used. The
+    convolution input gradients are convolutions again (`depthwise_conv_input_grad`); the kernel
+    gradients PyTorch's convolution backward or FFT cross-correlations (``plan.kernel_grads``); with
+    ``plan.numerator_grads="fft"`` the numerators' three convolutions run on shared spectra
+    (`fft_numerator_grads`). Every FFT pass runs only where the forward found the data resolved.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, packed: Tensor, rpe_bias: Tensor, mixing: Tensor, stride: int, plan: Plan
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        window = rpe_bias.shape[-1]
+        padding = (window - 1) // 2
+        values, exp_scores = _unpack(packed, rpe_bias)
+        rpe_exp = _kernels(rpe_bias, exp_scores.dtype)
+        z, den, underflow, fft_resolved = _qna_forward(exp_scores, values, rpe_exp, mixing, stride, padding, plan)
+        # the underflowed pixels' den is 1 here; their z is replaced outside, so their gradient is 0
+        ctx.save_for_backward(exp_scores, packed, den, rpe_bias, mixing)
+        ctx.stride, ctx.padding, ctx.plan = stride, padding, plan if fft_resolved else _without_fft(plan)
+        fell_back = torch.tensor(plan.uses_fft and not fft_resolved)
+        ctx.mark_non_differentiable(underflow, fell_back)
+        return z, underflow, fell_back
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_z: Tensor, *_: Tensor | None) -> tuple[Tensor | None, ...]:
+        exp_scores, packed, den, rpe_bias, mixing = ctx.saved_tensors
+        stride, padding, plan = ctx.stride, ctx.padding, ctx.plan
+        need_kernel_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        batch, height, width, num_queries, heads = exp_scores.shape
+        out_h, out_w = den.shape[1:3]
+        features = packed.shape[-1] - num_queries * heads
+        values = packed[..., :features]
+        head_dim = features // heads
+        window = rpe_bias.shape[-1]
+        conv, chunk_bytes = plan.convolutions, plan.fft_chunk_bytes
+        # accumulated into in place (compile refuses strided out=), in the work dtype
+        fft_conv = plan.numerator_grads == "fft"
+        if fft_conv:  # channels first in memory, as the FFT numerators write it; (B, H, W, F + Nq*h) in shape
+            g_packed = packed.new_zeros(batch, packed.shape[-1], height, width, dtype=exp_scores.dtype)
+            g_packed = g_packed.permute(0, 2, 3, 1)
+        else:
+            g_packed = torch.zeros_like(packed, dtype=exp_scores.dtype)
+
+        rpe_exp = _kernels(rpe_bias, exp_scores.dtype)
+        v = values.unflatten(-1, (heads, head_dim))
+        g_z = grad_z.to(exp_scores.dtype).contiguous().view(batch, out_h, out_w, heads, head_dim)
+        g_exp = torch.empty_like(exp_scores)
+        g_den = torch.empty_like(den)
+        g_values = g_packed[..., :features].unflatten(-1, (heads, head_dim))
+        g_value_kernel = rpe_exp.new_zeros(num_queries, heads, window, window)
+        use_fft = need_kernel_grad and plan.kernel_grads == "fft"
+
+        if fft_conv:
+            fft_g_exp, g_den_num, fft_g_value_kernel = fft_numerator_grads(
+                exp_scores, values, rpe_exp * mixing, den, g_z.flatten(-2), g_packed.permute(0, 3, 1, 2),
+                need_kernel_grad, chunk_bytes,
+            )
+            g_exp.copy_(fft_g_exp)
+            g_den.copy_(g_den_num).div_(den).div_(den).neg_()
+            if fft_g_value_kernel is not None:
+                g_value_kernel = fft_g_value_kernel
+            del fft_g_exp, g_den_num
+        for n in range(0 if fft_conv else num_queries):
+            e_n = exp_scores[..., n, :, None]
+            den_n = den[..., n, :, None]
+            value_kernel = _value_kernel(rpe_exp[n], mixing[n], head_dim)
+            weighted = (e_n * v).flatten(-2)
+            num = depthwise_conv(weighted, value_kernel, stride, padding, conv).view(g_z.shape)
+            # z = sum_n num_n / den_n  =>  dL/dden_n = -sum_d(g_z * num_n) / den_n / den_n (dividing
+            # twice: den_n^2 overflows fp16 for den_n > 256 and 1 / den_n^2 for den_n < 4e-3)
+            g_den[..., n, :] = num.mul_(g_z).sum(-1).div_(den[..., n, :]).div_(den[..., n, :]).neg_()
+            if use_fft:
+                # the numerator is freed first: the FFT's buffers then add nothing to the peak
+                del num
+                g_kernel = depthwise_weight_grad_fft(
+                    weighted, LazyGrad(g_z, den_n), (out_h, out_w), window, stride, padding, chunk_bytes
+                )
+                del weighted
+                g_num = g_z / den_n
+            else:
+                g_num = torch.div(g_z, den_n, out=num)
+                del num
+                if need_kernel_grad:
+                    g_kernel = depthwise_weight_grad_direct(weighted, g_num.flatten(-2), window, stride, padding)
+                del weighted
+            if need_kernel_grad:
+                g_value_kernel[n] = g_kernel.view(heads, head_dim, window, window).sum(1)
+            g_weighted = depthwise_conv_input_grad(
+                g_num.flatten(-2), value_kernel, (height, width), stride, padding, conv
+            )
+            del g_num
+            g_weighted = g_weighted.view(v.shape)
+            g_exp[..., n, :] = (g_weighted * v).sum(-1)
+            g_values.addcmul_(g_weighted, e_n)
+            del g_weighted
+
+        den_kernel = rpe_exp.reshape(num_queries * heads, 1, window, window)
+        flat_exp = exp_scores.view(batch, height, width, -1)
+        flat_g_den = g_den.view(batch, out_h, out_w, -1)
+        g_exp.add_(
+            depthwise_conv_input_grad(flat_g_den, den_kernel, (height, width), stride, padding, conv).view_as(g_exp)
+        )
+        g_packed[..., features:].copy_(g_exp.mul_(exp_scores).flatten(-2))
+
+        g_rpe = g_mixing = None
+        if need_kernel_grad:
+            if use_fft:
+                g_den_kernel = depthwise_weight_grad_fft(
+                    flat_exp, LazyGrad(flat_g_den.unsqueeze(-1)), (out_h, out_w), window, stride, padding,
+                    chunk_bytes,
+                )
+            else:
+                g_den_kernel = depthwise_weight_grad_direct(flat_exp, flat_g_den, window, stride, padding)
+            g_rpe_exp = g_value_kernel * mixing + g_den_kernel.view_as(rpe_exp)
+            g_rpe = (g_rpe_exp * rpe_exp).to(rpe_bias.dtype)
+            g_mixing = (g_value_kernel * rpe_exp).to(mixing.dtype)
+        return g_packed.to(packed.dtype), g_rpe, g_mixing, None, None
+
+
+def _without_fft(plan: Plan) -> Plan:
+    """``plan`` with its FFT passes direct: what a call runs where the data do not resolve an FFT."""
+    return dataclasses.replace(plan, numerators="direct", numerator_grads="direct", kernel_grads="direct")
+
+
+def _unpack(packed: Tensor, rpe_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """Values (B, H, W, F) and exp(s - m) (B, H, W, Nq, h) from values and scores packed as (B, H, W, F + Nq*h)."""
+    num_queries, heads = rpe_bias.shape[:2]
+    features = packed.shape[-1] - num_queries * heads
+    exp_scores = _exp_scores(packed[..., features:]).unflatten(-1, (num_queries, heads))
+    return packed[..., :features], exp_scores
+
+
+def wants_grad(*tensors: Tensor) -> bool:
+    """Whether a call on these tensors records a backward (train mode, as the plans see it)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def qna_attention_packed(
+    packed: Tensor, rpe_bias: Tensor, query_mixing: Tensor, stride: int, plan: Plan
+) -> tuple[Tensor, bool]:
+    """`qna_attention` on values and scores packed as (B, H, W, F + Nq*h), values first, with ``plan``;
+    also returns whether the plan's FFT passes fell back to direct ones on these data (`fft_resolves`)."""
+    train = wants_grad(packed, rpe_bias, query_mixing)
+    plan = plan.resolved(stride, train)
+    if train:
+        z, underflow, fell_back_flag = _QnAAttention.apply(packed, rpe_bias, query_mixing, stride, plan)
+        fell_back = plan.uses_fft and bool(fell_back_flag.detach())
+    else:
+        values, exp_scores = _unpack(packed, rpe_bias)
+        rpe_exp = _kernels(rpe_bias, exp_scores.dtype)
+        z, _, underflow, resolved = _qna_forward(
+            exp_scores, values, rpe_exp, query_mixing, stride, (rpe_bias.shape[-1] - 1) // 2, plan
+        )
+        fell_back = plan.uses_fft and not resolved
+    return recompute_windows(z, underflow, packed, rpe_bias, query_mixing, stride).to(packed.dtype), fell_back
+
+
+def qna_attention(
+    scores: Tensor,
+    values: Tensor,
+    rpe_bias: Tensor,
+    query_mixing: Tensor,
+    stride: int = 1,
+    plan: str | None = None,
+) -> Tensor:
+    """The fast form of QnA's windowed softmax, without the projections.
+
+    ``scores`` (B, H, W, Nq*h) are the logits ``x . (W_k q_n)`` (channel ``n*h + head``), ``values``
+    (B, H, W, F) head-major, ``rpe_bias`` and ``query_mixing`` (Nq, h, k, k). Returns
+    ``z`` (B, H', W', F) ``= sum_n sum_j w_n(j) softmax_j(s_n(j) + b_n(j)) v_j`` over each zero-padded
+    k x k window (padding outside the softmax), ``H' = qna_output_size(H, k, stride)``.
+
+    ``plan`` names the form of each pass (`available_plans`); None: `default_plan` (the module `QnA`
+    tunes its plan instead). Exact for any logits and any plan: one max per image keeps exp finite, and
+    the windows whose logits all lie so far below it that their denominator underflows
+    (`UNDERFLOW_DENOMINATOR`) are recomputed with their own max (`recompute_windows`). Half types run
+    the core in fp32 and return their own dtype.
+    """
+    check_core_args(scores, values, rpe_bias, query_mixing, stride)
+    train = wants_grad(scores, values, rpe_bias, query_mixing)
+    window = rpe_bias.shape[-1]
+    chosen = default_plan(values.device, window, stride, train) if plan is None else get_plan(plan, values.device)
+    packed = torch.cat([values, scores], dim=-1)
+    return qna_attention_packed(packed, rpe_bias, query_mixing, stride, chosen)[0]
