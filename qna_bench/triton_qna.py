@@ -76,36 +76,36 @@ def _launch_args(scores: Tensor, values: Tensor, rpe_bias: Tensor, stride: int) 
 
 
 def _forward(scores: Tensor, values: Tensor, rpe_bias: Tensor, mixing: Tensor, stride: int) -> tuple[Tensor, Tensor]:
-    """z (B, H', W', F) in the inputs' dtype and the windows' log-sum-exp (B, H', W', Nq*h) in fp32/fp64."""
+    """z (B, H', W', F) in the inputs' dtype; the windows' max and 1/den (2, B, H', W', Nq*h) in fp32/fp64."""
     a = _launch_args(scores, values, rpe_bias, stride)
     batch = values.shape[0]
     out_dtype = torch.promote_types(scores.dtype, values.dtype)
     acc_dtype = torch.float64 if a["ACC"] == tl.float64 else torch.float32
     z = values.new_empty(batch, a["OH"], a["OW"], values.shape[-1], dtype=out_dtype)
-    lse = values.new_empty(batch, a["OH"], a["OW"], scores.shape[-1], dtype=acc_dtype)
+    stats = values.new_empty(2, batch, a["OH"], a["OW"], scores.shape[-1], dtype=acc_dtype)
     block_d = min(triton.next_power_of_2(a["D"]), 64)
 
     def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
         return triton.cdiv(a["OH"] * a["OW"], meta["BLOCK_P"]), batch * a["HEADS"], triton.cdiv(a["D"], block_d)
 
-    kernels.qna_forward_kernel[grid](scores, values, rpe_bias, mixing, z, lse, **a, BLOCK_D=block_d)
-    return z, lse
+    kernels.qna_forward_kernel[grid](scores, values, rpe_bias, mixing, z, *stats, **a, BLOCK_D=block_d)
+    return z, stats
 
 
 def _backward(
-    grad_z: Tensor, scores: Tensor, values: Tensor, rpe_bias: Tensor, mixing: Tensor, lse: Tensor, stride: int
+    grad_z: Tensor, scores: Tensor, values: Tensor, rpe_bias: Tensor, mixing: Tensor, stats: Tensor, stride: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of scores, values, rpe_bias and query_mixing, each in its input's dtype."""
     a = _launch_args(scores, values, rpe_bias, stride)
     batch, height, width, _ = values.shape
     head_d = triton.next_power_of_2(a["D"])
-    delta = torch.empty_like(lse)
+    delta = torch.empty_like(stats[0])
 
     def out_grid(meta: dict[str, Any]) -> tuple[int, int]:
         return triton.cdiv(a["OH"] * a["OW"], meta["BLOCK_P"]), batch * a["HEADS"]
 
     kernels.qna_backward_delta_kernel[out_grid](
-        scores, values, rpe_bias, mixing, grad_z, lse, delta, **a, HEAD_D=head_d
+        scores, values, rpe_bias, mixing, grad_z, *stats, delta, **a, HEAD_D=head_d
     )
 
     def in_grid(meta: dict[str, Any]) -> tuple[int, int]:
@@ -114,9 +114,9 @@ def _backward(
     grad_scores = torch.empty_like(scores)
     grad_values = torch.empty_like(values)
     tiles = triton.cdiv(height * width, kernels.MIN_BLOCK_P)
-    partials = lse.new_zeros(tiles, batch, 2, *rpe_bias.shape)
+    partials = stats.new_zeros(tiles, batch, 2, *rpe_bias.shape)
     kernels.qna_backward_kernel[in_grid](
-        scores, values, rpe_bias, mixing, grad_z, lse, delta, grad_scores, grad_values, partials,
+        scores, values, rpe_bias, mixing, grad_z, *stats, delta, grad_scores, grad_values, partials,
         **a, HEAD_D=head_d,
     )
     grad_bias, grad_mixing = partials.sum((0, 1))
@@ -126,15 +126,15 @@ def _backward(
 class _TritonQnA(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, scores: Tensor, values: Tensor, rpe_bias: Tensor, mixing: Tensor, stride: int) -> Tensor:
-        z, lse = _forward(scores, values, rpe_bias, mixing, stride)
-        ctx.save_for_backward(scores, values, rpe_bias, mixing, lse)
+        z, stats = _forward(scores, values, rpe_bias, mixing, stride)
+        ctx.save_for_backward(scores, values, rpe_bias, mixing, stats)
         ctx.stride = stride
         return z
 
     @staticmethod
     def backward(ctx: Any, grad_z: Tensor) -> tuple[Tensor | None, ...]:
-        scores, values, rpe_bias, mixing, lse = ctx.saved_tensors
-        grads = _backward(grad_z.contiguous(), scores, values, rpe_bias, mixing, lse, ctx.stride)
+        scores, values, rpe_bias, mixing, stats = ctx.saved_tensors
+        grads = _backward(grad_z.contiguous(), scores, values, rpe_bias, mixing, stats, ctx.stride)
         return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None)
 
 

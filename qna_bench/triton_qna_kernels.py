@@ -3,11 +3,13 @@
 Whether a kernel runs compiled or in Triton's CPU interpreter is fixed when this module is imported:
 ``triton.jit`` reads ``TRITON_INTERPRET`` when it decorates a kernel, so set it before importing.
 
-Numerics. Each output window o and query n gets its log-sum-exp ``lse_n(o)`` by an online softmax over
-its taps (a running max and a rescaled sum, as flash attention does), from the scores alone (Nq*h
-channels). A second pass over the taps then uses the exact probabilities ``exp(s + b - lse)``, so no
+Numerics. Each output window o and query n gets its max ``m_n(o)`` and denominator by an online softmax
+over its taps (a running max and a rescaled sum, as flash attention does), from the scores alone (Nq*h
+channels). A second pass over the taps then uses the exact probabilities ``exp(s + b - m) / den``, so no
 window underflows whatever the spread of the logits, and nothing of size k^2 per pixel is held. The
-backward recomputes the probabilities from the saved ``lse``. Accumulation is fp32 (fp64 for fp64).
+backward recomputes the probabilities from the saved max and 1/den. (One saved log-sum-exp would cost
+accuracy: rounded at |m|, it shifts every probability by eps * |m|, 1e-5 in fp32 for logits of 150.)
+Accumulation is fp32 (fp64 for fp64).
 
 Layouts: ``scores`` (B, H, W, Nq*h) with channel n*h + head, ``values`` (B, H, W, h*d) head-major,
 ``rpe_bias`` and ``query_mixing`` (Nq, h, k, k). A program owns a tile of pixels of one image and one
@@ -40,10 +42,10 @@ MIN_BLOCK_P = min(config.kwargs["BLOCK_P"] for config in _configs())
 
 
 @triton.jit
-def _window_lse(s_base, b_ptr, oy, ox, p_ok, offs_n, n_ok, head, H, W, HEADS, CS,
-                K: tl.constexpr, STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, NQ_P: tl.constexpr,
-                ACC: tl.constexpr):
-    """log sum_j exp(s_n(j) + b_n(j)) over each output pixel's in-image taps: (BLOCK_P, NQ_P)."""
+def _window_softmax_stats(s_base, b_ptr, oy, ox, p_ok, offs_n, n_ok, head, H, W, HEADS, CS,
+                          K: tl.constexpr, STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, NQ_P: tl.constexpr,
+                          ACC: tl.constexpr):
+    """Max m and 1 / sum_j exp(s_n(j) + b_n(j) - m) over each output pixel's in-image taps: (BLOCK_P, NQ_P)."""
     PAD: tl.constexpr = (K - 1) // 2
     m = tl.full((BLOCK_P, NQ_P), float("-inf"), ACC)
     total = tl.zeros((BLOCK_P, NQ_P), ACC)
@@ -61,17 +63,17 @@ def _window_lse(s_base, b_ptr, oy, ox, p_ok, offs_n, n_ok, head, H, W, HEADS, CS
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         total = total * tl.exp(m - shift) + tl.exp(logit - shift)
         m = m_new
-    # Every window holds its centre pixel, so total > 0 on real pixels and queries; the rest are never read.
-    return tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), 0.0)
+    # Every window holds its centre pixel, so total >= 1 on real pixels and queries; 0 leaves the rest out.
+    return shift, tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
 
 
 @triton.autotune(configs=_configs(), key=_TUNING_KEY)
 @triton.jit
-def qna_forward_kernel(s_ptr, v_ptr, b_ptr, w_ptr, z_ptr, lse_ptr,
+def qna_forward_kernel(s_ptr, v_ptr, b_ptr, w_ptr, z_ptr, max_ptr, inv_ptr,
                        H, W, OH, OW, HEADS, D, NQ,
                        K: tl.constexpr, STRIDE: tl.constexpr, NQ_P: tl.constexpr, BLOCK_D: tl.constexpr,
                        ACC: tl.constexpr, BLOCK_P: tl.constexpr):
-    """z (B, OH, OW, h*d) and lse (B, OH, OW, Nq*h); grid (pixel tiles, B*h, channel blocks of d)."""
+    """z (B, OH, OW, h*d), window max and 1/den (B, OH, OW, Nq*h); grid (pixel tiles, B*h, blocks of d)."""
     pid_p = tl.program_id(0)
     b = tl.program_id(1) // HEADS
     head = tl.program_id(1) % HEADS
@@ -90,8 +92,8 @@ def qna_forward_kernel(s_ptr, v_ptr, b_ptr, w_ptr, z_ptr, lse_ptr,
     s_base = s_ptr + b.to(tl.int64) * H * W * CS
     v_base = v_ptr + b.to(tl.int64) * H * W * F + head * D
 
-    lse = _window_lse(s_base, b_ptr, oy, ox, p_ok, offs_n, n_ok, head, H, W, HEADS, CS,
-                      K, STRIDE, BLOCK_P, NQ_P, ACC)
+    m, inv = _window_softmax_stats(s_base, b_ptr, oy, ox, p_ok, offs_n, n_ok, head, H, W, HEADS, CS,
+                                   K, STRIDE, BLOCK_P, NQ_P, ACC)
     acc = tl.zeros((BLOCK_P, BLOCK_D), ACC)
     for t in range(K * K):
         y = oy * STRIDE + t // K - PAD
@@ -103,7 +105,7 @@ def qna_forward_kernel(s_ptr, v_ptr, b_ptr, w_ptr, z_ptr, lse_ptr,
         kernel_at = (offs_n * HEADS + head) * (K * K) + t
         bias = tl.load(b_ptr + kernel_at, mask=n_ok, other=0.0).to(ACC)
         mix = tl.load(w_ptr + kernel_at, mask=n_ok, other=0.0).to(ACC)
-        prob = tl.exp(tl.where(mask, s + bias[None, :] - lse, float("-inf")))
+        prob = tl.exp(tl.where(mask, s + bias[None, :] - m, float("-inf"))) * inv
         coeff = tl.sum(prob * mix[None, :], axis=1)  # the Nq queries mixed into one weight per tap
         v = tl.load(v_base + pix[:, None] * F + offs_d[None, :], mask=inside[:, None] & d_ok[None, :],
                     other=0.0).to(ACC)
@@ -112,13 +114,15 @@ def qna_forward_kernel(s_ptr, v_ptr, b_ptr, w_ptr, z_ptr, lse_ptr,
     out_base = b.to(tl.int64) * OH * OW
     z_at = z_ptr + (out_base + offs_p)[:, None] * F + head * D + offs_d[None, :]
     tl.store(z_at, acc.to(z_ptr.dtype.element_ty), mask=p_ok[:, None] & d_ok[None, :])
-    lse_at = lse_ptr + (out_base + offs_p)[:, None] * CS + offs_n[None, :] * HEADS + head
-    tl.store(lse_at, lse, mask=p_ok[:, None] & n_ok[None, :] & (pid_d == 0))
+    stat_at = (out_base + offs_p)[:, None] * CS + offs_n[None, :] * HEADS + head
+    stat_ok = p_ok[:, None] & n_ok[None, :] & (pid_d == 0)
+    tl.store(max_ptr + stat_at, m, mask=stat_ok)
+    tl.store(inv_ptr + stat_at, inv, mask=stat_ok)
 
 
 @triton.autotune(configs=_configs(), key=_TUNING_KEY)
 @triton.jit
-def qna_backward_delta_kernel(s_ptr, v_ptr, b_ptr, w_ptr, g_ptr, lse_ptr, delta_ptr,
+def qna_backward_delta_kernel(s_ptr, v_ptr, b_ptr, w_ptr, g_ptr, max_ptr, inv_ptr, delta_ptr,
                               H, W, OH, OW, HEADS, D, NQ,
                               K: tl.constexpr, STRIDE: tl.constexpr, NQ_P: tl.constexpr, HEAD_D: tl.constexpr,
                               ACC: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -142,7 +146,8 @@ def qna_backward_delta_kernel(s_ptr, v_ptr, b_ptr, w_ptr, g_ptr, lse_ptr, delta_
     out_base = b.to(tl.int64) * OH * OW
     stat_at = (out_base + offs_p)[:, None] * CS + offs_n[None, :] * HEADS + head
     stat_ok = p_ok[:, None] & n_ok[None, :]
-    lse = tl.load(lse_ptr + stat_at, mask=stat_ok, other=0.0)
+    m = tl.load(max_ptr + stat_at, mask=stat_ok, other=0.0)
+    inv = tl.load(inv_ptr + stat_at, mask=stat_ok, other=0.0)
     g = tl.load(g_ptr + (out_base + offs_p)[:, None] * F + head * D + offs_d[None, :],
                 mask=p_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
 
@@ -157,7 +162,7 @@ def qna_backward_delta_kernel(s_ptr, v_ptr, b_ptr, w_ptr, g_ptr, lse_ptr, delta_
         kernel_at = (offs_n * HEADS + head) * (K * K) + t
         bias = tl.load(b_ptr + kernel_at, mask=n_ok, other=0.0).to(ACC)
         mix = tl.load(w_ptr + kernel_at, mask=n_ok, other=0.0).to(ACC)
-        prob = tl.exp(tl.where(mask, s + bias[None, :] - lse, float("-inf")))
+        prob = tl.exp(tl.where(mask, s + bias[None, :] - m, float("-inf"))) * inv
         v = tl.load(v_base + pix[:, None] * F + offs_d[None, :], mask=inside[:, None] & d_ok[None, :],
                     other=0.0).to(ACC)
         gv = tl.sum(g * v, axis=1)
@@ -168,7 +173,7 @@ def qna_backward_delta_kernel(s_ptr, v_ptr, b_ptr, w_ptr, g_ptr, lse_ptr, delta_
 # Rows of tiles a config does not reach must read 0: the autotuner zeroes part after benchmarking.
 @triton.autotune(configs=_configs(), key=_TUNING_KEY, reset_to_zero=["part_ptr"])
 @triton.jit
-def qna_backward_kernel(s_ptr, v_ptr, b_ptr, w_ptr, g_ptr, lse_ptr, delta_ptr,
+def qna_backward_kernel(s_ptr, v_ptr, b_ptr, w_ptr, g_ptr, max_ptr, inv_ptr, delta_ptr,
                         ds_ptr, dv_ptr, part_ptr,
                         H, W, OH, OW, HEADS, D, NQ,
                         K: tl.constexpr, STRIDE: tl.constexpr, NQ_P: tl.constexpr, HEAD_D: tl.constexpr,
@@ -217,14 +222,15 @@ def qna_backward_kernel(s_ptr, v_ptr, b_ptr, w_ptr, g_ptr, lse_ptr, delta_ptr,
         mask = valid[:, None] & n_ok[None, :]
         o = out_base + oy * OW + ox
         stat_at = o[:, None] * CS + offs_n[None, :] * HEADS + head
-        lse = tl.load(lse_ptr + stat_at, mask=mask, other=0.0)
+        m = tl.load(max_ptr + stat_at, mask=mask, other=0.0)
+        inv = tl.load(inv_ptr + stat_at, mask=mask, other=0.0)
         delta = tl.load(delta_ptr + stat_at, mask=mask, other=0.0)
         g = tl.load(g_ptr + o[:, None] * F + head * D + offs_d[None, :], mask=valid[:, None] & d_ok[None, :],
                     other=0.0).to(ACC)
         kernel_at = (offs_n * HEADS + head) * (K * K) + t
         bias = tl.load(b_ptr + kernel_at, mask=n_ok, other=0.0).to(ACC)
         mix = tl.load(w_ptr + kernel_at, mask=n_ok, other=0.0).to(ACC)
-        prob = tl.exp(tl.where(mask, s + bias[None, :] - lse, float("-inf")))
+        prob = tl.exp(tl.where(mask, s + bias[None, :] - m, float("-inf"))) * inv
         u = tl.sum(g * v, axis=1)
         dv += tl.sum(prob * mix[None, :], axis=1)[:, None] * g
         d_logit = prob * (mix[None, :] * u[:, None] - delta)
