@@ -33,12 +33,24 @@ def _configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_P": 128}, num_warps=1)]
     return [
         triton.Config({"BLOCK_P": block}, num_warps=warps)
-        for block, warps in ((32, 2), (64, 2), (64, 4), (128, 4), (128, 8), (256, 8))
+        for block, warps in ((32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8))
     ]
+
+
+def _fitting(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    """Configs giving a thread at most 16 elements of a (pixels, channels) tile.
+
+    ptxas for sm_90 (Triton 3.8), backward kernel: 8 per thread take 124 registers, 16 take 245, and 32
+    take all 255 plus a 456-byte spill stack.
+    """
+    width = kwargs.get("BLOCK_D") or kwargs["HEAD_D"]
+    fit = [c for c in configs if c.kwargs["BLOCK_P"] * width <= 16 * 32 * c.num_warps]
+    return fit or [min(configs, key=lambda c: c.kwargs["BLOCK_P"] / c.num_warps)]
 
 
 # The backward's per-tile partial sums need a row per tile of the smallest pixel block any config uses.
 MIN_BLOCK_P = min(config.kwargs["BLOCK_P"] for config in _configs())
+_PRUNE = {"early_config_prune": _fitting}
 
 
 @triton.jit
@@ -64,10 +76,11 @@ def _window_softmax_stats(s_base, b_ptr, oy, ox, p_ok, offs_n, n_ok, head, H, W,
         total = total * tl.exp(m - shift) + tl.exp(logit - shift)
         m = m_new
     # Every window holds its centre pixel, so total >= 1 on real pixels and queries; 0 leaves the rest out.
-    return shift, tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+    inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+    return tl.where(m == float("-inf"), 0.0, m), inv
 
 
-@triton.autotune(configs=_configs(), key=_TUNING_KEY)
+@triton.autotune(configs=_configs(), key=_TUNING_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def qna_forward_kernel(s_ptr, v_ptr, b_ptr, w_ptr, z_ptr, max_ptr, inv_ptr,
                        H, W, OH, OW, HEADS, D, NQ,
@@ -120,7 +133,7 @@ def qna_forward_kernel(s_ptr, v_ptr, b_ptr, w_ptr, z_ptr, max_ptr, inv_ptr,
     tl.store(inv_ptr + stat_at, inv, mask=stat_ok)
 
 
-@triton.autotune(configs=_configs(), key=_TUNING_KEY)
+@triton.autotune(configs=_configs(), key=_TUNING_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def qna_backward_delta_kernel(s_ptr, v_ptr, b_ptr, w_ptr, g_ptr, max_ptr, inv_ptr, delta_ptr,
                               H, W, OH, OW, HEADS, D, NQ,
@@ -171,7 +184,7 @@ def qna_backward_delta_kernel(s_ptr, v_ptr, b_ptr, w_ptr, g_ptr, max_ptr, inv_pt
 
 
 # Rows of tiles a config does not reach must read 0: the autotuner zeroes part after benchmarking.
-@triton.autotune(configs=_configs(), key=_TUNING_KEY, reset_to_zero=["part_ptr"])
+@triton.autotune(configs=_configs(), key=_TUNING_KEY, prune_configs_by=_PRUNE, reset_to_zero=["part_ptr"])
 @triton.jit
 def qna_backward_kernel(s_ptr, v_ptr, b_ptr, w_ptr, g_ptr, max_ptr, inv_ptr, delta_ptr,
                         ds_ptr, dv_ptr, part_ptr,

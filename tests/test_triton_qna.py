@@ -98,6 +98,34 @@ def test_bad_shapes_are_refused_with_what_is_allowed() -> None:
         triton_qna_attention(scores, values, torch.zeros(3, 2, 3, 3), torch.zeros(3, 2, 3, 3))
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_kernels_compile_for_an_h100_without_a_gpu(dtype: str) -> None:
+    """The interpreter runs Python: a kernel that it accepts may still not compile (a name bound only in a loop)."""
+    compiler = pytest.importorskip("triton.compiler")
+    target = pytest.importorskip("triton.backends.compiler").GPUTarget("cuda", 90, 32)
+    import triton
+    import triton.language as tl
+
+    from qna_bench import triton_qna_kernels as kernels
+
+    if kernels.INTERPRETED:
+        pytest.skip("this process imported the kernels for the interpreter (TRITON_INTERPRET=1)")
+    stats = {"max_ptr", "inv_ptr", "delta_ptr", "part_ptr"}
+    for name, width in [("qna_forward_kernel", "BLOCK_D"), ("qna_backward_delta_kernel", "HEAD_D"),
+                        ("qna_backward_kernel", "HEAD_D")]:
+        jitted = getattr(kernels, name).fn  # the autotuner wraps the JITFunction
+        constants = dict(K=3, STRIDE=2, NQ_P=2, BLOCK_P=32, ACC=tl.float32, **{width: 8})
+        signature = {
+            arg: "constexpr" if arg in constants else ("*fp32" if arg in stats else f"*{dtype}")
+            if arg.endswith("_ptr") else "i32"
+            for arg in jitted.arg_names
+        }
+        source = compiler.ASTSource(
+            jitted, signature, constexprs={(jitted.arg_names.index(c),): v for c, v in constants.items()}
+        )
+        assert triton.compile(source, target=target, options={"num_warps": 4}).asm["cubin"], name
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("stride", [1, 2])
