@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 try:
     import triton
@@ -132,6 +133,7 @@ class _TritonQnA(torch.autograd.Function):
         return z
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_z: Tensor) -> tuple[Tensor | None, ...]:
         scores, values, rpe_bias, mixing, stats = ctx.saved_tensors
         grads = _backward(grad_z.contiguous(), scores, values, rpe_bias, mixing, stats, ctx.stride)
@@ -146,7 +148,7 @@ def triton_qna_attention(
     ``scores`` (B, H, W, Nq*h) with channel ``n*h + head``, ``values`` (B, H, W, F) head-major,
     ``rpe_bias`` and ``query_mixing`` (Nq, h, k, k), k odd; returns ``z`` (B, H', W', F)
     ``= sum_n sum_j w_n(j) softmax_j(s_n(j) + b_n(j)) v_j`` over each zero-padded k x k window, padding
-    outside the softmax, stride 1 or 2. Exact for any spread of the logits (a log-sum-exp per window);
+    outside the softmax, stride 1 or 2. Exact for any spread of the logits (a max and denominator per window);
     half types accumulate in fp32. Differentiable in all four tensors.
     """
     _check_args(scores, values, rpe_bias, query_mixing, stride)
