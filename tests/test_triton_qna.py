@@ -70,11 +70,13 @@ def interpreted() -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_the_interpreter_runs_the_kernels_on_cpu(interpreted: dict) -> None:
     assert interpreted["interpret_env"] == "1"
     assert interpreted["cpu_available"] is True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_interpreted_output_and_every_gradient_match_the_reference(interpreted: dict, case: dict) -> None:
     errors = interpreted["cases"][case["id"]]
