@@ -109,12 +109,15 @@ def _backward(
         scores, values, rpe_bias, mixing, grad_z, *stats, delta, **a, HEAD_D=head_d
     )
 
-    def in_grid(meta: dict[str, Any]) -> tuple[int, int]:
-        return triton.cdiv(height * width, meta["BLOCK_P"]), batch * a["HEADS"]
+    # Pixels split by parity class (y, x mod stride); class (0, 0) is the largest.
+    class_pixels = triton.cdiv(height, stride) * triton.cdiv(width, stride)
+
+    def in_grid(meta: dict[str, Any]) -> tuple[int, int, int]:
+        return triton.cdiv(class_pixels, meta["BLOCK_P"]), batch * a["HEADS"], stride * stride
 
     grad_scores = torch.empty_like(scores)
     grad_values = torch.empty_like(values)
-    tiles = triton.cdiv(height * width, kernels.MIN_BLOCK_P)
+    tiles = stride * stride * triton.cdiv(class_pixels, kernels.MIN_BLOCK_P)
     partials = stats.new_zeros(tiles, batch, 2, *rpe_bias.shape)
     kernels.qna_backward_kernel[in_grid](
         scores, values, rpe_bias, mixing, grad_z, *stats, delta, grad_scores, grad_values, partials,

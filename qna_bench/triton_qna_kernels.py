@@ -196,60 +196,64 @@ def qna_backward_kernel(s_ptr, v_ptr, b_ptr, w_ptr, g_ptr, max_ptr, inv_ptr, del
     With a = a_n(o, j), w = w_n(j - o), u = g(o).v_j and delta_n(o) from the kernel above:
     dv_j = sum_o sum_n w a g(o);  ds_n(j) = sum_o a (w u - delta_n(o)), also the logit gradient of the
     pair, summed over j into the bias partial; and a u summed over j into the mixing partial. Partials
-    go to part (tiles, B, 2, Nq, h, k*k), summed by the caller: each (o, j) pair is visited once.
+    go to part (STRIDE^2 * tiles, B, 2, Nq, h, k*k), summed by the caller: each (o, j) pair is visited once.
+    A program takes pixels of one parity class (y, x mod STRIDE), so at stride 2 it visits only the
+    quarter of the taps that reach an output, the same for all its pixels; grid (tiles, B*h, STRIDE^2).
     """
     pid_p = tl.program_id(0)
     b = tl.program_id(1) // HEADS
     head = tl.program_id(1) % HEADS
+    py = tl.program_id(2) // STRIDE
+    px = tl.program_id(2) % STRIDE
     PAD: tl.constexpr = (K - 1) // 2
     CS = NQ * HEADS
     F = HEADS * D
+    class_w = (W - px + STRIDE - 1) // STRIDE
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = offs_p < H * W
-    y = offs_p // W
-    x = offs_p % W
+    p_ok = offs_p < ((H - py + STRIDE - 1) // STRIDE) * class_w
+    y = py + STRIDE * (offs_p // class_w)
+    x = px + STRIDE * (offs_p % class_w)
     offs_n = tl.arange(0, NQ_P)
     n_ok = offs_n < NQ
     offs_d = tl.arange(0, HEAD_D)
     d_ok = offs_d < D
     in_base = b.to(tl.int64) * H * W
     out_base = b.to(tl.int64) * OH * OW
-    s_at = (in_base + offs_p)[:, None] * CS + offs_n[None, :] * HEADS + head
+    s_at = (in_base + y * W + x)[:, None] * CS + offs_n[None, :] * HEADS + head
     s_ok = p_ok[:, None] & n_ok[None, :]
-    v_at = (in_base + offs_p)[:, None] * F + head * D + offs_d[None, :]
+    v_at = (in_base + y * W + x)[:, None] * F + head * D + offs_d[None, :]
     v_ok = p_ok[:, None] & d_ok[None, :]
     s = tl.load(s_ptr + s_at, mask=s_ok, other=0.0).to(ACC)
     v = tl.load(v_ptr + v_at, mask=v_ok, other=0.0).to(ACC)
 
     ds = tl.zeros((BLOCK_P, NQ_P), ACC)
     dv = tl.zeros((BLOCK_P, HEAD_D), ACC)
-    tile = pid_p * (tl.num_programs(1) // HEADS) + b
+    tile = (tl.program_id(2) * tl.num_programs(0) + pid_p) * (tl.num_programs(1) // HEADS) + b
     part_base = part_ptr + tile.to(tl.int64) * (2 * CS * K * K)
-    for t in range(K * K):
-        # Output o with o * STRIDE + tap - PAD = j; offset by STRIDE * K to divide non-negative integers only.
-        ny = y + PAD - t // K + STRIDE * K
-        nx = x + PAD - t % K + STRIDE * K
-        oy = ny // STRIDE - K
-        ox = nx // STRIDE - K
-        valid = p_ok & (ny % STRIDE == 0) & (nx % STRIDE == 0) & (oy >= 0) & (oy < OH) & (ox >= 0) & (ox < OW)
-        mask = valid[:, None] & n_ok[None, :]
-        o = out_base + oy * OW + ox
-        stat_at = o[:, None] * CS + offs_n[None, :] * HEADS + head
-        m = tl.load(max_ptr + stat_at, mask=mask, other=0.0)
-        inv = tl.load(inv_ptr + stat_at, mask=mask, other=0.0)
-        delta = tl.load(delta_ptr + stat_at, mask=mask, other=0.0)
-        g = tl.load(g_ptr + o[:, None] * F + head * D + offs_d[None, :], mask=valid[:, None] & d_ok[None, :],
-                    other=0.0).to(ACC)
-        kernel_at = (offs_n * HEADS + head) * (K * K) + t
-        bias = tl.load(b_ptr + kernel_at, mask=n_ok, other=0.0).to(ACC)
-        mix = tl.load(w_ptr + kernel_at, mask=n_ok, other=0.0).to(ACC)
-        prob = tl.exp(tl.where(mask, s + bias[None, :] - m, float("-inf"))) * inv
-        u = tl.sum(g * v, axis=1)
-        dv += tl.sum(prob * mix[None, :], axis=1)[:, None] * g
-        d_logit = prob * (mix[None, :] * u[:, None] - delta)
-        ds += d_logit
-        tl.store(part_base + kernel_at, tl.sum(d_logit, axis=0), mask=n_ok)
-        tl.store(part_base + CS * K * K + kernel_at, tl.sum(prob * u[:, None], axis=0), mask=n_ok)
+    # Output o with o * STRIDE + tap - PAD = j: the taps of this class's parity, y + PAD - tap >= -2 * PAD.
+    for ty in range((py + PAD) % STRIDE, K, STRIDE):
+        oy = (y + PAD - ty + STRIDE * K) // STRIDE - K  # offset: divide non-negative integers only
+        for tx in range((px + PAD) % STRIDE, K, STRIDE):
+            ox = (x + PAD - tx + STRIDE * K) // STRIDE - K
+            valid = p_ok & (oy >= 0) & (oy < OH) & (ox >= 0) & (ox < OW)
+            mask = valid[:, None] & n_ok[None, :]
+            o = out_base + oy * OW + ox
+            stat_at = o[:, None] * CS + offs_n[None, :] * HEADS + head
+            m = tl.load(max_ptr + stat_at, mask=mask, other=0.0)
+            inv = tl.load(inv_ptr + stat_at, mask=mask, other=0.0)
+            delta = tl.load(delta_ptr + stat_at, mask=mask, other=0.0)
+            g = tl.load(g_ptr + o[:, None] * F + head * D + offs_d[None, :],
+                        mask=valid[:, None] & d_ok[None, :], other=0.0).to(ACC)
+            kernel_at = (offs_n * HEADS + head) * (K * K) + ty * K + tx
+            bias = tl.load(b_ptr + kernel_at, mask=n_ok, other=0.0).to(ACC)
+            mix = tl.load(w_ptr + kernel_at, mask=n_ok, other=0.0).to(ACC)
+            prob = tl.exp(tl.where(mask, s + bias[None, :] - m, float("-inf"))) * inv
+            u = tl.sum(g * v, axis=1)
+            dv += tl.sum(prob * mix[None, :], axis=1)[:, None] * g
+            d_logit = prob * (mix[None, :] * u[:, None] - delta)
+            ds += d_logit
+            tl.store(part_base + kernel_at, tl.sum(d_logit, axis=0), mask=n_ok)
+            tl.store(part_base + CS * K * K + kernel_at, tl.sum(prob * u[:, None], axis=0), mask=n_ok)
 
     tl.store(ds_ptr + s_at, ds.to(ds_ptr.dtype.element_ty), mask=s_ok)
     tl.store(dv_ptr + v_at, dv.to(dv_ptr.dtype.element_ty), mask=v_ok)
