@@ -77,6 +77,27 @@ def test_the_interpreter_runs_the_kernels_on_cpu(interpreted: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stride", [1, 2])
+def test_the_interpreter_offers_the_triton_plan_and_a_forced_qna_layer_matches_its_reference(interpreted, stride):
+    assert "triton" in interpreted["cpu_plans"] and "direct" in interpreted["cpu_plans"]
+    errors = dict(interpreted["forced"][str(stride)])
+    assert errors.pop("plan") == "triton"
+    assert errors and all(error < 1e-12 for error in errors.values()), errors
+
+
+def test_without_the_interpreter_the_cpu_has_no_triton_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qna_bench.qna import available_plans
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "triton" not in available_plans("cpu")
+    from qna_bench.qna import QnA
+
+    module = QnA(8, 8, heads=2, window=3, plan="triton")  # a name some device runs: checked at the call
+    with pytest.raises(ValueError, match="plan='triton': QnA's plans on cpu are direct"):
+        module(torch.randn(1, 5, 5, 8))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_interpreted_output_and_every_gradient_match_the_reference(interpreted: dict, case: dict) -> None:
     errors = interpreted["cases"][case["id"]]
@@ -88,14 +109,14 @@ def test_interpreted_output_and_every_gradient_match_the_reference(interpreted: 
 
 
 def test_cpu_needs_the_interpreter_flag(monkeypatch: pytest.MonkeyPatch) -> None:
-    from qna_bench.triton_qna import triton_available
+    from qna_bench.qna.triton_core import triton_available
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not triton_available("cpu")
 
 
 def test_bad_shapes_are_refused_with_what_is_allowed() -> None:
-    from qna_bench.triton_qna import triton_qna_attention
+    from qna_bench.qna.triton_core import triton_qna_attention
 
     scores, values = torch.zeros(1, 5, 5, 4), torch.zeros(1, 5, 5, 8)
     with pytest.raises(ValueError, match="k odd"):
@@ -108,7 +129,7 @@ def test_bad_shapes_are_refused_with_what_is_allowed() -> None:
 
 def test_autotuning_keeps_only_configs_whose_tiles_fit_in_registers() -> None:
     triton = pytest.importorskip("triton")
-    from qna_bench.triton_qna_kernels import _fitting
+    from qna_bench.qna.triton_kernels import _fitting
 
     wide, narrow = triton.Config({"BLOCK_P": 256}, num_warps=8), triton.Config({"BLOCK_P": 32}, num_warps=4)
     assert _fitting([wide, narrow], {}, BLOCK_D=8) == [wide, narrow]
@@ -124,7 +145,7 @@ def test_kernels_compile_for_an_h100_without_a_gpu(dtype: str) -> None:
     import triton
     import triton.language as tl
 
-    from qna_bench import triton_qna_kernels as kernels
+    from qna_bench.qna import triton_kernels as kernels
 
     if kernels.INTERPRETED:
         pytest.skip("this process imported the kernels for the interpreter (TRITON_INTERPRET=1)")
@@ -151,7 +172,7 @@ def test_kernels_compile_for_an_h100_without_a_gpu(dtype: str) -> None:
 @pytest.mark.parametrize("scale", [1.0, 30.0])
 def test_cuda_output_and_every_gradient_match_the_reference(dtype: torch.dtype, stride: int, scale: float) -> None:
     from qna_bench.qna import qna_attention_reference
-    from qna_bench.triton_qna import triton_available, triton_qna_attention
+    from qna_bench.qna.triton_core import triton_available, triton_qna_attention
 
     assert triton_available("cuda")
     gen = torch.Generator(device="cuda").manual_seed(stride)

@@ -14,8 +14,8 @@ import sys
 
 import torch
 
-from qna_bench.qna import qna_attention_reference
-from qna_bench.triton_qna import triton_available, triton_qna_attention
+from qna_bench.qna import available_plans, qna_attention_reference
+from qna_bench.qna.triton_core import triton_available, triton_qna_attention
 
 NAMES = ("scores", "values", "rpe_bias", "query_mixing")
 
@@ -52,11 +52,37 @@ def run_case(case: dict) -> dict[str, float | str]:
     return errors
 
 
+def forced_plan_errors(stride: int) -> dict[str, float]:
+    """`QnA(..., plan="triton")` against the same module in its reference form, fp64: the output and the
+    gradients of the input and of every parameter (largest relative error)."""
+    from qna_bench.qna import QnA
+
+    torch.manual_seed(stride)
+    module = QnA(8, 8, heads=2, window=5, stride=stride, plan="triton").double()
+    x = torch.randn(2, 9, 10, 8, dtype=torch.float64, requires_grad=True)
+    errors = {}
+    outputs = {}
+    for impl in ("fast", "reference"):
+        module.impl = impl
+        module.zero_grad()
+        x.grad = None
+        out = module(x)
+        out.backward(torch.ones_like(out))
+        outputs[impl] = [out.detach(), x.grad.clone(), *(p.grad.clone() for p in module.parameters())]
+    for i, (got, want) in enumerate(zip(outputs["fast"], outputs["reference"])):
+        errors[str(i)] = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+    module.impl = "fast"
+    errors["plan"] = module.plan_flags().get("plan_name", "")
+    return errors
+
+
 def main() -> None:
     cases = json.load(sys.stdin)
     report = {
         "interpret_env": os.environ.get("TRITON_INTERPRET"),
         "cpu_available": triton_available("cpu"),
+        "cpu_plans": available_plans("cpu"),
+        "forced": {str(stride): forced_plan_errors(stride) for stride in (1, 2)},
         "cases": {case["id"]: run_case(case) for case in cases},
     }
     print(json.dumps(report))

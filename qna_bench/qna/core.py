@@ -240,6 +240,12 @@ def qna_attention_packed(
     also returns whether the plan's FFT passes fell back to direct ones on these data (`fft_resolves`)."""
     train = wants_grad(packed, rpe_bias, query_mixing)
     plan = plan.resolved(stride, train)
+    if plan.kernel == "triton":
+        from qna_bench.qna.triton_core import triton_qna_attention
+
+        features = packed.shape[-1] - rpe_bias.shape[0] * rpe_bias.shape[1]
+        z = triton_qna_attention(packed[..., features:], packed[..., :features], rpe_bias, query_mixing, stride)
+        return z.to(packed.dtype), False  # exact everywhere: each window's own running max
     if train:
         z, underflow, fell_back_flag = _QnAAttention.apply(packed, rpe_bias, query_mixing, stride, plan)
         fell_back = plan.uses_fft and bool(fell_back_flag.detach())

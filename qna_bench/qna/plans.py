@@ -10,6 +10,7 @@ A GPU plan is one more `register_plan` entry, with the forms its kernels impleme
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,6 +18,7 @@ import torch
 
 ConvForm = Literal["direct", "padded"]
 Form = Literal["direct", "fft"]
+Kernel = Literal["convolutions", "triton"]
 PASSES: tuple[str, ...] = ("convolutions", "numerators", "numerator_grads", "kernel_grads")
 
 # Bytes of one chunk's spectrum in the FFT kernel gradients and numerators: the extra memory is a few
@@ -41,6 +43,10 @@ class Plan:
         ``numerator_grads`` is ``fft``) by PyTorch's convolution backward or as FFT cross-correlations.
     fft_chunk_bytes: the spectrum bytes per chunk of every FFT pass.
     min_window: the tuner times this plan from this window on (any plan can be forced at any window).
+    kernel: ``convolutions`` (the passes above, in PyTorch) or ``triton`` (the whole core as Triton
+        kernels, `qna_bench.qna.triton_core`; the convolution forms then do not apply).
+    tuned_on: the device types whose tuner times this plan (default: all of ``devices``); a plan that
+        runs on a device only to be checked there (Triton's CPU interpreter) is forced, never tuned.
 
     Every FFT pass runs only where the data let an FFT resolve it (`qna_bench.qna.fft.fft_resolves`);
     elsewhere the call falls back to the direct form of that pass and says so.
@@ -54,6 +60,8 @@ class Plan:
     kernel_grads: Form = "direct"
     fft_chunk_bytes: int = FFT_CHUNK_BYTES
     min_window: int = 1
+    kernel: Kernel = "convolutions"
+    tuned_on: tuple[str, ...] | None = None
     description: str = ""
 
     def resolved(self, stride: int, train: bool) -> Plan:
@@ -69,14 +77,18 @@ class Plan:
     @property
     def forms(self) -> tuple[str, ...]:
         """What runs, pass by pass (equal forms: the same work, whatever the names)."""
+        if self.kernel != "convolutions":
+            return (self.kernel,)
         return (*(getattr(self, p) for p in PASSES), str(self.fft_chunk_bytes if self.uses_fft else 0))
 
     @property
     def uses_fft(self) -> bool:
-        return "fft" in (self.numerators, self.numerator_grads, self.kernel_grads)
+        return self.kernel == "convolutions" and "fft" in (self.numerators, self.numerator_grads, self.kernel_grads)
 
     def record(self, train: bool) -> dict[str, str]:
         """A readable name per pass that runs in this mode, for a row's ``layer_flags``."""
+        if self.kernel != "convolutions":
+            return {"kernel": self.kernel}
         passes = PASSES if train else PASSES[:2]
         record = {p: getattr(self, p) for p in passes}
         if self.uses_fft:
@@ -104,16 +116,28 @@ def _device_type(device: str | torch.device) -> str:
     return torch.device(device).type
 
 
+def _runs_on(plan: Plan, device: str | torch.device) -> bool:
+    if _device_type(device) not in plan.devices:
+        return False
+    if plan.kernel == "triton":
+        if _device_type(device) == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return False  # decided without importing Triton
+        from qna_bench.qna.triton_core import triton_available
+
+        return triton_available(device)
+    return True
+
+
 def available_plans(device: str | torch.device) -> list[str]:
-    """The names of the plans that can run on ``device`` (a str or torch.device), in registry order."""
-    kind = _device_type(device)
-    return [name for name, plan in _PLANS.items() if kind in plan.devices]
+    """The names of the plans that can run on ``device`` (a str or torch.device), in registry order; the
+    Triton plan on CUDA, and on CPU only in Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    return [name for name, plan in _PLANS.items() if _runs_on(plan, device)]
 
 
 def get_plan(name: str, device: str | torch.device) -> Plan:
     """The plan called ``name``; ValueError naming the allowed values when it cannot run on ``device``."""
     plan = _PLANS.get(name)
-    if plan is None or _device_type(device) not in plan.devices:
+    if plan is None or not _runs_on(plan, device):
         allowed = ", ".join(available_plans(device))
         raise ValueError(f"plan={name!r}: QnA's plans on {_device_type(device)} are {allowed}")
     return plan
@@ -125,7 +149,7 @@ def candidate_plans(device: str | torch.device, window: int, stride: int, train:
     seen: dict[tuple[str, ...], Plan] = {}
     for name in available_plans(device):
         plan = _PLANS[name]
-        if window >= plan.min_window:
+        if window >= plan.min_window and _device_type(device) in (plan.tuned_on or plan.devices):
             resolved = plan.resolved(stride, train)
             seen.setdefault(resolved.forms, resolved)
     return list(seen.values())
@@ -170,3 +194,8 @@ register_plan(Plan("fft", ("cpu",), numerators="fft", numerator_grads="fft", ker
 # kept to force and check the forward's FFT alone.
 register_plan(Plan("fft_forward", ("cpu",), numerators="fft", min_window=1 << 30,
                    description="FFT numerators in the forward, a direct backward"))
+# The whole core as Triton kernels (`qna_bench.qna.triton_core`): one pass over each window with an
+# online softmax, nothing of size k^2 per pixel, on the GPU; on CPU only in Triton's interpreter, to be
+# forced and checked against the reference, never timed.
+register_plan(Plan("triton", ("cpu", "cuda"), kernel="triton", tuned_on=("cuda",),
+                   description="the whole windowed softmax as Triton kernels (GPU)"))

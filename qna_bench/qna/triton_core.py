@@ -18,7 +18,7 @@ try:
     import triton
     import triton.language as tl
 
-    from qna_bench import triton_qna_kernels as kernels
+    from qna_bench.qna import triton_kernels as kernels
 except ImportError:  # a torch build without Triton: `triton_available` says False
     triton = tl = kernels = None
 
