@@ -35,8 +35,9 @@ def _rates(probe, small, large, rounds: int = 3) -> tuple[float, float, int, int
         ("gemm", lambda s: probes.gemm_probe(CPU, torch.float32, s, repeats=2), 1, 4),
         ("depthwise", lambda s: probes.depthwise_probe(CPU, torch.float32, s, repeats=2), 1, 4),
         ("dense conv", lambda s: probes.dense_conv_probe(CPU, torch.float32, s, repeats=2), 1, 4),
-        ("copy", lambda s: probes.copy_probe(CPU, torch.float32, s, repeats=2), 64 * MIB, 256 * MIB),
-        ("triad", lambda s: probes.triad_probe(CPU, torch.float32, s, repeats=2), 96 * MIB, 384 * MIB),
+        # working sets 4x and 16x a 32 MiB LLC: both past the cache, so one level and one rate
+        ("copy", lambda s: probes.copy_probe(CPU, torch.float32, s, repeats=2), 128 * MIB, 512 * MIB),
+        ("triad", lambda s: probes.triad_probe(CPU, torch.float32, s, repeats=2), 192 * MIB, 768 * MIB),
     ],
 )
 def test_a_probe_doubled_twice_does_four_times_the_work_in_about_four_times_the_time(name, probe, small, large):
