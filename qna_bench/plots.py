@@ -569,8 +569,8 @@ def roofline_figure(source: Analysis | pd.DataFrame) -> Figure | None:
         ax.axis("off")
     legend_width = 2.8 / fig.get_figwidth()
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1 - legend_width, 0.5), fontsize=8, frameon=False)
-    fig.suptitle(f"Roofline: achieved FLOP/s under the probed roofs (each point against the level its "
-                 f"working set fits in) — {_devices(points)}", fontsize=11)
+    fig.suptitle(f"Roofline under the probed roofs — {_devices(points)}\n(each point against the roof of the "
+                 "memory level its closed-form bytes fit in)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - legend_width, 1 - 0.35 / fig.get_figheight()))
     return fig
 
