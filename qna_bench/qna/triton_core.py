@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from qna_bench.qna.shapes import check_core_args, qna_output_size
+
 try:
     import triton
     import triton.language as tl
@@ -39,24 +41,8 @@ def triton_available(device: torch.device | str) -> bool:
     return False
 
 
-def _output_size(size: int, window: int, stride: int) -> int:
-    return (size - 1) // stride + 1  # floor((size + 2p - window) / stride) + 1 with p = (window - 1) / 2
-
-
 def _check_args(scores: Tensor, values: Tensor, rpe_bias: Tensor, mixing: Tensor, stride: int) -> None:
-    if rpe_bias.dim() != 4 or rpe_bias.shape[-1] != rpe_bias.shape[-2] or rpe_bias.shape[-1] % 2 == 0:
-        raise ValueError(f"rpe_bias.shape={tuple(rpe_bias.shape)}: needs (num_queries, heads, k, k), k odd")
-    if mixing.shape != rpe_bias.shape:
-        raise ValueError(f"query_mixing.shape={tuple(mixing.shape)}: needs rpe_bias's shape {tuple(rpe_bias.shape)}")
-    num_queries, heads = rpe_bias.shape[:2]
-    if scores.dim() != 4 or scores.shape[-1] != num_queries * heads:
-        raise ValueError(f"scores.shape={tuple(scores.shape)}: needs (B, H, W, {num_queries * heads})")
-    if values.shape[:-1] != scores.shape[:-1] or values.shape[-1] % heads != 0:
-        raise ValueError(
-            f"values.shape={tuple(values.shape)}: needs (B, H, W, F) with scores' (B, H, W) and F divisible by {heads}"
-        )
-    if stride not in (1, 2):
-        raise ValueError(f"stride={stride}: QnA supports stride 1 or 2")
+    check_core_args(scores, values, rpe_bias, mixing, stride)
     if not triton_available(values.device):
         raise RuntimeError(
             f"device={values.device}: the Triton QnA kernels need CUDA with Triton, or CPU tensors with "
@@ -70,7 +56,7 @@ def _launch_args(scores: Tensor, values: Tensor, rpe_bias: Tensor, stride: int) 
     num_queries, heads, window, _ = rpe_bias.shape
     wide = torch.float64 in (scores.dtype, values.dtype, rpe_bias.dtype)
     return dict(
-        H=height, W=width, OH=_output_size(height, window, stride), OW=_output_size(width, window, stride),
+        H=height, W=width, OH=qna_output_size(height, window, stride), OW=qna_output_size(width, window, stride),
         HEADS=heads, D=features // heads, NQ=num_queries, K=window, STRIDE=stride,
         NQ_P=triton.next_power_of_2(num_queries), ACC=tl.float64 if wide else tl.float32,
     )

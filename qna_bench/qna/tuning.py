@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from qna_bench import disk_cache
+from qna_bench.environment import cpu_model
 from qna_bench.qna.plans import Plan, candidate_plans, default_plan, get_plan
 
 Tune = Literal["cached", "always", "off"]
@@ -63,22 +63,12 @@ def code_version() -> str:
     return digest.hexdigest()[:12]
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_key(device: torch.device) -> str:
     """The device's name with its instruction set (CPU) or compute capability (CUDA)."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return f"cuda: {torch.cuda.get_device_name(device)} (sm_{major}{minor})"
-    return f"{device.type}: {_cpu_name()} ({torch.backends.cpu.get_cpu_capability()})"
+    return f"{device.type}: {cpu_model()} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 @dataclass(frozen=True)
