@@ -23,7 +23,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from qna_bench import disk_cache
-from qna_bench.environment import cpu_model
+from qna_bench.environment import device_name
 from qna_bench.qna.plans import Plan, candidate_plans, default_plan, get_plan
 
 Tune = Literal["cached", "always", "off"]
@@ -68,7 +68,7 @@ def device_key(device: torch.device) -> str:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return f"cuda: {torch.cuda.get_device_name(device)} (sm_{major}{minor})"
-    return f"{device.type}: {cpu_model()} ({torch.backends.cpu.get_cpu_capability()})"
+    return device_name(device.type)
 
 
 @dataclass(frozen=True)
