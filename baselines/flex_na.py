@@ -6,6 +6,7 @@ from __future__ import annotations
 import types
 
 import torch
+from natten import HAS_LIBNATTEN
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
@@ -116,7 +117,10 @@ def _bytes(problem: Problem) -> int:
 
 
 def _flags(module: FlexNeighborhoodAttention, problem: Problem) -> dict:
+    stands_in = problem.device != "cpu" and not HAS_LIBNATTEN
     return {
+        "backend": "torch.compile(flex_attention)",
+        "fallback": "stands in for NATTEN's fused CUDA kernels (libnatten is not installed here)" if stands_in else "",
         "flex_compiled": True,
         "flex_block": FLEX_BLOCK,
         "flex_block_density": round(1.0 - module.block_mask.sparsity() / 100.0, 4),

@@ -7,7 +7,7 @@ which builds the full (H·W)² score matrix and a fresh block mask on every call
 from __future__ import annotations
 
 import torch
-from natten import NeighborhoodAttention2D
+from natten import HAS_LIBNATTEN, NeighborhoodAttention2D
 from natten.backends import can_run_flex_attention, get_compatible_backends, get_compatible_fmha_backends
 from natten.utils.checks import is_self_attention
 from torch import nn
@@ -33,6 +33,17 @@ BACKEND_NOTES = {
     ),
     "flex-fmha": "window covers the map: NATTEN runs plain self-attention on eager flex (full score matrix)",
 }
+# NATTEN's own fused kernels; any other backend stands in for them.
+FUSED_BACKENDS = ("cutlass-fna", "hopper-fna", "blackwell-fna", "cutlass-fmha", "hopper-fmha", "blackwell-fmha")
+
+
+def natten_fallback(backend: str) -> str:
+    """Why a backend is not NATTEN's fused kernel ("" when it is one)."""
+    if backend in FUSED_BACKENDS:
+        return ""
+    if not HAS_LIBNATTEN:
+        return "NATTEN's fused kernels (libnatten) are not installed here; NATTEN fell back to " + backend
+    return f"NATTEN chose {backend} over its fused kernels for this problem"
 
 
 class NattenNeighborhoodAttention(nn.Module):
@@ -97,6 +108,8 @@ def _flags(module: NattenNeighborhoodAttention, problem: Problem) -> dict:
         "natten_backend": backend,
         "natten_backend_note": BACKEND_NOTES.get(backend, ""),
         "natten_torch_compile": False,
+        "backend": f"NATTEN {backend}",
+        "fallback": natten_fallback(backend),
     }
 
 

@@ -66,7 +66,8 @@ above 1 QnA is leaner / faster. Each problem shape gets its own verdict.
   strongest peer at some window, **holds partly** if at least {BEAT_FACTOR:g}× there, and **does not hold**
   otherwise; QnA *loses* where the strongest peer's ratio is below 1.
 - **Per family**: the same rule with each family's best implementation at each window in place of the
-  strongest peer.
+  strongest peer. *What ran* gives the backend those rows record (NATTEN's own choice for `na`), and says
+  when it is a fallback standing in for the family's own fused kernels.
 - **Scaling**: for each peer that uses the window and each metric, both growth exponents (slope of
   log(metric) on log(k)) are fitted over the windows both layers measured; a comparison votes only with
   at least {MIN_GROWTH_POINTS} shared windows and no poor fit (R² < {POOR_FIT_R2:g} with an RMS log residual
@@ -181,12 +182,18 @@ def timing_warnings(data: pd.DataFrame) -> list[str]:
 # Sections
 
 
+def _flags_of(flags: object) -> dict:
+    """A row's ``layer_flags`` as a dict ({} when absent or unreadable)."""
+    try:
+        record = json.loads(flags) if isinstance(flags, str) else flags
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def _plan_of(flags: object) -> tuple[str, str, bool] | None:
     """(plan, source, fell back) from a QnA row's ``layer_flags``; None for a row of another form."""
-    try:
-        record = json.loads(flags) if isinstance(flags, str) else {}
-    except ValueError:
-        record = {}
+    record = _flags_of(flags)
     if record.get("impl") != "fast":
         return None
     plan = record.get("plan")
@@ -347,6 +354,25 @@ def _conditions(analysis: Analysis, claim: Claim, problem: str, mode: str, subje
     return out
 
 
+def _backend_of(flags: dict) -> str:
+    """What ran for a row, as its flags record it: a backend, and the fallback it is when it is one."""
+    backend = (flags.get("backend") or (f"NATTEN {flags['natten_backend']}" if flags.get("natten_backend") else "")
+               or ("torch.compile(flex_attention)" if flags.get("flex_compiled") else ""))
+    fallback = flags.get("fallback", "")
+    return f"{backend} (fallback: {fallback})" if backend and fallback else backend
+
+
+def _what_ran(data: pd.DataFrame, problem: str, mode: str, layers: Iterable[str]) -> str:
+    """Each layer's recorded backend at this problem and mode ("" when none of them records one)."""
+    texts = []
+    for layer in sorted(set(layers)):
+        rows = data[(data["problem"] == problem) & (data["mode"] == mode) & (data["layer"] == layer)]
+        ran = sorted({_backend_of(_flags_of(flags)) for flags in rows.get("layer_flags", [])} - {""})
+        if ran:
+            texts.append(f"{layer}: {'; '.join(ran)}")
+    return "; ".join(texts)
+
+
 def _family_table(analysis: Analysis, claim: Claim, subject: str, device: str) -> str:
     column = claim.ratio_column
     problems = analysis.problems[analysis.problems["device_name"] == device]["problem"]
@@ -360,11 +386,15 @@ def _family_table(analysis: Analysis, claim: Claim, subject: str, device: str) -
                 loses = own[own[column] < 1]
                 rows.append([family, problem, mode, _versus(own),
                              f"{_spread(own.loc[own[column].idxmin()], column)} to {_spread(own.loc[own[column].idxmax()], column)}",
-                             _where(own[own[column] >= claim.target]), _where(loses), verdict])
+                             _where(own[own[column] >= claim.target]), _where(loses), verdict,
+                             _what_ran(analysis.frame, problem, mode, own["layer"])])
     if not rows:
         return ""
-    return markdown_table(["family", "problem", "mode", "best implementation per window", "ratio range",
-                           f"≥{claim.target:g}×", "QnA loses", "verdict"], rows)
+    headers = ["family", "problem", "mode", "best implementation per window", "ratio range",
+               f"≥{claim.target:g}×", "QnA loses", "verdict", "what ran"]
+    if not any(row[-1] for row in rows):
+        headers, rows = headers[:-1], [row[:-1] for row in rows]
+    return markdown_table(headers, rows)
 
 
 def _comparison_table(analysis: Analysis, subject: str, device: str) -> str:

@@ -3,7 +3,8 @@
 # tests, probes NATTEN on CUDA, runs `+experiment=gpu_sweep` within a time limit (rows already written
 # survive the limit), writes its report and figures, and packs the run into $OUT/gpu_sweep.tgz.
 #   OUT=/tmp/out SWEEP_LIMIT_S=300 bash scripts/gpu_run.sh [extra run_bench.py overrides]
-# Wheels that the machine lacks (hydra-core, omegaconf, antlr4, submitit, natten) can be carried in .whl/.
+# Wheels that the machine lacks (hydra-core, omegaconf, antlr4, submitit, natten) are carried in .whl/:
+# make them here with scripts/gpu_wheels.sh, and pass carry=[".whl"] to the device tool.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/qna_bench_gpu}

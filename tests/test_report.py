@@ -436,3 +436,16 @@ def test_the_setup_shows_the_plans_the_qna_rows_record_and_says_when_a_row_recor
     ]
     text = report.header_section(_only(rows, set()))
     assert "### QnA's plans" in text and "not recorded" in text and "tuned thresholds" not in text
+
+
+def test_the_family_table_names_the_backend_that_ran_and_says_when_it_is_a_fallback():
+    """A GPU verdict must say that the neighbourhood family was NATTEN's flex fallback, not its kernels."""
+    rows = [synthetic_row("qna", k, "forward", 1e-3, 1000) for k in (3, 5)]
+    rows += [synthetic_row("na", k, "forward", 4e-3, 4000, layer_flags={
+        "backend": "NATTEN flex-fna", "fallback": "libnatten is not installed here"}) for k in (3, 5)]
+    rows += [synthetic_row("swin", k, "forward", 2e-3, 2000) for k in (3, 5)]
+    text = report.render(A.analyse(_frame(rows)))
+    family_rows = [line for line in text.splitlines() if line.startswith("| neighborhood |")]
+    assert family_rows and all("na: NATTEN flex-fna (fallback: libnatten is not installed here)" in line
+                               for line in family_rows)
+    assert "| what ran |" in text
