@@ -48,9 +48,7 @@ def one_thread() -> Iterator[None]:
 # Every plan, forced
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("plan", CPU_PLANS)
-def test_every_cpu_plan_forced_matches_the_reference_in_fp64(plan: str, stride: int) -> None:
+def assert_plan_matches_the_reference(plan: str, stride: int, device: str) -> None:
     """Output and the gradients w.r.t. scores, values, rpe_bias and query mixing, fp64, 2 queries,
     2 heads, windows 3 and 7 (the FFT lengths differ from the map size), a map that is not square."""
     for window in (3, 7):
@@ -61,16 +59,31 @@ def test_every_cpu_plan_forced_matches_the_reference_in_fp64(plan: str, stride: 
             torch.randn(2, 2, window, window, dtype=torch.float64) * 0.5,
             torch.randn(2, 2, window, window, dtype=torch.float64),
         ]
-        fast = [t.clone().requires_grad_() for t in inputs]
+        fast = [t.clone().to(device).requires_grad_() for t in inputs]
         exact = [t.clone().requires_grad_() for t in inputs]
         out = qna_attention(*fast, stride=stride, plan=plan)
         expected = qna_attention_reference(*exact, stride=stride)
         grad_out = torch.randn_like(expected)
-        out.backward(grad_out)
+        out.backward(grad_out.to(device))
         expected.backward(grad_out)
-        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out.cpu(), expected, rtol=1e-10, atol=1e-10)
         for name, a, b in zip(("scores", "values", "rpe_bias", "query_mixing"), fast, exact, strict=True):
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-9, msg=f"{plan} k={window} grad {name}")
+            torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-9, atol=1e-9, msg=f"{plan} k={window} grad {name}")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("plan", CPU_PLANS)
+def test_every_cpu_plan_forced_matches_the_reference_in_fp64(plan: str, stride: int) -> None:
+    assert_plan_matches_the_reference(plan, stride, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("plan", ["direct", "fft_kernel_grads", "fft_backward", "fft", "fft_forward"])
+def test_every_cuda_plan_forced_matches_the_reference_in_fp64(plan: str, stride: int) -> None:
+    """The FFT plans on cuFFT (the Triton plan has its own tests)."""
+    assert_plan_matches_the_reference(plan, stride, "cuda")
 
 
 @pytest.mark.parametrize("plan", CPU_PLANS)
@@ -86,7 +99,10 @@ def test_a_forced_plan_is_recorded_as_forced(plan: str) -> None:
 def test_available_plans_take_a_device_name_or_a_torch_device() -> None:
     assert available_plans(torch.device("cpu")) == CPU_PLANS
     assert CPU_PLANS[0] == "direct" and {"fft", "fft_kernel_grads", "padded"} <= set(CPU_PLANS)
-    assert available_plans("cuda") == available_plans(torch.device("cuda", 0)) == ["direct"]
+    cuda = available_plans("cuda")
+    assert cuda == available_plans(torch.device("cuda", 0))
+    assert {"direct", "fft_kernel_grads", "fft_backward", "fft", "fft_forward"} <= set(cuda)  # cuFFT
+    assert "padded" not in cuda and set(cuda) - set(CPU_PLANS) <= {"triton"}
 
 
 def test_an_unknown_plan_name_is_refused_with_the_allowed_values() -> None:
@@ -116,7 +132,8 @@ def test_the_default_plan_is_the_same_on_every_machine() -> None:
     assert default_plan("cpu", 7, 2, train=True).kernel_grads == "fft"
     assert default_plan("cpu", 7, 1, train=False) == default_plan("cpu", 3, 1, train=False) == default_plan(
         "cpu", 3, 1, train=True)
-    assert default_plan("cuda", 31, 1, train=True).name == "direct"
+    assert default_plan("cuda", 31, 1, train=True).name == "fft_kernel_grads"
+    assert default_plan("cuda", 31, 1, train=False).name == "direct"
 
 
 def test_the_closed_form_counts_the_plan() -> None:

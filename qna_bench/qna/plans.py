@@ -169,8 +169,9 @@ def default_plan(device: str | torch.device, window: int, stride: int, train: bo
     return get_plan(name, device).resolved(stride, train)
 
 
-# The candidates. Direct runs everywhere; the rest are CPU forms whose speed against it depends on the
-# machine, the threads, the window and the shape (the measurements below are why each exists).
+# The candidates. Direct runs everywhere, and so do the FFT forms (torch.fft: MKL/pocketfft on CPU, cuFFT
+# on CUDA); padded is a CPU form. Their speed against direct depends on the machine, the threads, the
+# window and the shape (the measurements below are why each exists).
 register_plan(Plan("direct", ("cpu", "cuda"), description="every pass a direct depthwise convolution"))
 # oneDNN's depthwise forward with AVX-512 and 2 threads (B=8, 56x56, C=128, fp32) took 20 ms at k=13
 # against 9.9 ms at k=15, and QnA inherited the dip (train 257 vs 178 ms with k=13 run as 15); with AVX2
@@ -179,20 +180,20 @@ register_plan(Plan("padded", ("cpu",), convolutions="padded", min_window=5,
                    description="direct convolutions through the zero-padded kernel of k + 2"))
 # PyTorch's depthwise kernel gradient on CPU grows with k^2 and collapses at large windows (k=15: 840 ms
 # against 34 for the FFT, one query's 128 channels, B=8 56x56); at k=3 it is 13x faster than the FFT.
-register_plan(Plan("fft_kernel_grads", ("cpu",), kernel_grads="fft", min_window=5,
+register_plan(Plan("fft_kernel_grads", ("cpu", "cuda"), kernel_grads="fft", min_window=5,
                    description="direct convolutions, FFT kernel gradients"))
 register_plan(Plan("padded_fft_kernel_grads", ("cpu",), convolutions="padded", kernel_grads="fft", min_window=5,
                    description="padded direct convolutions, FFT kernel gradients"))
 # One depthwise convolution of 128 channels with AVX2 (B=8, 56x56): oneDNN k=7 8.8 ms, k=31 140; FFT
 # 35-58 at any k. The backward's three numerator convolutions on shared spectra won a train step from
 # k=5-7 there, the forward's from k=13-15.
-register_plan(Plan("fft_backward", ("cpu",), numerator_grads="fft", kernel_grads="fft", min_window=5,
+register_plan(Plan("fft_backward", ("cpu", "cuda"), numerator_grads="fft", kernel_grads="fft", min_window=5,
                    description="direct forward; backward numerators on shared FFT spectra, FFT kernel gradients"))
-register_plan(Plan("fft", ("cpu",), numerators="fft", numerator_grads="fft", kernel_grads="fft", min_window=5,
+register_plan(Plan("fft", ("cpu", "cuda"), numerators="fft", numerator_grads="fft", kernel_grads="fft", min_window=5,
                    description="numerators as FFT convolutions in both passes, FFT kernel gradients"))
 # Never measured faster in a train step (the forward's FFT wins at larger windows than the backward's);
 # kept to force and check the forward's FFT alone.
-register_plan(Plan("fft_forward", ("cpu",), numerators="fft", min_window=1 << 30,
+register_plan(Plan("fft_forward", ("cpu", "cuda"), numerators="fft", min_window=1 << 30,
                    description="FFT numerators in the forward, a direct backward"))
 # The whole core as Triton kernels (`qna_bench.qna.triton_core`): one pass over each window with an
 # online softmax, nothing of size k^2 per pixel, on the GPU; on CPU only in Triton's interpreter, to be
