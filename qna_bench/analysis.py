@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from qna_bench.noise import NoiseFloor, crossed_line, noise_floor
 from qna_bench.registry import ROLES, find_layer, role_of
 from qna_bench.roofline import roofline_frame
 from qna_bench.rounds import ratio_spread
@@ -204,6 +205,11 @@ def ratio_frame(frame: pd.DataFrame) -> pd.DataFrame:
     merged["memory_ratio"] = (peak / peak_qna).where((peak > 0) & (peak_qna > 0)).astype(float)
     for column in ("latency_ratio", "latency_ratio_min", "latency_ratio_max"):
         merged[column] = merged[column].astype(float)
+    merged["latency_crosses"] = [
+        crossed_line(low, high) if rounds > 1 else None
+        for low, high, rounds in zip(merged["latency_ratio_min"], merged["latency_ratio_max"], merged["latency_rounds"])
+    ]
+    merged["latency_crosses"] = merged["latency_crosses"].astype(float)
     return merged.sort_values(["subject", *POINT_COLUMNS], kind="mergesort").reset_index(drop=True)
 
 
@@ -544,6 +550,7 @@ class Analysis:
     model_ratios: pd.DataFrame  # each model against QnA-ViT (`model_ratios`)
     layers: pd.DataFrame  # the rows of `frame` that are layers, not whole models (what the figures draw)
     roofline: pd.DataFrame  # the layers' measured points against their roofs (`qna_bench.roofline`)
+    noise: NoiseFloor  # the run's canary spread and each layer's spread between processes (`qna_bench.noise`)
 
 
 def analyse(frame: pd.DataFrame) -> Analysis:
@@ -572,4 +579,5 @@ def analyse(frame: pd.DataFrame) -> Analysis:
         model_ratios=model_ratios(data[model_rows], models),
         layers=layers,
         roofline=roofline_frame(layers),
+        noise=noise_floor(data),
     )

@@ -22,9 +22,10 @@ excludes 1 (so with several rounds the noise between rounds holds it back), and 
 noise *between the runs*: each run is a fresh process, and a point's time relative to its peers moves
 on its own from run to run in a way its rounds cannot see. That noise is estimated from the comparison
 itself (`between_runs_noise`: the robust σ of the points' log changes once each layer's mean change is
-taken out, from 8 points on); one point counts beyond 4σ (or 4× its own noise over its rounds, if
-larger), and each layer is also judged over all its points: the geometric mean of their changes counts
-beyond 3σ/√n. A layer that got slower everywhere fails the gate at a change no single point resolves.
+taken out, from 8 points on); one point counts beyond 4σ, or 4× its own noise over its rounds, or 4×
+its layer's noise floor between processes as either run's rows record it (`qna_bench.noise`), whichever
+is largest, and each layer is also judged over all its points: the geometric mean of their changes
+counts beyond 3σ/√n. A layer that got slower everywhere fails the gate at a change no single point resolves.
 Points without a peer on both sides, and ``--anchor none``, use the raw medians instead, with the within-run IQR bands q25..q75
 (which must not overlap) in place of the spread. The raw medians and their ratio are printed either way.
 Peak memory (``peak_bytes``) is deterministic, so any change beyond ``--memory-rel`` of the base
@@ -51,6 +52,7 @@ from typing import Any, Literal, get_args
 import pandas as pd
 
 from qna_bench import results
+from qna_bench.noise import NoiseFloor, noise_floor
 
 # What makes two rows the same point: the layer and its whole problem. Not the environment columns.
 MATCH_COLUMNS: tuple[str, ...] = ("layer", *results.PROBLEM_COLUMNS)
@@ -138,6 +140,9 @@ class PointComparison:
     new: Observation | None
     latency: MetricComparison | None = None
     memory: MetricComparison | None = None
+    # σ (of the log) of the change of this point's R-round medians from its layer's noise floor between
+    # processes, the larger of the two runs' (`qna_bench.noise`); 0 when neither run recorded one.
+    floor_sigma: float = 0.0
 
     def get(self, column: str) -> Any:
         return dict(self.key)[column]
@@ -395,7 +400,18 @@ def compare_results(
             memory = _memory(b, n, thresholds) if "peak_bytes" in metrics else None
         comparisons.append(PointComparison(key, b, n, latency, memory))
     noise = between_runs_noise(comparisons)
-    return comparisons if noise is None else [_judged_against(noise, p) for p in comparisons]
+    floors = noise_floor(base), noise_floor(new)
+    comparisons = [dataclasses.replace(p, floor_sigma=_floor_sigma(p, floors)) for p in comparisons]
+    return [_judged_against(noise, p) for p in comparisons]
+
+
+def _floor_sigma(point: PointComparison, floors: tuple[NoiseFloor, NoiseFloor]) -> float:
+    """The σ of the point's change that its layer's noise floor between processes implies: the larger
+    of the two runs' σ of one round, times √(2/R) for the change of two R-round medians."""
+    if point.base is None or point.new is None:
+        return 0.0
+    count = max(1, min(len(point.base.round_medians_s), len(point.new.round_medians_s)))
+    return max(floor.layer_sigma(point.get("layer")) for floor in floors) * math.sqrt(2 / count)
 
 
 def _changes_by_layer(points: Sequence[PointComparison]) -> dict[tuple, list[float]]:
@@ -419,19 +435,26 @@ def between_runs_noise(points: Sequence[PointComparison]) -> BetweenRuns | None:
     return BetweenRuns(1.4826 * _median([abs(r) for r in residuals]) * correction, len(residuals))
 
 
-def _judged_against(noise: BetweenRuns, point: PointComparison) -> PointComparison:
-    """The point, its latency change held back when it lies within POINT_Z σ of its noise: the larger of
-    the noise between runs (all points) and its own over its rounds (a point that scatters more than
-    most, e.g. a short call, needs a larger change)."""
+def _judged_against(noise: BetweenRuns | None, point: PointComparison) -> PointComparison:
+    """The point, its latency change held back when it lies within POINT_Z σ of its noise: the largest of
+    the noise between runs (all points, when there are enough), its own over its rounds (a point that
+    scatters more than most, e.g. a short call, needs a larger change) and its layer's noise floor
+    between processes (``floor_sigma``)."""
     lat = point.latency
     if lat is None or lat.relative is None or lat.change == "same":
         return point
-    sigma = max(noise.sigma, lat.round_noise or 0.0)
+    floor = point.floor_sigma
+    between = noise.sigma if noise is not None else 0.0
+    sigma = max(between, lat.round_noise or 0.0, floor)
+    if sigma == 0.0:
+        return point
     limit = math.exp(POINT_Z * sigma)
     if max(lat.relative, 1 / lat.relative) > limit:
         return point
-    own = " (its own rounds)" if sigma > noise.sigma else ""
-    why = f"within the noise between runs{own}: {POINT_Z:g}σ = ×{limit:.2f}"
+    source = ("the noise between runs" if sigma == between else
+              "the noise over its own rounds" if sigma == (lat.round_noise or 0.0) else
+              "its layer's noise floor between processes")
+    why = f"within {source}: {POINT_Z:g}σ = ×{limit:.2f}"
     return dataclasses.replace(point, latency=dataclasses.replace(lat, change="same", regression=False, why_same=why))
 
 
@@ -440,12 +463,17 @@ def layer_changes(points: Sequence[PointComparison], thresholds: Thresholds) -> 
     noise = between_runs_noise(points)
     if noise is None:
         return []
+    floors: dict[tuple, float] = {}  # each layer's largest noise floor between processes
+    for p in points:
+        group = tuple(kv for kv in p.key if kv[0] == "layer" or kv[0] in BY_COLUMNS)
+        floors[group] = max(floors.get(group, 0.0), p.floor_sigma)
     changes = []
     for group, logs in sorted(_changes_by_layer(points).items()):
         if len(logs) < 2:
             continue
         relative = math.exp(math.fsum(logs) / len(logs))
-        limit = max(1 + thresholds.min_rel, math.exp(LAYER_Z * noise.sigma / math.sqrt(len(logs))))
+        sigma = max(noise.sigma, floors.get(group, 0.0))
+        limit = max(1 + thresholds.min_rel, math.exp(LAYER_Z * sigma / math.sqrt(len(logs))))
         change: Change = "same" if max(relative, 1 / relative) <= limit else ("worse" if relative > 1 else "better")
         regression = change == "worse" and relative - 1 > thresholds.fail_over
         changes.append(LayerChange(group, len(logs), relative, limit, change, regression))
@@ -690,6 +718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(describe_side("BASE", args.base, base))
     print(describe_side("NEW ", args.new, new))
     print(format_rule(thresholds, args.anchor))
+    print(f"noise floor BASE: {noise_floor(base).summary()}")
+    print(f"noise floor NEW : {noise_floor(new).summary()}")
     print()
     if points:
         print(format_table(points, metrics, by))

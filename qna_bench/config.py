@@ -62,6 +62,14 @@ class MeasureConfig:
     # and settings in the sweep process: `cached` (reuse a probe of the last 24 h from the disk cache,
     # $QNA_BENCH_CACHE_DIR), `fresh` (measure now) or `off` (no probe columns, no roofline).
     probes: Any = "cached"
+    # Each round in fresh worker processes (round r of every point in worker r): the spread of a ratio
+    # over rounds then covers the noise between processes. false: one worker for the whole sweep.
+    fresh_processes: Any = True
+    # Time a fixed small matrix product (the canary) before and after each round, recorded per round; a
+    # round whose canary ran more than `slow_canary_share` slower than the run's median canary is measured
+    # once more, and flagged in its row (`slow_rounds`) if the canary is slow again.
+    canary: Any = True
+    slow_canary_share: Any = 0.3
 
 
 @dataclass

@@ -21,6 +21,7 @@ from qna_bench import results
 from qna_bench.budget import PointBudget, PointTimeout, time_limits
 from qna_bench.environment import Environment, utc_now
 from qna_bench.identity import point_identity
+from qna_bench.measure.canary import canary_seconds
 from qna_bench.measure.flops import count_flops
 from qna_bench.measure.latency import LatencyStats, measure_latency
 from qna_bench.measure.memory import MemoryStats, measure_peak_memory, untracked
@@ -54,6 +55,13 @@ class MeasureSettings:
     probes: str = "cached"
     # qna.tune: how QnA's fast form chooses its plan (cached, always, off); see `qna_bench.qna.tuning`.
     qna_tune: str = "cached"
+    # Each round in fresh worker processes: a ratio's spread over rounds then covers the noise between
+    # processes, which a single process's rounds cannot see.
+    fresh_processes: bool = True
+    # The canary (`qna_bench.measure.canary`) before and after each round; a round whose canary ran over
+    # ``slow_canary_share`` slower than the run's median canary is measured again once, then flagged.
+    canary: bool = True
+    slow_canary_share: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -208,6 +216,7 @@ def run_point(
                 row.update(flops=flops.flops, flops_method=flops.method)
                 if flops.note:
                     row["reason"] = flops.note
+            canary_before = canary_seconds(problem.torch_device) if settings.canary else None
             stats = measure_latency(
                 step,
                 threads=settings.threads,
@@ -217,6 +226,8 @@ def run_point(
                 budget=budget if limits.point_s is not None else None,
                 label=point.label,
             )
+            if canary_before is not None:  # the slower of the two: a slow spell at either end shows
+                row["canary_s"] = [max(canary_before, canary_seconds(problem.torch_device))]
         row.update(_latency_columns(stats), status="ok")
         if settings.profile_dir is not None and first_round:  # after the timed calls: no profiler overhead in them
             row["profile_file"] = write_profile(step, problem.torch_device, row, settings.profile_dir)

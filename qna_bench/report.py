@@ -46,6 +46,7 @@ from qna_bench.analysis import (
     with_roles,
 )
 from qna_bench.analysis import missing as _missing
+from qna_bench.measure.canary import CANARY_SIZE
 from qna_bench.qna.plans import PASSES
 from qna_bench.results import STATUSES, read_results
 
@@ -96,9 +97,13 @@ def _x(value: float) -> str:
 
 
 def _spread(row: pd.Series, column: str) -> str:
-    """The ratio, with its min–max over interleaved rounds where the rows have rounds."""
+    """The ratio, with its min–max over interleaved rounds where the rows have rounds, and a mark when
+    that spread reaches across a verdict line."""
     if column == "latency_ratio" and row.get("latency_rounds", 0) and int(row["latency_rounds"]) > 1:
-        return f"{_x(row[column])} ({_fmt(row['latency_ratio_min'])}–{_fmt(row['latency_ratio_max'])} over {int(row['latency_rounds'])} rounds)"
+        crosses = row.get("latency_crosses")
+        mark = "" if _missing(crosses) else f", crosses {float(crosses):g}×"
+        return (f"{_x(row[column])} ({_fmt(row['latency_ratio_min'])}–{_fmt(row['latency_ratio_max'])} over "
+                f"{int(row['latency_rounds'])} rounds{mark})")
     return _x(row[column])
 
 
@@ -230,6 +235,39 @@ def plan_rows(data: pd.DataFrame) -> list[list[str]]:
             for key in keys for problem, layer, mode, text in [key]]
 
 
+def noise_text(analysis: Analysis) -> str:
+    """The run's noise floor (`qna_bench.noise`) and the ratios whose spread crosses a verdict line."""
+    noise = analysis.noise
+    parts = []
+    if noise.canaries:
+        parts.append(
+            f"Canary (a fixed {CANARY_SIZE}² matrix product timed before and after every round, the slower of "
+            f"the two kept): {noise.canaries} rounds, median {noise.canary_median_s * 1e3:.3f} ms, spread "
+            f"(q75 − q25) / median {_percent(noise.canary_spread)}, slowest {_percent(noise.canary_worst)} above "
+            f"the median; {noise.slow_rounds} round(s) stayed slow when measured again (flagged in `slow_rounds`).")
+    else:
+        parts.append("No canary was recorded (rows measured before canaries, or `measure.canary=false`).")
+    if len(noise.layers):
+        parts.append("Spread between processes (each round in its own worker process): max / min − 1 of a point's "
+                     "round medians, per layer over its points:")
+        parts.append(markdown_table(
+            ["layer", "points", "processes", "median spread", "largest spread"],
+            [[r.layer, r.points, r.processes, _percent(r.median_spread), _percent(r.max_spread)]
+             for r in noise.layers.itertuples()]))
+    else:
+        parts.append("No row has rounds from several processes: the spreads below cover one process's rounds only.")
+    ratios = analysis.ratios
+    crossing = ratios[ratios["latency_crosses"].notna()] if "latency_crosses" in ratios else ratios.iloc[0:0]
+    if len(crossing):
+        texts = [f"{r.layer} {r.mode} k={int(r.window)} ({r.problem}, ×{_fmt(r.latency_ratio_min)}–{_fmt(r.latency_ratio_max)}"
+                 f" crosses {r.latency_crosses:g}×)" for r in crossing.itertuples()]
+        parts.append(f"{len(crossing)} speed ratio(s) have a spread over rounds that crosses a verdict line "
+                     "(1×, 5×, 10×), so the rounds disagree on that line: " + "; ".join(texts) + ".")
+    elif (ratios.get("latency_rounds", pd.Series(dtype=int)) > 1).any():
+        parts.append("No speed ratio's spread over rounds crosses a verdict line (1×, 5×, 10×).")
+    return "\n\n".join(parts)
+
+
 def header_section(analysis: Analysis) -> str:
     data = analysis.frame
     counts = data["status"].value_counts()
@@ -281,6 +319,8 @@ def header_section(analysis: Analysis) -> str:
         "### Reliability of the timings",
         "\n".join(f"- {note}." for note in timing_warnings(data))
         or "No warning: every timed point had a quiet machine (where recorded), enough replicates and a narrow spread.",
+        "### Noise floor",
+        noise_text(analysis),
         "### Layers",
         markdown_table(
             ["layer", "family", "role", "implementation", "uses window"],

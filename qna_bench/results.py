@@ -70,6 +70,11 @@ SCHEMA = pa.schema(
         # each round's median (median_s is their median) and how many rounds are in this row
         ("round_medians_s", pa.list_(pa.float64())),
         ("rounds", pa.int64()),
+        # the worker processes the rounds ran in; each round's canary (the slower of the canary products
+        # timed before and after it, qna_bench.measure.canary); rounds whose canary stayed slow on a re-run
+        ("processes", pa.int64()),
+        ("canary_s", pa.list_(pa.float64())),
+        ("slow_rounds", pa.int64()),
         ("threads", pa.int64()),
         ("first_call_s", pa.float64()),
         # memory, bytes

@@ -10,6 +10,7 @@ starts, replacing it as further rounds add to it.
 from __future__ import annotations
 
 import itertools
+import statistics
 import sys
 import time
 import uuid
@@ -22,6 +23,7 @@ from qna_bench import results, rounds
 from qna_bench.budget import time_limits
 from qna_bench.environment import Environment
 from qna_bench.identity import is_current, point_identity
+from qna_bench.measure.canary import is_slow
 from qna_bench.measure.probes import MachineProbes, machine_probes
 from qna_bench.point import (
     MeasureSettings,
@@ -141,6 +143,9 @@ def run_sweep(
     setup = WorkerSetup(layer_modules([p.layer for p in points if left[key_of[id(p)]]]), settings, env,
                         memory_cap_bytes, cap_memory)
     probes = _probes(points, left, key_of, settings, memory_cap_bytes, stream)
+    run_canaries: list[float] = []  # every round's canary so far: their median is the run's usual canary
+    last_pid: dict[str, int | None] = {}  # the worker process of each point's latest round
+    worker_round = 0
     with PointWorker(setup) as worker:
         try:
             if todo:
@@ -167,14 +172,18 @@ def run_sweep(
                         reason=f"not run: {failure[1]} already at window {failure[0]} for this layer and problem",
                     )
                 else:
-                    started = time.perf_counter()
-                    measured = worker.run(point.layer.name, point.problem, run_id, limits.hard_kill_s,
-                                          first_round=row is None)
-                    if isinstance(measured, WorkerLost):
-                        measured = _lost_row(measured, point, env, settings, run_id, limits.hard_kill_s)
-                        measured["point_seconds"] = time.perf_counter() - started
+                    if settings.fresh_processes and round_index != worker_round:
+                        worker.close()  # round r of every point in worker r: its own process
+                        worker_round = round_index
+                    measured, pid = _measure_round(worker, point, row is None, run_canaries, env, settings, run_id,
+                                                   limits.hard_kill_s, stream)
                     measured.update(probes[(point.problem.device, point.problem.dtype)].columns())
-                    row = measured if row is None else _with_round(row, measured, round_index, run_id)
+                    measured["processes"] = 1 if measured["status"] == "ok" else None
+                    if row is not None:
+                        row = _with_round(row, measured, round_index, run_id, new_process=pid != last_pid.get(key))
+                    else:
+                        row = measured
+                    last_pid[key] = pid
                     measured_once[(*group, round_index)] = key
                     if (row["status"] in GROWING_FAILURES and settings.skip_larger_after_failure
                             and point.layer.cost_grows_with_window):
@@ -189,6 +198,37 @@ def run_sweep(
             print(f"\ninterrupted: {len(written)} of {todo} points written to {results_path}", file=stream)
             return SweepOutcome(len(written), skipped, True, _count(written))
     return SweepOutcome(len(written), skipped, False, _count(written))
+
+
+def _measure_round(
+    worker: PointWorker, point: SweepPoint, first_round: bool, run_canaries: list[float], env: Environment,
+    settings: MeasureSettings, run_id: str, limit_s: float | None, stream: TextIO,
+) -> tuple[dict[str, Any], int | None]:
+    """One round of ``point`` in ``worker``: its row and the worker's pid. A round whose canary ran slow
+    (`qna_bench.measure.canary.is_slow`) is measured once more; if its canary is slow again the row
+    counts it in ``slow_rounds``. Each canary joins ``run_canaries``."""
+    measured: dict[str, Any] = {}
+    for attempt in range(2):
+        started = time.perf_counter()
+        measured = worker.run(point.layer.name, point.problem, run_id, limit_s, first_round=first_round)
+        pid = worker.pid
+        if isinstance(measured, WorkerLost):
+            measured = _lost_row(measured, point, env, settings, run_id, limit_s)
+            measured["point_seconds"] = time.perf_counter() - started
+            return measured, None
+        canary = (measured.get("canary_s") or [None])[-1]
+        if canary is None:
+            return measured, pid
+        slow = is_slow(canary, run_canaries, settings.slow_canary_share)
+        usual = statistics.median(run_canaries) if run_canaries else canary
+        run_canaries.append(canary)
+        measured["slow_rounds"] = int(slow)
+        if not slow:
+            break
+        again = "measuring it again" if attempt == 0 else "flagged in its row"
+        print(f"slow round: {point.label}: canary {canary * 1e3:.2f} ms against the run's {usual * 1e3:.2f} ms; "
+              f"{again}", file=stream)
+    return measured, pid
 
 
 def _probes(
@@ -212,12 +252,18 @@ def _count(statuses: dict[str, str]) -> dict[str, int]:
     return counts
 
 
-def _with_round(row: dict[str, Any], measured: dict[str, Any], round_index: int, run_id: str) -> dict[str, Any]:
-    """``row`` with round ``round_index``'s measurement added; a round that failed leaves the earlier rounds
-    and says so in the reason."""
+def _with_round(
+    row: dict[str, Any], measured: dict[str, Any], round_index: int, run_id: str, *, new_process: bool
+) -> dict[str, Any]:
+    """``row`` with round ``round_index``'s measurement added (``new_process``: it ran in another worker
+    process than the row's latest round); a round that failed leaves the earlier rounds and says so in the
+    reason."""
     values = {**row, "run_id": run_id, "point_seconds": (row["point_seconds"] or 0.0) + measured["point_seconds"]}
     if measured["status"] == "ok":
         values.update(rounds.add_round(row, measured["times_s"]))
+        values["processes"] = (row.get("processes") or 1) + int(new_process)
+        values["canary_s"] = [*(row.get("canary_s") or []), *(measured.get("canary_s") or [])] or None
+        values["slow_rounds"] = (row.get("slow_rounds") or 0) + (measured.get("slow_rounds") or 0)
     else:
         note = f"round {round_index + 1}: {measured['status']}: {measured['reason']}"
         values["reason"] = f"{row['reason']}; {note}" if row["reason"] else note

@@ -175,6 +175,9 @@ def _settings(cfg: DictConfig) -> tuple[MeasureSettings, int | None]:
         profile_dir=results_dir(cfg) if _flag(measure.profile, "measure.profile") else None,
         cudnn_benchmark=_flag(measure.cudnn_benchmark, "measure.cudnn_benchmark"),
         probes=_choice(measure.probes, "measure.probes", PROBE_MODES),
+        fresh_processes=_flag(measure.fresh_processes, "measure.fresh_processes"),
+        canary=_flag(measure.canary, "measure.canary"),
+        slow_canary_share=float(_number(measure.slow_canary_share, "measure.slow_canary_share")),
         qna_tune=_choice(cfg.qna.tune, "qna.tune", TUNES),
     )
     return settings, int(cap_gib * 2**30) if cap_gib else None

@@ -94,6 +94,11 @@ class PointWorker:
             raise RuntimeError(f"the measuring worker process failed to start ({message.describe()})")
         self.memory_cap = message
 
+    @property
+    def pid(self) -> int | None:
+        """The running worker process's id (None when none runs)."""
+        return self._process.pid if self._process is not None else None
+
     def run(
         self, layer_name: str, problem: Problem, run_id: str, timeout_s: float | None, *, first_round: bool = True
     ) -> dict[str, Any] | WorkerLost:
