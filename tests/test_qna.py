@@ -187,9 +187,9 @@ def test_fft_convolution_chunks(monkeypatch: pytest.MonkeyPatch, chunk_bytes: in
     compare_forms(module, torch.randn(2, 10, 8, 6, dtype=torch.float64), rtol=1e-10)
 
 
-def test_fft_convolutions_run_only_with_stride_1_and_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fft_convolutions_run_only_with_stride_1(monkeypatch: pytest.MonkeyPatch) -> None:
     """A forced FFT plan at stride 2 runs its numerators directly (the FFT numerators are stride-1
-    convolutions) and its kernel gradients as FFTs; the FFT plans are CPU plans."""
+    convolutions) and its kernel gradients as FFTs; the padded-window plans are CPU plans."""
     calls = count_fft_calls(monkeypatch)
     module = make_qna(in_channels=6, features=8, heads=2, window=5, stride=2, plan="fft")
     compare_forms(module, torch.randn(2, 9, 7, 6, dtype=torch.float64), rtol=1e-10)
@@ -198,8 +198,9 @@ def test_fft_convolutions_run_only_with_stride_1_and_on_cpu(monkeypatch: pytest.
         "convolutions": "direct", "numerators": "direct", "numerator_grads": "direct", "kernel_grads": "fft",
         "fft_chunk_bytes": str(FFT_CHUNK_BYTES),
     }
-    with pytest.raises(ValueError, match="plan='fft': QnA's plans on cuda are direct"):
-        get_plan("fft", "cuda")
+    assert get_plan("fft", "cuda").name == "fft"
+    with pytest.raises(ValueError, match="plan='padded': QnA's plans on cuda are direct, fft_kernel_grads"):
+        get_plan("padded", "cuda")
 
 
 @pytest.mark.parametrize("stride", [1, 2])
