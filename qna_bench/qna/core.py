@@ -6,6 +6,7 @@ the form of each pass; the FFT passes run only where the data let an FFT resolve
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,9 +21,10 @@ from qna_bench.qna.fft import (
     fft_numerators,
     fft_resolves,
 )
-from qna_bench.qna.plans import Plan, default_plan, get_plan
-from qna_bench.qna.shapes import check_core_args
-from qna_bench.qna.underflow import recompute_windows, underflowed
+from qna_bench.qna.plans import Plan, default_plan, get_plan, plan_from_spec
+from qna_bench.qna.shapes import check_core_args, qna_output_size
+from qna_bench.qna.tuning import PlanChoice
+from qna_bench.qna.underflow import recompute_windows, recompute_windows_grads, underflowed
 
 
 def _kernels(rpe_bias: Tensor, dtype: torch.dtype) -> Tensor:
@@ -88,131 +90,109 @@ def _qna_forward(
     return z.view(batch, out_h, out_w, features), den, underflow, fft_resolved
 
 
-class _QnAAttention(torch.autograd.Function):
-    """The fast form with a hand-written backward.
+def _fast_backward(
+    grad_z: Tensor, exp_scores: Tensor, packed: Tensor, den: Tensor, rpe_bias: Tensor, mixing: Tensor,
+    stride: int, plan: Plan, need_kernel_grad: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The fast form's hand-written backward: the gradients of the packed values and scores (in the work
+    dtype), of ``rpe_bias`` and of ``mixing`` (None without ``need_kernel_grad``).
 
-    Takes the values and the scores packed in one tensor (B, H, W, F + Nq*h), as one matmul makes them,
-    and returns their gradient packed the same way, the underflowed pixels and whether the plan's FFT
-    passes fell back to direct ones (a 0-dim bool tensor). Saves only exp(s - m) (B, H, W, Nq*h), the
-    packed input (for the values) and the denominator (B, H', W', Nq*h). The products E*V and the
-    numerators are recomputed one query at a time in backward and freed as soon as they are used. The
-    convolution input gradients are convolutions again (`depthwise_conv_input_grad`); the kernel
-    gradients PyTorch's convolution backward or FFT cross-correlations (``plan.kernel_grads``); with
-    ``plan.numerator_grads="fft"`` the numerators' three convolutions run on shared spectra
-    (`fft_numerator_grads`). Every FFT pass runs only where the forward found the data resolved.
+    The products E*V and the numerators are recomputed one query at a time and freed as soon as they
+    are used. The convolution input gradients are convolutions again (`depthwise_conv_input_grad`); the
+    kernel gradients PyTorch's convolution backward or FFT cross-correlations (``plan.kernel_grads``);
+    with ``plan.numerator_grads="fft"`` the numerators' three convolutions run on shared spectra
+    (`fft_numerator_grads`).
     """
+    padding = (rpe_bias.shape[-1] - 1) // 2
+    batch, height, width, num_queries, heads = exp_scores.shape
+    out_h, out_w = den.shape[1:3]
+    features = packed.shape[-1] - num_queries * heads
+    values = packed[..., :features]
+    head_dim = features // heads
+    window = rpe_bias.shape[-1]
+    conv, chunk_bytes = plan.convolutions, plan.fft_chunk_bytes
+    # accumulated into in place (compile refuses strided out=), in the work dtype
+    fft_conv = plan.numerator_grads == "fft"
+    if fft_conv:  # channels first in memory, as the FFT numerators write it; (B, H, W, F + Nq*h) in shape
+        g_packed = packed.new_zeros(batch, packed.shape[-1], height, width, dtype=exp_scores.dtype)
+        g_packed = g_packed.permute(0, 2, 3, 1)
+    else:
+        g_packed = torch.zeros_like(packed, dtype=exp_scores.dtype)
 
-    @staticmethod
-    def forward(
-        ctx: Any, packed: Tensor, rpe_bias: Tensor, mixing: Tensor, stride: int, plan: Plan
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        window = rpe_bias.shape[-1]
-        padding = (window - 1) // 2
-        values, exp_scores = _unpack(packed, rpe_bias)
-        rpe_exp = _kernels(rpe_bias, exp_scores.dtype)
-        z, den, underflow, fft_resolved = _qna_forward(exp_scores, values, rpe_exp, mixing, stride, padding, plan)
-        # the underflowed pixels' den is 1 here; their z is replaced outside, so their gradient is 0
-        ctx.save_for_backward(exp_scores, packed, den, rpe_bias, mixing)
-        ctx.stride, ctx.padding, ctx.plan = stride, padding, plan if fft_resolved else _without_fft(plan)
-        fell_back = torch.tensor(plan.uses_fft and not fft_resolved)
-        ctx.mark_non_differentiable(underflow, fell_back)
-        return z, underflow, fell_back
+    rpe_exp = _kernels(rpe_bias, exp_scores.dtype)
+    v = values.unflatten(-1, (heads, head_dim))
+    g_z = grad_z.to(exp_scores.dtype).contiguous().view(batch, out_h, out_w, heads, head_dim)
+    g_exp = torch.empty_like(exp_scores)
+    g_den = torch.empty_like(den)
+    g_values = g_packed[..., :features].unflatten(-1, (heads, head_dim))
+    g_value_kernel = rpe_exp.new_zeros(num_queries, heads, window, window)
+    use_fft = need_kernel_grad and plan.kernel_grads == "fft"
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_z: Tensor, *_: Tensor | None) -> tuple[Tensor | None, ...]:
-        exp_scores, packed, den, rpe_bias, mixing = ctx.saved_tensors
-        stride, padding, plan = ctx.stride, ctx.padding, ctx.plan
-        need_kernel_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        batch, height, width, num_queries, heads = exp_scores.shape
-        out_h, out_w = den.shape[1:3]
-        features = packed.shape[-1] - num_queries * heads
-        values = packed[..., :features]
-        head_dim = features // heads
-        window = rpe_bias.shape[-1]
-        conv, chunk_bytes = plan.convolutions, plan.fft_chunk_bytes
-        # accumulated into in place (compile refuses strided out=), in the work dtype
-        fft_conv = plan.numerator_grads == "fft"
-        if fft_conv:  # channels first in memory, as the FFT numerators write it; (B, H, W, F + Nq*h) in shape
-            g_packed = packed.new_zeros(batch, packed.shape[-1], height, width, dtype=exp_scores.dtype)
-            g_packed = g_packed.permute(0, 2, 3, 1)
-        else:
-            g_packed = torch.zeros_like(packed, dtype=exp_scores.dtype)
-
-        rpe_exp = _kernels(rpe_bias, exp_scores.dtype)
-        v = values.unflatten(-1, (heads, head_dim))
-        g_z = grad_z.to(exp_scores.dtype).contiguous().view(batch, out_h, out_w, heads, head_dim)
-        g_exp = torch.empty_like(exp_scores)
-        g_den = torch.empty_like(den)
-        g_values = g_packed[..., :features].unflatten(-1, (heads, head_dim))
-        g_value_kernel = rpe_exp.new_zeros(num_queries, heads, window, window)
-        use_fft = need_kernel_grad and plan.kernel_grads == "fft"
-
-        if fft_conv:
-            fft_g_exp, g_den_num, fft_g_value_kernel = fft_numerator_grads(
-                exp_scores, values, rpe_exp * mixing, den, g_z.flatten(-2), g_packed.permute(0, 3, 1, 2),
-                need_kernel_grad, chunk_bytes,
-            )
-            g_exp.copy_(fft_g_exp)
-            g_den.copy_(g_den_num).div_(den).div_(den).neg_()
-            if fft_g_value_kernel is not None:
-                g_value_kernel = fft_g_value_kernel
-            del fft_g_exp, g_den_num
-        for n in range(0 if fft_conv else num_queries):
-            e_n = exp_scores[..., n, :, None]
-            den_n = den[..., n, :, None]
-            value_kernel = _value_kernel(rpe_exp[n], mixing[n], head_dim)
-            weighted = (e_n * v).flatten(-2)
-            num = depthwise_conv(weighted, value_kernel, stride, padding, conv).view(g_z.shape)
-            # z = sum_n num_n / den_n  =>  dL/dden_n = -sum_d(g_z * num_n) / den_n / den_n (dividing
-            # twice: den_n^2 overflows fp16 for den_n > 256 and 1 / den_n^2 for den_n < 4e-3)
-            g_den[..., n, :] = num.mul_(g_z).sum(-1).div_(den[..., n, :]).div_(den[..., n, :]).neg_()
-            if use_fft:
-                # the numerator is freed first: the FFT's buffers then add nothing to the peak
-                del num
-                g_kernel = depthwise_weight_grad_fft(
-                    weighted, LazyGrad(g_z, den_n), (out_h, out_w), window, stride, padding, chunk_bytes
-                )
-                del weighted
-                g_num = g_z / den_n
-            else:
-                g_num = torch.div(g_z, den_n, out=num)
-                del num
-                if need_kernel_grad:
-                    g_kernel = depthwise_weight_grad_direct(weighted, g_num.flatten(-2), window, stride, padding)
-                del weighted
-            if need_kernel_grad:
-                g_value_kernel[n] = g_kernel.view(heads, head_dim, window, window).sum(1)
-            g_weighted = depthwise_conv_input_grad(
-                g_num.flatten(-2), value_kernel, (height, width), stride, padding, conv
-            )
-            del g_num
-            g_weighted = g_weighted.view(v.shape)
-            g_exp[..., n, :] = (g_weighted * v).sum(-1)
-            g_values.addcmul_(g_weighted, e_n)
-            del g_weighted
-
-        den_kernel = rpe_exp.reshape(num_queries * heads, 1, window, window)
-        flat_exp = exp_scores.view(batch, height, width, -1)
-        flat_g_den = g_den.view(batch, out_h, out_w, -1)
-        g_exp.add_(
-            depthwise_conv_input_grad(flat_g_den, den_kernel, (height, width), stride, padding, conv).view_as(g_exp)
+    if fft_conv:
+        fft_g_exp, g_den_num, fft_g_value_kernel = fft_numerator_grads(
+            exp_scores, values, rpe_exp * mixing, den, g_z.flatten(-2), g_packed.permute(0, 3, 1, 2),
+            need_kernel_grad, chunk_bytes,
         )
-        g_packed[..., features:].copy_(g_exp.mul_(exp_scores).flatten(-2))
-
-        g_rpe = g_mixing = None
+        g_exp.copy_(fft_g_exp)
+        g_den.copy_(g_den_num).div_(den).div_(den).neg_()
+        if fft_g_value_kernel is not None:
+            g_value_kernel = fft_g_value_kernel
+        del fft_g_exp, g_den_num
+    for n in range(0 if fft_conv else num_queries):
+        e_n = exp_scores[..., n, :, None]
+        den_n = den[..., n, :, None]
+        value_kernel = _value_kernel(rpe_exp[n], mixing[n], head_dim)
+        weighted = (e_n * v).flatten(-2)
+        num = depthwise_conv(weighted, value_kernel, stride, padding, conv).view(g_z.shape)
+        # z = sum_n num_n / den_n  =>  dL/dden_n = -sum_d(g_z * num_n) / den_n / den_n (dividing
+        # twice: den_n^2 overflows fp16 for den_n > 256 and 1 / den_n^2 for den_n < 4e-3)
+        g_den[..., n, :] = num.mul_(g_z).sum(-1).div_(den[..., n, :]).div_(den[..., n, :]).neg_()
+        if use_fft:
+            # the numerator is freed first: the FFT's buffers then add nothing to the peak
+            del num
+            g_kernel = depthwise_weight_grad_fft(
+                weighted, LazyGrad(g_z, den_n), (out_h, out_w), window, stride, padding, chunk_bytes
+            )
+            del weighted
+            g_num = g_z / den_n
+        else:
+            g_num = torch.div(g_z, den_n, out=num)
+            del num
+            if need_kernel_grad:
+                g_kernel = depthwise_weight_grad_direct(weighted, g_num.flatten(-2), window, stride, padding)
+            del weighted
         if need_kernel_grad:
-            if use_fft:
-                g_den_kernel = depthwise_weight_grad_fft(
-                    flat_exp, LazyGrad(flat_g_den.unsqueeze(-1)), (out_h, out_w), window, stride, padding,
-                    chunk_bytes,
-                )
-            else:
-                g_den_kernel = depthwise_weight_grad_direct(flat_exp, flat_g_den, window, stride, padding)
-            g_rpe_exp = g_value_kernel * mixing + g_den_kernel.view_as(rpe_exp)
-            g_rpe = (g_rpe_exp * rpe_exp).to(rpe_bias.dtype)
-            g_mixing = (g_value_kernel * rpe_exp).to(mixing.dtype)
-        return g_packed.to(packed.dtype), g_rpe, g_mixing, None, None
+            g_value_kernel[n] = g_kernel.view(heads, head_dim, window, window).sum(1)
+        g_weighted = depthwise_conv_input_grad(
+            g_num.flatten(-2), value_kernel, (height, width), stride, padding, conv
+        )
+        del g_num
+        g_weighted = g_weighted.view(v.shape)
+        g_exp[..., n, :] = (g_weighted * v).sum(-1)
+        g_values.addcmul_(g_weighted, e_n)
+        del g_weighted
+
+    den_kernel = rpe_exp.reshape(num_queries * heads, 1, window, window)
+    flat_exp = exp_scores.view(batch, height, width, -1)
+    flat_g_den = g_den.view(batch, out_h, out_w, -1)
+    g_exp.add_(
+        depthwise_conv_input_grad(flat_g_den, den_kernel, (height, width), stride, padding, conv).view_as(g_exp)
+    )
+    g_packed[..., features:].copy_(g_exp.mul_(exp_scores).flatten(-2))
+
+    g_rpe = g_mixing = None
+    if need_kernel_grad:
+        if use_fft:
+            g_den_kernel = depthwise_weight_grad_fft(
+                flat_exp, LazyGrad(flat_g_den.unsqueeze(-1)), (out_h, out_w), window, stride, padding,
+                chunk_bytes,
+            )
+        else:
+            g_den_kernel = depthwise_weight_grad_direct(flat_exp, flat_g_den, window, stride, padding)
+        g_rpe_exp = g_value_kernel * mixing + g_den_kernel.view_as(rpe_exp)
+        g_rpe = (g_rpe_exp * rpe_exp).to(rpe_bias.dtype)
+        g_mixing = (g_value_kernel * rpe_exp).to(mixing.dtype)
+    return g_packed, g_rpe, g_mixing
 
 
 def _without_fft(plan: Plan) -> Plan:
@@ -228,9 +208,148 @@ def _unpack(packed: Tensor, rpe_bias: Tensor) -> tuple[Tensor, Tensor]:
     return packed[..., :features], exp_scores
 
 
+def _fast_core(
+    packed: Tensor, rpe_bias: Tensor, mixing: Tensor, stride: int, plan: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The fast form's forward: values and scores packed (B, H, W, F + Nq*h) and the plan's `Plan.spec`
+    -> z (B, H', W', F) in ``packed``'s dtype with the underflowed windows recomputed, and, for the
+    backward, exp(s - m), the denominators, the underflowed pixels and whether the plan's FFT passes fell
+    back to direct ones (a 0-dim bool: `fft_resolves` said the data do not let an FFT resolve them)."""
+    chosen = plan_from_spec(plan)
+    values, exp_scores = _unpack(packed, rpe_bias)
+    rpe_exp = _kernels(rpe_bias, exp_scores.dtype)
+    z, den, underflow, resolved = _qna_forward(
+        exp_scores, values, rpe_exp, mixing, stride, (rpe_bias.shape[-1] - 1) // 2, chosen
+    )
+    z = recompute_windows(z, underflow, packed, rpe_bias, mixing, stride)
+    fell_back = torch.tensor(chosen.uses_fft and not resolved, device=packed.device)
+    return z.to(packed.dtype), exp_scores, den, underflow, fell_back
+
+
+def _fast_core_backward(
+    grad_z: Tensor, packed: Tensor, rpe_bias: Tensor, mixing: Tensor, exp_scores: Tensor, den: Tensor,
+    underflow: Tensor, fell_back: Tensor, stride: int, plan: str, kernel_grads: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`_fast_core`'s backward: the gradients of ``packed``, ``rpe_bias`` and ``mixing`` (the last two
+    empty without ``kernel_grads``). The underflowed pixels take their gradient from the windows that
+    recomputed them (`recompute_windows_grads`), the others from the fast form's backward, whose FFT
+    passes run only where the forward found the data resolved."""
+    chosen = plan_from_spec(plan)
+    if bool(fell_back):
+        chosen = _without_fft(chosen)
+    any_underflow = bool(underflow.any())
+    fast_grad = grad_z.masked_fill(underflow[..., None], 0) if any_underflow else grad_z
+    g_packed, g_rpe, g_mixing = _fast_backward(
+        fast_grad, exp_scores, packed, den, rpe_bias, mixing, stride, chosen, kernel_grads
+    )
+    if any_underflow:
+        recomputed = recompute_windows_grads(grad_z, underflow, packed, rpe_bias, mixing, stride, g_packed, kernel_grads)
+        if recomputed is not None:
+            g_rpe, g_mixing = g_rpe + recomputed[0], g_mixing + recomputed[1]
+    if not kernel_grads:
+        g_rpe, g_mixing = rpe_bias.new_empty(0), mixing.new_empty(0)
+    return g_packed.to(packed.dtype), g_rpe, g_mixing
+
+
+def _save_for_backward(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    packed, rpe_bias, mixing, stride, plan = inputs
+    _, exp_scores, den, underflow, fell_back = output
+    ctx.save_for_backward(packed, rpe_bias, mixing, exp_scores, den, underflow, fell_back)
+    ctx.stride, ctx.plan = stride, plan
+
+
+def _grads(ctx: Any, grad_z: Tensor, backward: Callable[..., tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor | None, ...]:
+    kernel_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    g_packed, g_rpe, g_mixing = backward(grad_z, *ctx.saved_tensors, ctx.stride, ctx.plan, kernel_grads)
+    return (g_packed, g_rpe, g_mixing, None, None) if kernel_grads else (g_packed, None, None, None, None)
+
+
+class _FastCore(torch.autograd.Function):
+    """The fast form with its hand-written backward, run eagerly (FlopCounterMode and the profiler see
+    every op in it). Saves only exp(s - m) (B, H, W, Nq*h), the packed input (for the values) and the
+    denominators (B, H', W', Nq*h)."""
+
+    @staticmethod
+    def forward(ctx: Any, packed: Tensor, rpe_bias: Tensor, mixing: Tensor, stride: int, plan: str) -> tuple[Tensor, ...]:
+        output = _fast_core(packed, rpe_bias, mixing, stride, plan)
+        _save_for_backward(ctx, (packed, rpe_bias, mixing, stride, plan), output)
+        ctx.mark_non_differentiable(*output[1:])
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_z: Tensor, *_: Tensor | None) -> tuple[Tensor | None, ...]:
+        return _grads(ctx, grad_z, _fast_core_backward)
+
+
+def _laid_out(outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Outputs as the fake kernels lay them out: a compiled graph reads them by those strides."""
+    return tuple(t.contiguous() for t in outputs)
+
+
+# The same two functions as custom ops, for torch.compile: opaque to its trace, which then holds no
+# data-dependent branch (the FFT guard, the underflowed windows) and no graph break.
+_fast_core_op = torch.library.custom_op(
+    "qna_bench::fast_core", lambda *args: _laid_out(_fast_core(*args)), mutates_args=(),
+    schema="(Tensor packed, Tensor rpe_bias, Tensor mixing, int stride, str plan) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+_fast_core_backward_op = torch.library.custom_op(
+    "qna_bench::fast_core_backward", lambda *args: _laid_out(_fast_core_backward(*args)), mutates_args=(),
+    schema="(Tensor grad_z, Tensor packed, Tensor rpe_bias, Tensor mixing, Tensor exp_scores, Tensor den, "
+    "Tensor underflow, Tensor fell_back, int stride, str plan, bool kernel_grads) -> (Tensor, Tensor, Tensor)",
+)
+
+
+@_fast_core_op.register_fake
+def _fast_core_fake(
+    packed: Tensor, rpe_bias: Tensor, mixing: Tensor, stride: int, plan: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    num_queries, heads, window, _ = rpe_bias.shape
+    batch, height, width, channels = packed.shape
+    out_h, out_w = qna_output_size(height, window, stride), qna_output_size(width, window, stride)
+    work = work_dtype(packed.dtype)
+    return (
+        packed.new_empty(batch, out_h, out_w, channels - num_queries * heads),
+        packed.new_empty(batch, height, width, num_queries, heads, dtype=work),
+        packed.new_empty(batch, out_h, out_w, num_queries, heads, dtype=work),
+        packed.new_empty(batch, out_h, out_w, dtype=torch.bool),
+        packed.new_empty((), dtype=torch.bool),
+    )
+
+
+@_fast_core_backward_op.register_fake
+def _fast_core_backward_fake(
+    grad_z: Tensor, packed: Tensor, rpe_bias: Tensor, mixing: Tensor, exp_scores: Tensor, den: Tensor,
+    underflow: Tensor, fell_back: Tensor, stride: int, plan: str, kernel_grads: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if not kernel_grads:
+        return torch.empty_like(packed), rpe_bias.new_empty(0), mixing.new_empty(0)
+    return torch.empty_like(packed), torch.empty_like(rpe_bias), torch.empty_like(mixing)
+
+
+_fast_core_op.register_autograd(
+    lambda ctx, grad_z, *_: _grads(ctx, grad_z, _fast_core_backward_op), setup_context=_save_for_backward
+)
+
+
 def wants_grad(*tensors: Tensor) -> bool:
     """Whether a call on these tensors records a backward (train mode, as the plans see it)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def run_plan(packed: Tensor, rpe_bias: Tensor, query_mixing: Tensor, stride: int, choice: PlanChoice) -> tuple[Tensor, Tensor | bool]:
+    """The fast form of a chosen, resolved plan on packed values and scores; z (B, H', W', F) and
+    whether the plan's FFT passes fell back (a 0-dim bool tensor, or False where the plan has none).
+    Nothing here depends on the data in Python: torch.compile traces it whole."""
+    if choice.plan.kernel == "triton":
+        from qna_bench.qna.triton_core import triton_qna_attention
+
+        features = packed.shape[-1] - rpe_bias.shape[0] * rpe_bias.shape[1]
+        z = triton_qna_attention(packed[..., features:], packed[..., :features], rpe_bias, query_mixing, stride)
+        return z.to(packed.dtype), False  # exact everywhere: each window's own running max
+    core = _fast_core_op if torch.compiler.is_compiling() else _FastCore.apply
+    z, _, _, _, fell_back = core(packed, rpe_bias, query_mixing, stride, choice.spec)
+    return z, fell_back
 
 
 def qna_attention_packed(
@@ -239,24 +358,8 @@ def qna_attention_packed(
     """`qna_attention` on values and scores packed as (B, H, W, F + Nq*h), values first, with ``plan``;
     also returns whether the plan's FFT passes fell back to direct ones on these data (`fft_resolves`)."""
     train = wants_grad(packed, rpe_bias, query_mixing)
-    plan = plan.resolved(stride, train)
-    if plan.kernel == "triton":
-        from qna_bench.qna.triton_core import triton_qna_attention
-
-        features = packed.shape[-1] - rpe_bias.shape[0] * rpe_bias.shape[1]
-        z = triton_qna_attention(packed[..., features:], packed[..., :features], rpe_bias, query_mixing, stride)
-        return z.to(packed.dtype), False  # exact everywhere: each window's own running max
-    if train:
-        z, underflow, fell_back_flag = _QnAAttention.apply(packed, rpe_bias, query_mixing, stride, plan)
-        fell_back = plan.uses_fft and bool(fell_back_flag.detach())
-    else:
-        values, exp_scores = _unpack(packed, rpe_bias)
-        rpe_exp = _kernels(rpe_bias, exp_scores.dtype)
-        z, _, underflow, resolved = _qna_forward(
-            exp_scores, values, rpe_exp, query_mixing, stride, (rpe_bias.shape[-1] - 1) // 2, plan
-        )
-        fell_back = plan.uses_fft and not resolved
-    return recompute_windows(z, underflow, packed, rpe_bias, query_mixing, stride).to(packed.dtype), fell_back
+    z, fell_back = run_plan(packed, rpe_bias, query_mixing, stride, PlanChoice(plan.resolved(stride, train), train, "forced"))
+    return z, bool(fell_back)
 
 
 def qna_attention(

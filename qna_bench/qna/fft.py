@@ -257,9 +257,9 @@ def fft_numerator_grads(
             del num
             g_spectrum = torch.fft.rfft2(g / d[:, n, head, None], s=lengths)
             if kernel_grad_spectra is not None:
-                kernel_grad_spectra[n, head] += (g_spectrum.conj() * spectrum).sum(dim=(0, 1))
+                kernel_grad_spectra[n, head] += (torch.conj_physical(g_spectrum) * spectrum).sum(dim=(0, 1))
             del spectrum
-            g_spectrum.mul_(spectra[n, head].conj())
+            g_spectrum.mul_(torch.conj_physical(spectra[n, head]))
             g_weighted = torch.fft.irfft2(g_spectrum, s=lengths)[..., :height, :width]
             del g_spectrum
             g_e[:, n, head] += (g_weighted * v).sum(1)

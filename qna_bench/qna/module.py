@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qna_bench.qna.core import qna_attention_packed, wants_grad
+from qna_bench.qna.core import qna_attention_packed, run_plan, wants_grad
 from qna_bench.qna.official import load_official_params
 from qna_bench.qna.plans import Plan, get_plan, plan_names
 from qna_bench.qna.reference import qna_attention_reference
@@ -126,7 +126,7 @@ class QnA(nn.Module):
         self.tune: Tune = tune
         self.timer: Timer = time_call
         self.plan_choice: PlanChoice | None = None
-        self.plan_fell_back = False
+        self._fell_back: Tensor | bool = False  # the last fast call's flag, read by `plan_fell_back`
         self._choices: dict[tuple[PlanKey, str | None, str], PlanChoice] = {}
 
         self.query = nn.Parameter(torch.empty(num_queries, heads, self.head_dim))
@@ -230,6 +230,11 @@ class QnA(nn.Module):
         self.plan_choice = self._choose(self._values_and_scores(x), train)
         return self.plan_choice
 
+    @property
+    def plan_fell_back(self) -> bool:
+        """Whether the last fast call's data made its plan's FFT passes give way to direct ones."""
+        return bool(self._fell_back)
+
     def plan_flags(self) -> dict[str, Any]:
         """What the fast form runs, for a row's ``layer_flags``: ``plan`` (the form of each pass that
         runs), ``plan_name``, ``plan_source`` (tuned, cache, default or forced), ``tune_seconds`` (spent
@@ -253,10 +258,13 @@ class QnA(nn.Module):
             raise ValueError(f"impl={self.impl!r}: QnA's impl is one of {IMPLS}")
         if self.impl == "fast":
             packed = self._values_and_scores(x)
-            self.plan_choice = self._choose(packed, wants_grad(packed, self.rpe_bias, self.query_mixing))
-            z, self.plan_fell_back = qna_attention_packed(
-                packed, self.rpe_bias, self.query_mixing, self.stride, self.plan_choice.plan
-            )
+            train = wants_grad(packed, self.rpe_bias, self.query_mixing)
+            choice = self.plan_choice
+            # Under torch.compile a plan chosen before the trace (`choose_plan`, or an eager call) is
+            # used as is: choosing times candidates, which a trace cannot hold (a graph break instead).
+            if not (torch.compiler.is_compiling() and choice is not None and choice.train == train):
+                choice = self.plan_choice = self._choose(packed, train)
+            z, self._fell_back = run_plan(packed, self.rpe_bias, self.query_mixing, self.stride, choice)
         else:
             z = qna_attention_reference(
                 self.scores(x), self.value_proj(x), self.rpe_bias, self.query_mixing, self.stride

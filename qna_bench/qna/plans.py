@@ -10,6 +10,8 @@ A GPU plan is one more `register_plan` entry, with the forms its kernels impleme
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -85,6 +87,11 @@ class Plan:
     def uses_fft(self) -> bool:
         return self.kernel == "convolutions" and "fft" in (self.numerators, self.numerator_grads, self.kernel_grads)
 
+    def spec(self) -> str:
+        """This plan as a string (`plan_from_spec` reads it back): how it reaches QnA's custom ops,
+        whose arguments are tensors, numbers and strings."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
     def record(self, train: bool) -> dict[str, str]:
         """A readable name per pass that runs in this mode, for a row's ``layer_flags``."""
         if self.kernel != "convolutions":
@@ -94,6 +101,13 @@ class Plan:
         if self.uses_fft:
             record["fft_chunk_bytes"] = str(self.fft_chunk_bytes)
         return record
+
+
+@functools.lru_cache(maxsize=256)
+def plan_from_spec(spec: str) -> Plan:
+    """The plan `Plan.spec` wrote (registered or not: a resolved plan is a variant of a registered one)."""
+    fields = json.loads(spec)
+    return Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 _PLANS: dict[str, Plan] = {}

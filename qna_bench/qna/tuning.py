@@ -16,7 +16,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -117,6 +117,11 @@ class PlanChoice:
     source: PlanSource
     tune_seconds: float = 0.0
     timings_s: tuple[tuple[str, float], ...] = ()
+    # `Plan.spec` of ``plan``, made once here: a compiled call passes it to the core without tracing it
+    spec: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "spec", self.plan.spec())
 
 
 def cache_dir() -> Path:
