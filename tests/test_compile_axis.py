@@ -13,7 +13,7 @@ import torch
 from torch._dynamo.exc import BackendCompilerFailed
 
 from qna_bench import analysis as A
-from qna_bench import compile_mode, identity, report, results, runner
+from qna_bench import compare, compile_mode, identity, report, results, runner
 from qna_bench.environment import read_environment
 from qna_bench.point import MeasureSettings, SweepPoint
 from qna_bench.problem import Problem
@@ -150,3 +150,13 @@ def test_the_report_has_an_eager_against_compiled_section_only_with_compiled_row
     recorded = [results.make_row(**{**row, "compile_mode": "eager"}) for row in old_file]
     assert [row["point_key"] for row in recorded] == [row["point_key"] for row in old_file]
     assert report.render(A.analyse(_frame(recorded))) == plain
+
+
+def test_compare_matches_each_form_with_the_same_form_and_old_eager_rows_with_eager_ones():
+    rows = compiled_rows()
+    old_side = [row for row in rows if row["compile_mode"] is None]
+    points = compare.compare_results(_frame(old_side), _frame(rows), compare.Thresholds())
+    assert len(points) == 15
+    assert sum(p.base is not None and p.new is not None for p in points) == 10
+    only_new = [compare.describe_point(p.key) for p in points if p.base is None]
+    assert len(only_new) == 5 and all(text.startswith("qna[compiled:default] window=") for text in only_new)
