@@ -69,8 +69,20 @@ def is_compile_failure(exc: BaseException) -> bool:
     while seen is not None:
         if type(seen).__module__.startswith(COMPILER_MODULES):
             return True
-        seen = seen.__cause__
+        seen = _inner(seen)
     return False
+
+
+def _inner(exc: BaseException) -> BaseException | None:
+    # BackendCompilerFailed holds the backend's exception as ``inner_exception`` (raised ``from None``).
+    return exc.__cause__ or getattr(exc, "inner_exception", None)
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception ``exc`` was raised from."""
+    while (inner := _inner(exc)) is not None and inner is not exc:
+        exc = inner
+    return exc
 
 
 def failure_reason(mode: str, one_line: str) -> str:

@@ -207,8 +207,14 @@ def run_point(
                 row["first_call_s"], memory = _first_call(step, problem.torch_device, track_memory,
                                                           layer.compiles or compiled)
             except Exception as exc:
-                if compiled and not is_out_of_memory(exc) and forms.is_compile_failure(exc):
-                    raise UnsupportedProblem(forms.failure_reason(mode, _one_line(exc))) from exc
+                if compiled and forms.is_compile_failure(exc):
+                    # The compiler wraps what interrupted it: a budget's alarm or a failed allocation stays
+                    # a timeout or an oom.
+                    root = forms.root_cause(exc)
+                    if isinstance(root, PointTimeout) or is_out_of_memory(root):
+                        raise root from None
+                    why = _one_line(exc) + (f" ({_one_line(root)})" if root is not exc else "")
+                    raise UnsupportedProblem(forms.failure_reason(mode, why)) from exc
                 raise
             row["base_bytes"] = step.base_bytes
             row["layer_flags"] = layer.layer_flags(module, problem)

@@ -559,6 +559,18 @@ def _lead_sentence(leads: pd.DataFrame, subject: str) -> str:
     return f"{subject}'s speed lead over each peer family's best implementation: " + "; ".join(texts) + "."
 
 
+def _winners(data: pd.DataFrame, problem: str, mode: str) -> str:
+    """Which form of each layer the verdicts used at this problem and mode, with its windows."""
+    here = data[(data["problem"] == problem) & (data["mode"] == mode) & (data["kind"] == "layer")]
+    texts = []
+    for layer in sort_rows(here.drop_duplicates("layer")[["layer", "role"]], ["role", "layer"])["layer"]:
+        own = here[here["layer"] == layer]
+        by_form = [f"{form_label(form) or 'eager'} at k = {_k_list(rows['window'])}"
+                   for form, rows in own.groupby("compile_mode", sort=True)]
+        texts.append(f"{layer} {', '.join(by_form)}")
+    return "Forms in the verdicts: " + "; ".join(texts) + "."
+
+
 def forms_section(analysis: Analysis) -> str:
     """Eager against compiled, per problem and mode: each form's latency, the speedup, the compile seconds
     and the form that won; and whether QnA's lead survives compilation. "" for a run of eager rows only."""
@@ -581,7 +593,7 @@ def forms_section(analysis: Analysis) -> str:
         for m in compiled:
             headers += [f"{m} ms", f"{m} speedup", f"{m} compile s"]
         parts += [f"#### {mode}, {_problem_label(problem, analysis.problems)}",
-                  markdown_table([*headers, "best form"], rows)]
+                  markdown_table([*headers, "best form"], rows), _winners(analysis.frame, problem, mode)]
         leads = analysis.leads
         for subject, own in leads[(leads["problem"] == problem) & (leads["mode"] == mode)].groupby("subject", sort=True):
             sentence = _lead_sentence(own, subject)

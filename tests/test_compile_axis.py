@@ -14,6 +14,7 @@ from torch._dynamo.exc import BackendCompilerFailed
 
 from qna_bench import analysis as A
 from qna_bench import compare, compile_mode, identity, report, results, runner
+from qna_bench.budget import PointTimeout
 from qna_bench.environment import read_environment
 from qna_bench.point import MeasureSettings, SweepPoint
 from qna_bench.problem import Problem
@@ -90,17 +91,28 @@ def test_cuda_graphs_on_a_cpu_problem_are_an_unsupported_row():
 
 
 class _FailsToCompile(torch.nn.Module):
-    """Stands in for a compiled module whose first call fails in the compiler's backend."""
+    """Stands in for a compiled module whose first call fails in the compiler's backend with ``inner``."""
+
+    def __init__(self, inner: Exception):
+        super().__init__()
+        self.inner = inner
 
     def forward(self, x):
-        raise BackendCompilerFailed(self.forward, RuntimeError("no C++ compiler"), None)
+        raise BackendCompilerFailed(self.forward, self.inner, None) from None
 
 
-def test_a_compiler_failure_is_an_unsupported_row_naming_the_mode(monkeypatch):
-    monkeypatch.setattr(compile_mode, "compile_module", lambda module, mode: _FailsToCompile())
+@pytest.mark.parametrize("inner, status, reason", [
+    (RuntimeError("no C++ compiler"), "unsupported",
+     "torch.compile(mode=default) failed: BackendCompilerFailed: backend='forward' raised (RuntimeError: no C++ "
+     "compiler)"),
+    (PointTimeout("the first call ran past its budget of 1 s"), "timeout", "the first call ran past its budget"),
+    (MemoryError(), "oom", "MemoryError"),
+])
+def test_a_compiler_failure_is_an_unsupported_row_naming_the_mode_unless_a_budget_or_memory_stopped_it(
+        monkeypatch, inner, status, reason):
+    monkeypatch.setattr(compile_mode, "compile_module", lambda module, mode: _FailsToCompile(inner))
     row = runner.run_point(SweepPoint(get_layer("conv_dw"), TINY, "default"), SETTINGS, read_environment("cpu"), "t")
-    assert row["status"] == "unsupported"
-    assert row["reason"].startswith("torch.compile(mode=default) failed: BackendCompilerFailed: backend='forward'")
+    assert row["status"] == status and row["reason"].startswith(reason), row["reason"]
 
 
 def _frame(rows):
@@ -144,6 +156,12 @@ def test_the_report_has_an_eager_against_compiled_section_only_with_compiled_row
     assert "### Eager against compiled" in text
     assert "| qna | 3 | 3.000 | 1.500 | 2.00× | 3.00 | compiled:default |" in text
     assert "the lead survives compilation at every window it held (k = 3–11)" in text
+    assert "Forms in the verdicts: qna compiled:default at k = 3–11; swin eager at k = 3–11." in text
+    swin_compiled = [synthetic_row("swin", k, "forward", 1.0e-3 * k, 2000 * k, compile_mode="default",
+                                   layer_flags={"backend": "fused"}) for k in (3, 5)]
+    text = report.render(A.analyse(_frame([*compiled_rows(), *swin_compiled])))
+    assert "| swin | P1 | forward | swin ×5 | 2.00× to 3.00× | nowhere | nowhere | holds partly | swin: fused, compiled " \
+           "(default) |" in text
     old_file = [row for row in compiled_rows() if row["compile_mode"] is None]  # as files before the column
     plain = report.render(A.analyse(_frame(old_file)))
     assert len(old_file) == 10 and "compiled" not in plain and "Eager against" not in plain
