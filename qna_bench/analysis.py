@@ -302,13 +302,15 @@ def strongest(ratios: pd.DataFrame, column: str, by: Sequence[str] = ()) -> pd.D
     return ranked.drop_duplicates(keys).sort_values(keys, kind="mergesort").reset_index(drop=True)
 
 
+LEAD_COLUMNS = ("problem", "mode", "subject", "family", "eager_min", "eager_max", "best_min", "best_max",
+                "led_at", "kept_at")
+
+
 def compile_leads(eager_ratios: pd.DataFrame, best_ratios: pd.DataFrame) -> pd.DataFrame:
     """Whether QnA's speed lead over each peer family's best survives compilation: per problem, mode,
     subject and family, the family's best ratio per window (`strongest` by family) with eager forms only
     and with every layer at its best form. ``led_at``: windows where QnA was faster eager against eager;
     ``kept_at``: those where it is still faster with best forms against best forms."""
-    columns = ["problem", "mode", "subject", "family", "eager_min", "eager_max", "best_min", "best_max",
-               "led_at", "kept_at"]
     records = []
     keys = ["problem", "mode", "subject", "family"]
 
@@ -327,7 +329,7 @@ def compile_leads(eager_ratios: pd.DataFrame, best_ratios: pd.DataFrame) -> pd.D
             best_max=float(theirs["latency_ratio"].max()) if len(theirs) else float("nan"),
             led_at=tuple(led), kept_at=tuple(kept),
         ))
-    return sort_rows(pd.DataFrame(records, columns=columns), keys)
+    return sort_rows(pd.DataFrame(records, columns=list(LEAD_COLUMNS)), keys)
 
 
 def weakest(ratios: pd.DataFrame, column: str) -> pd.Series | None:
@@ -700,6 +702,5 @@ def analyse(frame: pd.DataFrame) -> Analysis:
         noise=noise_floor(data),
         every_form=every_form,
         forms=form_table(every_form[every_form["kind"] == "layer"]),
-        leads=compile_leads(ratio_frame(eager_layers), ratios) if compiled else compile_leads(ratios.iloc[0:0],
-                                                                                              ratios.iloc[0:0]),
+        leads=compile_leads(ratio_frame(eager_layers), ratios) if compiled else pd.DataFrame(columns=list(LEAD_COLUMNS)),
     )

@@ -75,8 +75,8 @@ class SweepPoint:
     @property
     def label(self) -> str:
         p = self.problem
-        form = f"[{forms.form_label(self.compile_mode)}]" if forms.is_compiled(self.compile_mode) else ""
-        return f"{self.layer.name}{form} k={p.window} {p.mode} {p.batch}x{p.height}x{p.width}x{p.channels}"
+        form = forms.form_label(self.compile_mode)
+        return f"{self.layer.name}{f'[{form}]' if form else ''} k={p.window} {p.mode} {p.batch}x{p.height}x{p.width}x{p.channels}"
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
