@@ -1,5 +1,6 @@
-"""What the results say, as pure functions over a results frame: the newest row per point, pairing with
-QnA, ratios, the strongest peer per point and per family, growth fits and the verdicts. The report, the
+"""What the results say, as pure functions over a results frame: the newest row per point and form, each
+layer at its best form, pairing with QnA, ratios, the strongest peer per point and per family, growth
+fits and the verdicts. The report, the
 figures, the console summary and `compare` read from here; they only write and draw.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from qna_bench.compile_mode import COMPILE_MODES, EAGER, form_label, mode_of
 from qna_bench.noise import NoiseFloor, crossed_line, noise_floor
 from qna_bench.registry import ROLES, find_layer, role_of
 from qna_bench.roofline import roofline_frame
@@ -26,6 +28,8 @@ SETTING_COLUMNS: tuple[str, ...] = (*CONTEXT_COLUMNS, *SHAPE_COLUMNS)
 # Two rows pair (a layer against QnA) when all of these agree.
 PAIR_COLUMNS: tuple[str, ...] = (*SETTING_COLUMNS, "mode", "window")
 POINT_COLUMNS: tuple[str, ...] = ("layer", *PAIR_COLUMNS)
+# A layer's form: eager or a torch.compile mode; a point has one row per form measured.
+FORM_COLUMN = "compile_mode"
 # Per-round medians of interleaved rounds (one per round; absent in older files).
 ROUNDS_COLUMN = "round_medians_s"
 
@@ -101,13 +105,88 @@ def with_roles(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(role=recorded.astype(object).where(recorded.notna(), fallback).astype(str))
 
 
+def with_forms(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with every row's `compile_mode`: as recorded, `eager` where null or absent (older files)."""
+    recorded = frame[FORM_COLUMN] if FORM_COLUMN in frame else pd.Series(pd.NA, index=frame.index, dtype="string")
+    return frame.assign(**{FORM_COLUMN: recorded.astype(object).map(mode_of).astype("string")})
+
+
+def has_compiled(frame: pd.DataFrame) -> bool:
+    """Whether any row of ``frame`` measured a compiled form."""
+    return FORM_COLUMN in frame and bool(with_forms(frame)[FORM_COLUMN].ne(EAGER).any())
+
+
+def layer_label(layer: str, mode: object) -> str:
+    """``qna`` for the eager form, ``qna[compiled:default]`` for a compiled one."""
+    label = form_label(mode)
+    return f"{layer}[{label}]" if label else layer
+
+
 def latest_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per point (layer, setting, mode, window): where a file holds a point twice (merged or
-    re-measured), the newest by timestamp wins, whatever the file order."""
+    """One row per point (layer, setting, mode, window) and form (`compile_mode`): where a file holds a
+    point's form twice (merged or re-measured), the newest by timestamp wins, whatever the file order."""
+    frame = with_forms(frame)
     order = frame.assign(_ts=frame["timestamp"].fillna(""), _key=frame["point_key"].fillna(""))
     order = order.sort_values(["_ts", "_key"], kind="mergesort")
-    kept = order.drop_duplicates(list(POINT_COLUMNS), keep="last").drop(columns=["_ts", "_key"])
+    kept = order.drop_duplicates([*POINT_COLUMNS, FORM_COLUMN], keep="last").drop(columns=["_ts", "_key"])
+    return kept.sort_values([*POINT_COLUMNS, FORM_COLUMN], kind="mergesort").reset_index(drop=True)
+
+
+def _form_order(mode: str) -> int:
+    return COMPILE_MODES.index(mode) if mode in COMPILE_MODES else len(COMPILE_MODES)
+
+
+def best_forms(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per point: each layer's best form there, the ``ok`` row with the lowest ``median_s``;
+    where no form is ``ok``, the eager row (else the first form measured). A frame of eager rows only
+    comes back as it is."""
+    if not has_compiled(frame):
+        return frame
+    ok = (frame["status"] == "ok") & frame["median_s"].notna()
+    ranked = frame.assign(
+        _failed=~ok,
+        _median=frame["median_s"].astype("Float64").where(ok).fillna(float("inf")).astype(float),
+        _form=frame[FORM_COLUMN].map(_form_order),
+    ).sort_values(["_failed", "_median", "_form"], kind="mergesort")
+    kept = ranked.drop_duplicates(list(POINT_COLUMNS)).drop(columns=["_failed", "_median", "_form"])
     return kept.sort_values(list(POINT_COLUMNS), kind="mergesort").reset_index(drop=True)
+
+
+def form_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Eager against compiled: one row per layer, problem, mode and window with more than one form
+    measured (rows of `latest_rows`, with `problem`): the eager median ``eager_s`` (NaN when not ok),
+    and per compiled mode M its median ``M_s``, ``M_speedup`` (eager / compiled), ``M_compile_s`` and
+    ``M_status``; ``best`` names the winning form (`best_forms`)."""
+    keys = ["problem", "mode", "role", "layer", "window"]
+    compiled = [m for m in COMPILE_MODES if m != EAGER and m in set(frame.get(FORM_COLUMN, []))]
+    columns = [*keys, "eager_status", "eager_s",
+               *[f"{m}_{c}" for m in compiled for c in ("status", "s", "speedup", "compile_s")], "best"]
+    if not compiled:
+        return pd.DataFrame(columns=columns)
+    records = []
+    for _, group in frame.groupby(list(POINT_COLUMNS), sort=False, dropna=False):
+        if group[FORM_COLUMN].nunique() < 2:
+            continue
+        first = group.iloc[0]
+        by_form = {r[FORM_COLUMN]: r for _, r in group.iterrows()}
+
+        def seconds(row: pd.Series | None) -> float:
+            ok = row is not None and row["status"] == "ok" and not missing(row["median_s"])
+            return float(row["median_s"]) if ok else float("nan")
+
+        eager = by_form.get(EAGER)
+        record = {k: first[k] for k in keys}
+        record.update(eager_status=eager["status"] if eager is not None else pd.NA, eager_s=seconds(eager))
+        for m in compiled:
+            row = by_form.get(m)
+            record[f"{m}_status"] = row["status"] if row is not None else pd.NA
+            record[f"{m}_s"] = seconds(row)
+            record[f"{m}_speedup"] = record["eager_s"] / record[f"{m}_s"] if record[f"{m}_s"] > 0 else float("nan")
+            spent = row["compile_s"] if row is not None and "compile_s" in row else None
+            record[f"{m}_compile_s"] = float(spent) if not missing(spent) else float("nan")
+        record["best"] = best_forms(group)[FORM_COLUMN].iloc[0]
+        records.append(record)
+    return sort_rows(pd.DataFrame(records, columns=columns), keys)
 
 
 def settings(frame: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
@@ -158,10 +237,11 @@ def sort_rows(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
 
 def pair_with_subject(frame: pd.DataFrame, statuses: Sequence[str] = ("ok", "timeout")) -> pd.DataFrame:
     """Every non-subject row next to the subject (QnA) row of the same setting, mode and window: the
-    subject's columns carry the suffix ``_qna`` and `subject` names it. Rows of another thread count,
+    subject's columns carry the suffix ``_qna`` and `subject` names it (its form: ``compile_mode_qna``). Rows of another thread count,
     torch version, device or dtype never pair."""
     rows = frame[frame["status"].isin(statuses)]
-    carried = [c for c in ("layer", "status", "median_s", "q25_s", "q75_s", "peak_bytes", ROUNDS_COLUMN) if c in rows]
+    carried = [c for c in ("layer", "status", "median_s", "q25_s", "q75_s", "peak_bytes", ROUNDS_COLUMN, FORM_COLUMN)
+               if c in rows]
     subject = rows[rows["role"] == SUBJECT][[*PAIR_COLUMNS, *carried]].rename(columns={"layer": "subject"})
     others = rows[rows["role"] != SUBJECT]
     return others.merge(subject, on=list(PAIR_COLUMNS), suffixes=("", "_qna"))
@@ -220,6 +300,36 @@ def strongest(ratios: pd.DataFrame, column: str, by: Sequence[str] = ()) -> pd.D
     keys = ["subject", *PAIR_COLUMNS, *by]
     ranked = rows.sort_values([column, "layer"], kind="mergesort")
     return ranked.drop_duplicates(keys).sort_values(keys, kind="mergesort").reset_index(drop=True)
+
+
+LEAD_COLUMNS = ("problem", "mode", "subject", "family", "eager_min", "eager_max", "best_min", "best_max",
+                "led_at", "kept_at")
+
+
+def compile_leads(eager_ratios: pd.DataFrame, best_ratios: pd.DataFrame) -> pd.DataFrame:
+    """Whether QnA's speed lead over each peer family's best survives compilation: per problem, mode,
+    subject and family, the family's best ratio per window (`strongest` by family) with eager forms only
+    and with every layer at its best form. ``led_at``: windows where QnA was faster eager against eager;
+    ``kept_at``: those where it is still faster with best forms against best forms."""
+    records = []
+    keys = ["problem", "mode", "subject", "family"]
+
+    def family_best(ratios: pd.DataFrame) -> pd.DataFrame:
+        peers = ratios[(ratios["role"] == PEER) & ratios["latency_ratio"].notna()]
+        return strongest(peers, "latency_ratio", by=("family",))
+
+    eager, best = family_best(eager_ratios), family_best(best_ratios)
+    for values, mine in eager.groupby(keys, sort=True):
+        theirs = best[(best[keys] == pd.Series(values, index=keys)).all(axis=1)].set_index("window")
+        led = sorted(int(k) for k in mine.loc[mine["latency_ratio"] > 1, "window"])
+        kept = [k for k in led if k in theirs.index and float(theirs.loc[k, "latency_ratio"]) > 1]
+        records.append(dict(
+            zip(keys, values), eager_min=float(mine["latency_ratio"].min()), eager_max=float(mine["latency_ratio"].max()),
+            best_min=float(theirs["latency_ratio"].min()) if len(theirs) else float("nan"),
+            best_max=float(theirs["latency_ratio"].max()) if len(theirs) else float("nan"),
+            led_at=tuple(led), kept_at=tuple(kept),
+        ))
+    return sort_rows(pd.DataFrame(records, columns=list(LEAD_COLUMNS)), keys)
 
 
 def weakest(ratios: pd.DataFrame, column: str) -> pd.Series | None:
@@ -538,7 +648,7 @@ def model_ratios(data: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
 class Analysis:
     """Everything the report says, as tables (the notebook shows the same frames)."""
 
-    frame: pd.DataFrame  # the newest row per point, with `problem` (P1, P2, ...), `role` and `kind` (layer, model)
+    frame: pd.DataFrame  # each layer's best form per point, with `problem` (P1, P2, ...), `role` and `kind`
     rows_in_file: int
     problems: pd.DataFrame  # problem id, its setting columns and head_dim
     ratios: pd.DataFrame  # one row per non-subject layer paired with a subject at a point
@@ -551,21 +661,31 @@ class Analysis:
     layers: pd.DataFrame  # the rows of `frame` that are layers, not whole models (what the figures draw)
     roofline: pd.DataFrame  # the layers' measured points against their roofs (`qna_bench.roofline`)
     noise: NoiseFloor  # the run's canary spread and each layer's spread between processes (`qna_bench.noise`)
+    every_form: pd.DataFrame  # the newest row per point and form (`frame` keeps each layer's best form)
+    forms: pd.DataFrame  # eager against compiled where a point has several forms (`form_table`)
+    leads: pd.DataFrame  # whether QnA's lead over each family survives compilation (`compile_leads`)
 
 
 def analyse(frame: pd.DataFrame) -> Analysis:
     """Ratios, growth exponents and verdicts of a results frame (as read by `read_results`); whole models
     get their own tables instead of the layer claims."""
-    data = latest_rows(with_roles(frame))
-    problems = problem_table(data)
-    data = with_problems(data, problems)
-    model_rows = is_model(data)
-    data = data.assign(kind=np.where(model_rows, "model", "layer"))
+    every_form = latest_rows(with_roles(frame))
+    problems = problem_table(every_form)
+    every_form = with_problems(every_form, problems)
+    every_form = every_form.assign(kind=np.where(is_model(every_form), "model", "layer"))
+    data = best_forms(every_form)
+    model_rows = data["kind"] == "model"
     models = model_table(data[model_rows])
     layers = data[~model_rows]
     ratios = sort_rows(ratio_frame(layers), ["problem", "mode", "subject", "role", "layer", "window"])
     comparisons = growth_comparisons(layers)
-    failed = data[data["status"] != "ok"][["problem", "mode", "role", "layer", "window", "status", "reason"]]
+    compiled = has_compiled(every_form)
+    # Failed forms that lost to a working one are failures too, named with their form.
+    failed = every_form if compiled else data
+    failed = failed[failed["status"] != "ok"]
+    failed = failed.assign(layer=[layer_label(layer, mode) for layer, mode in zip(failed["layer"], failed[FORM_COLUMN])])
+    failed = failed[["problem", "mode", "role", "layer", "window", "status", "reason"]]
+    eager_layers = every_form[(every_form["kind"] == "layer") & (every_form[FORM_COLUMN] == EAGER)]
     return Analysis(
         frame=sort_rows(data, ["problem", "mode", "role", "layer", "window"]),
         rows_in_file=len(frame),
@@ -580,4 +700,7 @@ def analyse(frame: pd.DataFrame) -> Analysis:
         layers=layers,
         roofline=roofline_frame(layers),
         noise=noise_floor(data),
+        every_form=every_form,
+        forms=form_table(every_form[every_form["kind"] == "layer"]),
+        leads=compile_leads(ratio_frame(eager_layers), ratios) if compiled else pd.DataFrame(columns=list(LEAD_COLUMNS)),
     )

@@ -52,10 +52,13 @@ from typing import Any, Literal, get_args
 import pandas as pd
 
 from qna_bench import results
+from qna_bench.compile_mode import is_compiled, mode_of
 from qna_bench.noise import NoiseFloor, noise_floor
 
 # What makes two rows the same point: the layer and its whole problem. Not the environment columns.
 MATCH_COLUMNS: tuple[str, ...] = ("layer", *results.PROBLEM_COLUMNS)
+# A layer's form: part of the match when either side has a compiled row (a missing value is eager).
+FORM_COLUMN = "compile_mode"
 # Environment columns that ``--by`` may add to the match (when one file holds a problem several times).
 BY_COLUMNS: tuple[str, ...] = (
     "device_name", "threads", "torch_version", "timm_version", "natten_version", "python_version",
@@ -223,8 +226,14 @@ def _observation(row: dict[str, Any]) -> Observation:
 def describe_point(key: Iterable[tuple[str, Any]]) -> str:
     """A point in one line, e.g. ``qna window=3 forward B=8 56×56 C=128 h=4 float32 cpu``."""
     k = dict(key)
-    extra = [f"{c}={k[c]}" for c in k if c not in MATCH_COLUMNS]
-    return " ".join([str(k["layer"]), f"window={k['window']}", str(k["mode"]), shape_summary(k), *extra])
+    extra = [f"{c}={k[c]}" for c in k if c not in (*MATCH_COLUMNS, FORM_COLUMN)]
+    return " ".join([_layer_label(k), f"window={k['window']}", str(k["mode"]), shape_summary(k), *extra])
+
+
+def _layer_label(key: dict[str, Any]) -> str:
+    """The layer, and its form when compiled: ``qna[compiled:default]``."""
+    form = key.get(FORM_COLUMN)
+    return f"{key['layer']}[compiled:{form}]" if is_compiled(form) else str(key["layer"])
 
 
 def shape_summary(key: dict[str, Any]) -> str:
@@ -238,13 +247,13 @@ def shape_summary(key: dict[str, Any]) -> str:
 
 
 def _index(frame: pd.DataFrame, columns: tuple[str, ...], side: str) -> dict[tuple, Observation]:
-    missing = sorted((set(columns) | set(_OBSERVED)) - set(frame.columns))
+    missing = sorted((set(columns) - {FORM_COLUMN} | set(_OBSERVED)) - set(frame.columns))
     if missing:
         raise ValueError(f"{side}: not a results frame (missing columns {missing})")
     points: dict[tuple, Observation] = {}
     rows_of: dict[tuple, list[dict[str, Any]]] = {}
     for row in frame.to_dict("records"):
-        key = tuple((c, _value(row[c])) for c in columns)
+        key = tuple((c, mode_of(row.get(c)) if c == FORM_COLUMN else _value(row[c])) for c in columns)
         rows_of.setdefault(key, []).append(row)
         points[key] = _observation(row)
     for key, rows in rows_of.items():
@@ -352,6 +361,11 @@ def _sort_key(key: tuple[tuple[str, Any], ...]) -> tuple:
     return tuple((k[c] is None, "" if k[c] is None else k[c]) for c in order)
 
 
+def _problem_of(key: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, Any], ...]:
+    """A point's key without its layer and form: the points timed at the same problem anchor each other."""
+    return tuple(kv for kv in key if kv[0] not in ("layer", FORM_COLUMN))
+
+
 def compare_results(
     base: pd.DataFrame,
     new: pd.DataFrame,
@@ -363,7 +377,7 @@ def compare_results(
 ) -> list[PointComparison]:
     """Every point of either side, sorted by layer, shape, mode and window.
 
-    Points match on `MATCH_COLUMNS` plus ``by``. Metrics are compared where both sides are ``ok`` and
+    Points match on `MATCH_COLUMNS`, the form (`FORM_COLUMN`) when either side has a compiled row, plus ``by``. Metrics are compared where both sides are ``ok`` and
     have a value; with ``anchor="peers"``, latency relative to the other layers timed on both sides at
     the same problem, window and mode. Raises `DuplicatePointError` when a side has several rows for one point, and
     ValueError for an unknown ``by`` column or metric.
@@ -376,20 +390,22 @@ def compare_results(
     unknown_metrics = [m for m in metrics if m not in METRICS]
     if unknown_metrics:
         raise ValueError(f"metrics={unknown_metrics}: allowed metrics are {', '.join(METRICS)}")
-    columns = MATCH_COLUMNS + tuple(dict.fromkeys(by))
+    forms = tuple(FORM_COLUMN for frame in (base, new) if FORM_COLUMN in frame
+                  and frame[FORM_COLUMN].astype(object).map(is_compiled).any())[:1]
+    columns = MATCH_COLUMNS + forms + tuple(dict.fromkeys(by))
     base_points = _index(base, columns, "BASE")
     new_points = _index(new, columns, "NEW")
     timed = {key for key in base_points.keys() & new_points.keys()
              if _timed(base_points[key]) and _timed(new_points[key])}
     peers: dict[tuple, list[tuple]] = {}
     for key in timed:
-        peers.setdefault(tuple(kv for kv in key if kv[0] != "layer"), []).append(key)
+        peers.setdefault(_problem_of(key), []).append(key)
     comparisons = []
     for key in sorted(base_points.keys() | new_points.keys(), key=_sort_key):
         b, n = base_points.get(key), new_points.get(key)
         latency = memory = None
         if b is not None and n is not None and b.status == n.status == "ok":
-            others = [k for k in peers.get(tuple(kv for kv in key if kv[0] != "layer"), []) if k != key]
+            others = [k for k in peers.get(_problem_of(key), []) if k != key]
             if "median_s" not in metrics:
                 latency = None
             elif anchor == "peers" and key in timed and others:
@@ -525,7 +541,7 @@ def _row(point: PointComparison, metrics: Sequence[str], by: Sequence[str]) -> l
     b, n = point.base, point.new
     only = {"only_in_base": "only in BASE", "only_in_new": "only in NEW"}.get(point.outcome)
     status = " → ".join(point.status_change) if point.status_change else (b or n).status
-    cells = [str(point.get("layer")), str(point.get("window")), str(point.get("mode")), shape_summary(dict(point.key))]
+    cells = [_layer_label(dict(point.key)), str(point.get("window")), str(point.get("mode")), shape_summary(dict(point.key))]
     cells += [str(point.get(c)) for c in by]
     cells.append(status)
     if "median_s" in metrics:

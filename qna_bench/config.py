@@ -1,7 +1,7 @@
 """Structured Hydra configs: the schema every composed config is checked against.
 
-The CLI contract: ``layers``, ``windows``, ``modes`` (a value or a list each; the sweep is their
-product), ``problem.*`` (the fixed part of the problem), ``variants`` (extra problem overrides swept
+The CLI contract: ``layers``, ``windows``, ``modes``, ``compile`` (a value or a list each; the sweep is
+their product), ``problem.*`` (the fixed part of the problem), ``variants`` (extra problem overrides swept
 as well), ``measure.*``, ``qna.*`` (how QnA chooses its plan) and ``results_dir``.
 """
 
@@ -88,6 +88,9 @@ class BenchConfig:
     plugins: Any = field(default_factory=list)
     windows: Any = field(default_factory=lambda: [3, 7, 15])
     modes: Any = field(default_factory=lambda: ["forward", "train"])
+    # The forms of every layer: eager and/or torch.compile modes (qna_bench.compile_mode.COMPILE_MODES),
+    # each measured as its own row; the verdicts take each layer's fastest form.
+    compile: Any = field(default_factory=lambda: ["eager"])
     problem: ProblemConfig = field(default_factory=ProblemConfig)
     variants: Any = field(default_factory=list)
     measure: MeasureConfig = field(default_factory=MeasureConfig)

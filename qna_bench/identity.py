@@ -1,7 +1,7 @@
 """A point's identity: which row it is (``point_key``) and whether a row already on disk is still current.
 
-The key is the layer, the whole problem and the environment that affects timing: rows of the same key
-replace each other. A row is current when, in addition, the layer's code version and the measurement
+The key is the layer (and its compiled form), the whole problem and the environment that affects
+timing: rows of the same key replace each other. A row is current when, in addition, the layer's code version and the measurement
 settings that change a number are those of this run; a resumed sweep measures every point whose row
 is not current again.
 """
@@ -19,6 +19,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
+from qna_bench.compile_mode import EAGER, is_compiled
 from qna_bench.environment import Environment
 from qna_bench.problem import Problem
 
@@ -43,9 +44,13 @@ def problem_fields() -> tuple[str, ...]:
 
 
 def point_key(values: dict[str, Any]) -> str:
-    """A stable id of a point from a row's columns: layer, every `Problem` field, environment, threads."""
+    """A stable id of a point from a row's columns: layer, every `Problem` field, environment, threads,
+    and the compile mode when the layer ran compiled (an eager row keeps the key it had before the column)."""
     columns = ("layer", *problem_fields(), *ENVIRONMENT_KEY_FIELDS, "threads")
-    identity = json.dumps([values.get(c) for c in columns], default=str)
+    parts = [values.get(c) for c in columns]
+    if is_compiled(values.get("compile_mode")):
+        parts.append(values["compile_mode"])
+    identity = json.dumps(parts, default=str)
     return hashlib.sha1(identity.encode()).hexdigest()[:16]
 
 
@@ -133,10 +138,14 @@ def settings_record(settings: Any) -> str:
     return json.dumps(dataclasses.asdict(settings), sort_keys=True)
 
 
-def point_identity(layer: Any, problem: Problem, env: Environment, settings: Any) -> dict[str, Any]:
-    """The identity columns of a row: the problem, environment, threads, code version, settings and key."""
+def point_identity(
+    layer: Any, problem: Problem, env: Environment, settings: Any, compile_mode: str = EAGER
+) -> dict[str, Any]:
+    """The identity columns of a row: the problem, environment, threads, compile mode, code version,
+    settings and key."""
     values = dict(
         layer=layer.name,
+        compile_mode=compile_mode,
         threads=settings.threads,
         **problem.as_dict(),
         **env.as_dict(),

@@ -1,5 +1,5 @@
-"""Measures one sweep point: build → prepare (a layer's own choices, such as QnA's plan) → first call
-(on CPU: the memory pass) → FLOPs → latency → row.
+"""Measures one sweep point: build → prepare (a layer's own choices, such as QnA's plan) → compile (a
+compiled form) → first call (on CPU, eager: the memory pass) → FLOPs → latency → row.
 
 The worker process runs `run_point`; whatever goes wrong becomes the row's status and reason. The
 sweep loop (`qna_bench.runner`) decides which points run and in what order.
@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from qna_bench import compile_mode as forms
 from qna_bench import results
 from qna_bench.budget import PointBudget, PointTimeout, time_limits
 from qna_bench.environment import Environment, utc_now
@@ -68,11 +69,14 @@ class MeasureSettings:
 class SweepPoint:
     layer: LayerSpec
     problem: Problem
+    # eager, or the torch.compile mode of the layer's compiled form (`qna_bench.compile_mode`)
+    compile_mode: str = forms.EAGER
 
     @property
     def label(self) -> str:
         p = self.problem
-        return f"{self.layer.name} k={p.window} {p.mode} {p.batch}x{p.height}x{p.width}x{p.channels}"
+        form = forms.form_label(self.compile_mode)
+        return f"{self.layer.name}{f'[{form}]' if form else ''} k={p.window} {p.mode} {p.batch}x{p.height}x{p.width}x{p.channels}"
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -101,7 +105,7 @@ def base_row(point: SweepPoint, env: Environment, settings: MeasureSettings, run
         layout=layer.layout,
         uses_window=layer.uses_window,
         load_avg=os.getloadavg()[0],
-        **point_identity(layer, point.problem, env, settings),
+        **point_identity(layer, point.problem, env, settings, point.compile_mode),
     )
     return row
 
@@ -170,12 +174,14 @@ def run_point(
     """Measure one point; whatever goes wrong becomes the row's status and reason.
 
     A later round (``first_round=False``) measures the latency alone: memory and FLOPs do not change
-    from round to round.
+    from round to round. A compiled form compiles afresh in its first call, a warm-up like a layer that
+    `compiles`; a failure of the compiler makes the row `unsupported`.
     """
-    layer, problem = point.layer, point.problem
+    layer, problem, mode = point.layer, point.problem, point.compile_mode
+    compiled = forms.is_compiled(mode)
     row = base_row(point, env, settings, run_id)
     started = time.perf_counter()
-    reason = layer.unsupported_reason(problem)
+    reason = layer.unsupported_reason(problem) or forms.unsupported_reason(mode, problem.device)
     if reason is not None:
         return results.make_row(**row, status="unsupported", reason=reason, point_seconds=0.0)
     track_memory, count = settings.memory and first_round, settings.flops and first_round
@@ -194,10 +200,26 @@ def run_point(
                 row["flops_analytic"] = layer.closed_form_flops(problem, module)
             if layer.analytic_bytes is not None:
                 row["bytes_analytic"] = layer.closed_form_bytes(problem, module)
-            step = PointStep(module, x, problem)
-            row["first_call_s"], memory = _first_call(step, problem.torch_device, track_memory, layer.compiles)
+            if compiled:
+                forms.start_fresh()
+            step = PointStep(forms.compile_module(module, mode), x, problem)
+            try:
+                row["first_call_s"], memory = _first_call(step, problem.torch_device, track_memory,
+                                                          layer.compiles or compiled)
+            except Exception as exc:
+                if compiled and forms.is_compile_failure(exc):
+                    # The compiler wraps what interrupted it: a budget's alarm or a failed allocation stays
+                    # a timeout or an oom.
+                    root = forms.root_cause(exc)
+                    if isinstance(root, PointTimeout) or is_out_of_memory(root):
+                        raise root from None
+                    why = _one_line(exc) + (f" ({_one_line(root)})" if root is not exc else "")
+                    raise UnsupportedProblem(forms.failure_reason(mode, why)) from exc
+                raise
             row["base_bytes"] = step.base_bytes
             row["layer_flags"] = layer.layer_flags(module, problem)
+            if compiled:
+                row["layer_flags"]["graph_breaks"] = forms.graph_breaks()
         budget = PointBudget(limits.point_s)
         with budget.alarm():
             # The seconds of one call, for the budget and the autorange: a call after the warm-up, or on
@@ -212,7 +234,9 @@ def run_point(
                 one_call_s = _timed_call(step, problem.torch_device)
             if count:
                 budget.check(one_call_s, calls_left=3 + settings.min_replicates, extra_s=settings.min_run_time_s)
-                flops = count_flops(step, layer.flop_formulas)
+                # Counted on the eager module: the same work, and no compile inside the counter's mode.
+                flops = count_flops(dataclasses.replace(step, module=module) if compiled else step,
+                                    layer.flop_formulas)
                 row.update(flops=flops.flops, flops_method=flops.method)
                 if flops.note:
                     row["reason"] = flops.note
@@ -229,6 +253,8 @@ def run_point(
             if canary_before is not None:  # the slower of the two: a slow spell at either end shows
                 row["canary_s"] = [max(canary_before, canary_seconds(problem.torch_device))]
         row.update(_latency_columns(stats), status="ok")
+        if compiled:
+            row["compile_s"] = max(0.0, row["first_call_s"] - stats.median_s)
         if settings.profile_dir is not None and first_round:  # after the timed calls: no profiler overhead in them
             row["profile_file"] = write_profile(step, problem.torch_device, row, settings.profile_dir)
     except PointTimeout as exc:

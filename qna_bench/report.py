@@ -33,6 +33,7 @@ from qna_bench.analysis import (
     Analysis,
     Claim,
     analyse,
+    has_compiled,
     mode_order,
     overall,
     ratio_verdict,
@@ -46,6 +47,7 @@ from qna_bench.analysis import (
     with_roles,
 )
 from qna_bench.analysis import missing as _missing
+from qna_bench.compile_mode import form_label, is_compiled, mode_of
 from qna_bench.measure.canary import CANARY_SIZE
 from qna_bench.qna.plans import PASSES
 from qna_bench.results import STATUSES, read_results
@@ -270,11 +272,12 @@ def noise_text(analysis: Analysis) -> str:
 
 def header_section(analysis: Analysis) -> str:
     data = analysis.frame
-    counts = data["status"].value_counts()
+    counts = analysis.every_form["status"].value_counts()
     statuses = ", ".join(f"{s} {int(counts.get(s, 0))}" for s in STATUSES if counts.get(s, 0))
-    superseded = analysis.rows_in_file - len(data)
+    used = len(analysis.every_form)
+    superseded = analysis.rows_in_file - used
     rows_text = f"{analysis.rows_in_file} rows" + (
-        f" ({superseded} superseded by a newer measurement of the same point; {len(data)} used)" if superseded else ""
+        f" ({superseded} superseded by a newer measurement of the same point; {used} used)" if superseded else ""
     )
     setup = [
         ("device(s)", _values(data, "device_name")),
@@ -402,12 +405,24 @@ def _backend_of(flags: dict) -> str:
     return f"{backend} (fallback: {fallback})" if backend and fallback else backend
 
 
+def _ran_as(flags: object, compile_mode: object) -> str:
+    """A row's backend, and its compiled form when it ran compiled."""
+    backend = _backend_of(_flags_of(flags))
+    if not is_compiled(compile_mode):
+        return backend
+    form = f"compiled ({mode_of(compile_mode)})"
+    return f"{backend}, {form}" if backend else form
+
+
 def _what_ran(data: pd.DataFrame, problem: str, mode: str, layers: Iterable[str]) -> str:
-    """Each layer's recorded backend at this problem and mode ("" when none of them records one)."""
+    """Each layer's recorded backend at this problem and mode, and its form where it won compiled ("" when
+    none of them records either)."""
     texts = []
     for layer in sorted(set(layers)):
         rows = data[(data["problem"] == problem) & (data["mode"] == mode) & (data["layer"] == layer)]
-        ran = sorted({_backend_of(_flags_of(flags)) for flags in rows.get("layer_flags", [])} - {""})
+        forms = rows["compile_mode"] if "compile_mode" in rows else [None] * len(rows)
+        ran = sorted({_ran_as(flags, form) for flags, form in zip(rows.get("layer_flags", [None] * len(rows)), forms)}
+                     - {""})
         if ran:
             texts.append(f"{layer}: {'; '.join(ran)}")
     return "; ".join(texts)
@@ -461,7 +476,7 @@ def _growth_text(exponent: float, r2: float, poor: bool) -> str:
 def verdict_section(analysis: Analysis) -> str:
     verdicts = analysis.verdicts
     if not len(verdicts):
-        return "## Verdicts\n\nNo rows."
+        return "\n\n".join(part for part in ("## Verdicts", "No rows.", forms_section(analysis)) if part)
     parts = ["## Verdicts"]
     problems = analysis.problems
     for (device, subject), on_device in verdicts.groupby(["device_name", "subject"], sort=True):
@@ -498,7 +513,92 @@ def verdict_section(analysis: Analysis) -> str:
         table = _comparison_table(analysis, subject, device)
         if table:
             parts += ["#### Scaling: QnA against each peer over the windows both measured", table]
+    forms = forms_section(analysis)
+    if forms:
+        parts.append(forms)
     parts += ["### How the verdicts are decided", RULES.strip()]
+    return "\n\n".join(parts)
+
+
+FORMS_RULES = """\
+Each layer ran in more than one form: eager and compiled with `torch.compile` (`compile=`). Every ratio,
+verdict and figure takes each layer at its best form at each point: its `ok` form with the lowest median
+latency (the eager row where none is `ok`). Speedup = eager ms / compiled ms (above 1 the compiled form is
+faster); compile s = the first, compiling call's seconds minus the median steady call, spent once per process
+in the warm-up and never in a timed call."""
+
+
+def _ms(seconds: float) -> str:
+    return _fmt(float(seconds) * 1e3, 3)
+
+
+def _form_cell(row: pd.Series, column: str, status: str, fmt) -> str:
+    if not _missing(row[column]):
+        return fmt(row[column])
+    value = row[status]
+    return "—" if _missing(value) else str(value)
+
+
+def _lead_sentence(leads: pd.DataFrame, subject: str) -> str:
+    """Whether QnA's speed lead over each family's best survives when every layer may run compiled."""
+    texts = []
+    for r in leads.itertuples():
+        ranges = (f"eager {_x(r.eager_min)}–{_x(r.eager_max)}, best forms "
+                  + (f"{_x(r.best_min)}–{_x(r.best_max)}" if not _missing(r.best_min) else "n/a"))
+        if not r.led_at:
+            verdict = "QnA had no lead to keep"
+        elif len(r.kept_at) == len(r.led_at):
+            verdict = f"the lead survives compilation at every window it held (k = {_k_list(r.led_at)})"
+        elif r.kept_at:
+            verdict = f"the lead survives at k = {_k_list(r.kept_at)} of k = {_k_list(r.led_at)}"
+        else:
+            verdict = f"the lead (k = {_k_list(r.led_at)}) does not survive compilation"
+        texts.append(f"over {r.family}, {verdict} ({ranges})")
+    if not texts:
+        return ""
+    return f"{subject}'s speed lead over each peer family's best implementation: " + "; ".join(texts) + "."
+
+
+def _winners(data: pd.DataFrame, problem: str, mode: str) -> str:
+    """Which form of each layer the verdicts used at this problem and mode, with its windows."""
+    here = data[(data["problem"] == problem) & (data["mode"] == mode) & (data["kind"] == "layer")]
+    texts = []
+    for layer in sort_rows(here.drop_duplicates("layer")[["layer", "role"]], ["role", "layer"])["layer"]:
+        own = here[here["layer"] == layer]
+        by_form = [f"{form_label(form) or 'eager'} at k = {_k_list(rows['window'])}"
+                   for form, rows in own.groupby("compile_mode", sort=True)]
+        texts.append(f"{layer} {', '.join(by_form)}")
+    return "Forms in the verdicts: " + "; ".join(texts) + "."
+
+
+def forms_section(analysis: Analysis) -> str:
+    """Eager against compiled, per problem and mode: each form's latency, the speedup, the compile seconds
+    and the form that won; and whether QnA's lead survives compilation. "" for a run of eager rows only."""
+    forms = analysis.forms
+    if not has_compiled(analysis.every_form) or not len(forms):
+        return ""
+    compiled = [c[: -len("_speedup")] for c in forms.columns if c.endswith("_speedup")]
+    parts = ["### Eager against compiled", FORMS_RULES]
+    for (problem, mode), group in forms.groupby(["problem", "mode"], sort=False):
+        rows = []
+        for r in group.to_dict("records"):
+            r = pd.Series(r)
+            line = [r["layer"], int(r["window"]), _form_cell(r, "eager_s", "eager_status", _ms)]
+            for m in compiled:
+                line += [_form_cell(r, f"{m}_s", f"{m}_status", _ms), "—" if _missing(r[f"{m}_speedup"]) else _x(r[f"{m}_speedup"]),
+                         _fmt(r[f"{m}_compile_s"])]
+            line.append(form_label(r["best"]) or "eager")
+            rows.append(line)
+        headers = ["layer", "k", "eager ms"]
+        for m in compiled:
+            headers += [f"{m} ms", f"{m} speedup", f"{m} compile s"]
+        parts += [f"#### {mode}, {_problem_label(problem, analysis.problems)}",
+                  markdown_table([*headers, "best form"], rows), _winners(analysis.frame, problem, mode)]
+        leads = analysis.leads
+        for subject, own in leads[(leads["problem"] == problem) & (leads["mode"] == mode)].groupby("subject", sort=True):
+            sentence = _lead_sentence(own, subject)
+            if sentence:
+                parts.append(sentence)
     return "\n\n".join(parts)
 
 

@@ -42,6 +42,9 @@ SCHEMA = pa.schema(
         ("layout", pa.string()),
         ("uses_window", pa.bool_()),
         ("layer_flags", pa.string()),
+        # the form measured: eager, or a torch.compile mode (qna_bench.compile_mode); null in files from
+        # before the column, which read as eager
+        ("compile_mode", pa.string()),
         # problem
         ("batch", pa.int64()),
         ("height", pa.int64()),
@@ -77,6 +80,8 @@ SCHEMA = pa.schema(
         ("slow_rounds", pa.int64()),
         ("threads", pa.int64()),
         ("first_call_s", pa.float64()),
+        # a compiled form: the first (compiling) call's seconds minus the median steady call (≥ 0); null eager
+        ("compile_s", pa.float64()),
         # memory, bytes
         ("peak_bytes", pa.int64()),
         ("base_bytes", pa.int64()),

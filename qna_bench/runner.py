@@ -1,8 +1,8 @@
 """The sweep loop: which points run, in what order, and how their rows reach the parquet.
 
-`plan_sweep` expands the config's lists into points, problem → window → mode → layer, so the layers
-of one point run back to back; `plan_rounds` repeats that set ``measure.rounds`` times with the layer
-order rotated each round; `sweep_errors` finds invalid points before any work. `run_sweep` measures
+`plan_sweep` expands the config's lists into points, problem → window → mode → layer → compile mode,
+so the layers of one point, and a layer's eager and compiled forms, run back to back; `plan_rounds`
+repeats that set ``measure.rounds`` times with the layer order rotated each round; `sweep_errors` finds invalid points before any work. `run_sweep` measures
 each in a worker process (`qna_bench.point` measures one point) and writes each row before the next
 starts, replacing it as further rounds add to it.
 """
@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 from qna_bench import results, rounds
 from qna_bench.budget import time_limits
+from qna_bench.compile_mode import EAGER
 from qna_bench.environment import Environment
 from qna_bench.identity import is_current, point_identity
 from qna_bench.measure.canary import is_slow
@@ -65,20 +66,28 @@ def plan_sweep(
     windows: Sequence[int],
     modes: Sequence[str],
     problems: Sequence[Problem],
+    compile_modes: Sequence[str] = (EAGER,),
 ) -> list[SweepPoint]:
-    """The product problems × windows × modes × layers, in that nesting order: the layers of one
-    problem, window and mode run back to back, so the two sides of a ratio are seconds apart."""
+    """The product problems × windows × modes × layers × compile modes, in that nesting order: the
+    layers of one problem, window and mode run back to back, so the two sides of a ratio are seconds
+    apart, and so do a layer's eager and compiled forms."""
     return [
-        SweepPoint(layer, problem.replace(window=window, mode=mode))
-        for problem, window, mode, layer in itertools.product(problems, windows, modes, layers)
+        SweepPoint(layer, problem.replace(window=window, mode=mode), compile_mode)
+        for problem, window, mode, layer, compile_mode in itertools.product(problems, windows, modes, layers,
+                                                                            compile_modes)
     ]
 
 
 def plan_rounds(points: Sequence[SweepPoint], count: int) -> list[tuple[int, SweepPoint]]:
     """(round, point) in the order they run: the whole set ``count`` times, each run of points with the
-    same problem in its planned order, rotated by the round (round 1 starts at its second layer)."""
-    groups = [list(group) for _, group in itertools.groupby(points, key=lambda p: p.problem)]
-    return [(r, point) for r in range(count) for group in groups for point in rounds.rotated(group, r)]
+    same problem in its planned order, its layers rotated by the round (round 1 starts at its second
+    layer); a layer's forms stay together, in their planned order."""
+    planned = []
+    for _, group in itertools.groupby(points, key=lambda p: p.problem):
+        layers = [list(forms) for _, forms in itertools.groupby(group, key=lambda p: p.layer.name)]
+        planned.append(layers)
+    return [(r, point) for r in range(count) for layers in planned
+            for forms in rounds.rotated(layers, r) for point in forms]
 
 
 def sweep_errors(points: Iterable[SweepPoint]) -> list[str]:
@@ -122,7 +131,7 @@ def run_sweep(
     stream = stream or sys.stderr  # looked up per call: a caller may have redirected it
     run_id = uuid.uuid4().hex[:12]
     count = settings.rounds
-    keys = [point_identity(p.layer, p.problem, env, settings) for p in points]
+    keys = [point_identity(p.layer, p.problem, env, settings, p.compile_mode) for p in points]
     key_of = {id(p): identity["point_key"] for p, identity in zip(points, keys)}
     rows: dict[str, dict[str, Any]] = {}
     if resume:
@@ -136,8 +145,8 @@ def run_sweep(
     skipped = len(points) - todo
     if skipped:
         print(f"resume: {skipped} of {len(points)} points already in {results_path}; measuring {todo}", file=stream)
-    failed_at: dict[tuple[str, Problem], tuple[int, str]] = {}
-    measured_once: dict[tuple[str, Problem, int], str] = {}
+    failed_at: dict[tuple[str, str, Problem], tuple[int, str]] = {}
+    measured_once: dict[tuple[str, str, Problem, int], str] = {}
     written: dict[str, str] = {}
     limits = time_limits(settings.point_budget_s)
     setup = WorkerSetup(layer_modules([p.layer for p in points if left[key_of[id(p)]]]), settings, env,
@@ -161,7 +170,7 @@ def run_sweep(
                     continue
                 label = point.label if count == 1 else f"{point.label} round {round_index + 1}/{count}"
                 progress.start(label)
-                group = (point.layer.name, point.problem.replace(window=0))
+                group = (point.layer.name, point.compile_mode, point.problem.replace(window=0))
                 failure = failed_at.get(group)
                 if not point.layer.uses_window and (*group, round_index) in measured_once:
                     row = _same_as(rows[measured_once[(*group, round_index)]], point, env, settings, run_id)
@@ -210,7 +219,8 @@ def _measure_round(
     measured: dict[str, Any] = {}
     for attempt in range(2):
         started = time.perf_counter()
-        measured = worker.run(point.layer.name, point.problem, run_id, limit_s, first_round=first_round)
+        measured = worker.run(point.layer.name, point.problem, run_id, limit_s, first_round=first_round,
+                              compile_mode=point.compile_mode)
         pid = worker.pid
         if isinstance(measured, WorkerLost):
             measured = _lost_row(measured, point, env, settings, run_id, limit_s)

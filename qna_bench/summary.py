@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from qna_bench.analysis import latest_rows, settings
+from qna_bench.analysis import FORM_COLUMN, latest_rows, layer_label, settings
 
 MIB = 2**20
 
@@ -18,7 +18,7 @@ def _cell(row: pd.Series) -> str:
 
 def summary_table(frame: pd.DataFrame) -> str:
     """One block per setting (problem shape and context) and mode: rows are layers, columns windows,
-    cells 'median ms / peak MiB'; the newest row of each point."""
+    cells 'median ms / peak MiB'; the newest row of each point (a compiled form on its own line)."""
     blocks = []
     for setting, in_setting in settings(latest_rows(frame)):
         for mode, rows in in_setting.groupby("mode", sort=True):
@@ -31,7 +31,8 @@ def _block(setting: dict, mode: str, rows: pd.DataFrame) -> str:
         f"{mode}: B={setting['batch']}, {setting['height']}×{setting['width']}, C={setting['channels']}, "
         f"{setting['heads']} heads, {setting['dtype']}, {setting['device_name']}, {setting['threads']} threads"
     )
-    cells = rows.assign(cell=rows.apply(_cell, axis=1)).pivot_table(
+    labels = [layer_label(layer, mode) for layer, mode in zip(rows["layer"], rows[FORM_COLUMN])]
+    cells = rows.assign(cell=rows.apply(_cell, axis=1), layer=labels).pivot_table(
         index="layer", columns="window", values="cell", aggfunc="first"
     )
     cells.columns = [f"k={k}" for k in cells.columns]

@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from qna_bench import results
+from qna_bench.compile_mode import COMPILE_MODES
 from qna_bench.environment import read_environment
 from qna_bench.measure.probes import PROBE_MODES
 from qna_bench.problem import MODES, Problem
@@ -107,6 +108,13 @@ def _modes(value: Any) -> list[str]:
         if mode not in MODES:
             raise BadInput([f"modes={mode!r}: allowed values are {', '.join(MODES)}"])
     return modes
+
+
+def _compile_modes(value: Any) -> list[str]:
+    modes = _as_list(value, "compile")
+    for mode in modes:
+        _choice(mode, "compile", COMPILE_MODES)
+    return list(dict.fromkeys(modes))
 
 
 def _problems(cfg: DictConfig) -> list[Problem]:
@@ -219,6 +227,7 @@ def plan_from_config(cfg: DictConfig) -> SweepPlan:
     layers = checked(_layer_specs, cfg.layers)
     windows = checked(_positive_ints, cfg.windows, "windows")
     modes = checked(_modes, cfg.modes)
+    compile_modes = checked(_compile_modes, cfg.compile)
     problems = checked(_problems, cfg)
     settings_and_cap = checked(_settings, cfg)
     resume = checked(_flag, cfg.resume, "resume")
@@ -227,7 +236,7 @@ def plan_from_config(cfg: DictConfig) -> SweepPlan:
     if messages:
         raise BadInput(messages)
     settings, cap = settings_and_cap
-    points = plan_sweep(layers, windows, modes, problems)
+    points = plan_sweep(layers, windows, modes, problems, compile_modes)
     errors = sweep_errors(points)
     skipped: list[str] = []
     if errors:

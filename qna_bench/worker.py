@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from qna_bench.compile_mode import EAGER
 from qna_bench.environment import Environment
 from qna_bench.memcap import address_space_cap
 from qna_bench.point import MeasureSettings, SweepPoint, run_point, warm_up_process
@@ -100,12 +101,13 @@ class PointWorker:
         return self._process.pid if self._process is not None else None
 
     def run(
-        self, layer_name: str, problem: Problem, run_id: str, timeout_s: float | None, *, first_round: bool = True
+        self, layer_name: str, problem: Problem, run_id: str, timeout_s: float | None, *, first_round: bool = True,
+        compile_mode: str = EAGER,
     ) -> dict[str, Any] | WorkerLost:
         """The point's row, or `WorkerLost` (the worker is then gone; the next call starts another)."""
         if self._process is None:
             self.start()
-        self._conn.send((layer_name, problem, run_id, first_round))
+        self._conn.send((layer_name, problem, run_id, first_round, compile_mode))
         self._busy = True
         message = self._receive(timeout_s)
         self._busy = False
@@ -171,11 +173,11 @@ def _serve(conn: Connection, setup: WorkerSetup) -> None:
         warmed_up = False
         while True:
             try:
-                layer_name, problem, run_id, first_round = conn.recv()
+                layer_name, problem, run_id, first_round, compile_mode = conn.recv()
             except EOFError:
                 return
-            point = SweepPoint(get_layer(layer_name), problem)
-            if not warmed_up:
+            point = SweepPoint(get_layer(layer_name), problem, compile_mode)
+            if not warmed_up:  # with the eager form: compiling is the point's own first call
                 warm_up_process(point, setup.settings)
                 warmed_up = True
             conn.send(run_point(point, setup.settings, setup.env, run_id, first_round=first_round))

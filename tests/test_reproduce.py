@@ -48,7 +48,7 @@ class _StandInWorker:
     def __init__(self, canaries):
         self.canaries, self.calls = list(canaries), 0
 
-    def run(self, layer, problem, run_id, limit_s, first_round=True):
+    def run(self, layer, problem, run_id, limit_s, first_round=True, compile_mode="eager"):
         self.calls += 1
         return {"status": "ok", "canary_s": [self.canaries.pop(0)], "times_s": [1.0], "point_seconds": 0.1}
 
