@@ -129,6 +129,25 @@ def test_a_corrupt_or_foreign_cache_is_ignored_and_rewritten(tmp_path, fake_meas
     assert len(fake_measure) == 2
 
 
+def test_probes_with_a_cache_level_slower_than_dram_keep_only_the_dram_roof_and_are_not_cached(
+    tmp_path, monkeypatch, capsys
+):
+    """Measured while other work held the cores, a 1 MiB copy once read 0.1 GB/s against DRAM's 11.2: such
+    cache roofs are dropped for the run and never kept for the next."""
+    busy = probes.MachineProbes(4.5e10, 1.12e10, 1e8, 1.4e9, 2 * MIB, 32 * MIB, "busy")
+    monkeypatch.setattr(probes, "measure_machine", lambda *args, **kwargs: busy)
+    store = JsonStore("probes", tmp_path)
+    got = probes.machine_probes("cpu", "float32", 2, store=store)
+    assert got.peak_bytes_per_s == busy.peak_bytes_per_s and got.peak_flops == busy.peak_flops
+    assert got.peak_bytes_per_s_l2 is None and got.peak_bytes_per_s_llc is None
+    assert "the L2 copy ran at 0.1 GB/s, below the LLC copy's 1.4 GB/s" in got.method
+    assert store.get(probes.probe_key("cpu", "float32", 2)) is None
+    assert capsys.readouterr().err.count("warning: the machine probes look wrong") == 1
+    in_order = probes.MachineProbes(4.5e10, 2.5e10, 1e11, 5e10, 2 * MIB, 32 * MIB, "quiet")
+    assert probes.levels_out_of_order(in_order) is None
+    assert probes.levels_out_of_order(probes.MachineProbes.none()) is None
+
+
 def test_a_failing_probe_gives_no_probes_and_one_warning_line(tmp_path, monkeypatch, capsys):
     def fail(*args, **kwargs):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory")

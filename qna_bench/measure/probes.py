@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -379,5 +379,25 @@ def machine_probes(
         print(f"warning: the machine probes failed ({type(exc).__name__}: {exc}); rows carry no probes "
               "and no roofline", file=stream or sys.stderr)
         return MachineProbes.none()
+    doubt = levels_out_of_order(measured)
+    if doubt is not None:
+        # A cache level slower than memory past it: the probe ran while other work held the cores (each
+        # small copy then waits for its threads). Its cache roofs would judge points against nonsense.
+        print(f"warning: the machine probes look wrong ({doubt}): this run uses DRAM's roof for every point, "
+              "and the disk cache does not keep them", file=stream or sys.stderr)
+        return replace(measured, peak_bytes_per_s_l2=None, peak_bytes_per_s_llc=None,
+                       method=f"{measured.method}; cache roofs dropped, not cached: {doubt}")
     store.put(key, {"probes": asdict(measured), "measured_at_s": now(), "measured_at": utc_now()})
     return measured
+
+
+def levels_out_of_order(measured: MachineProbes) -> str | None:
+    """Why the bandwidths are implausible — a nearer memory level measured slower than a farther one —
+    or None when they are in order (or absent)."""
+    levels = [("L2", measured.peak_bytes_per_s_l2), ("LLC", measured.peak_bytes_per_s_llc),
+              ("DRAM", measured.peak_bytes_per_s)]
+    levels = [(name, rate) for name, rate in levels if rate]
+    for (near, near_rate), (far, far_rate) in zip(levels, levels[1:]):
+        if near_rate < far_rate:
+            return f"the {near} copy ran at {near_rate / 1e9:.1f} GB/s, below the {far} copy's {far_rate / 1e9:.1f} GB/s"
+    return None
