@@ -22,7 +22,7 @@ def prepared(plan: str | None, train: bool, dtype: torch.dtype = torch.float64, 
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["forward", "train"])
-@pytest.mark.parametrize(("plan", "stride"), [(None, 1), ("fft", 1), ("fft", 2)])
+@pytest.mark.parametrize(("plan", "stride"), [(None, 2), ("fft", 1)])
 def test_qna_compiles_without_a_graph_break(plan: str | None, train: bool, stride: int) -> None:
     module, x = prepared(plan, train, stride=stride)
     torch._dynamo.reset()
@@ -64,11 +64,12 @@ def test_inductor_compiles_qna_forward_and_train() -> None:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("plan", ["direct", "fft"])
-def test_the_core_ops_pass_torch_library_opcheck(plan: str) -> None:
+def test_the_core_ops_pass_torch_library_opcheck() -> None:
     """Schema, fake kernels and autograd registration agree with the real kernels (`torch.library.opcheck`);
     the compiled graph runs them below the lazy-conjugation dispatch key, so the FFT passes conjugate
-    physically (a lazy ``.conj()`` there was silently ignored)."""
+    physically (a lazy ``.conj()`` there was silently ignored). On the FFT plan: the direct plan's passes
+    run through the same ops in the compiled-against-eager tests."""
+    plan = "fft"
     module, x = prepared(plan, True)
     packed = module._values_and_scores(x).detach()
     spec = get_plan(plan, "cpu").resolved(1, True).spec()
