@@ -144,7 +144,8 @@ def test_probes_with_a_cache_level_slower_than_dram_keep_only_the_dram_roof_and_
     assert store.get(probes.probe_key("cpu", "float32", 2)) is None
     assert capsys.readouterr().err.count("warning: the machine probes look wrong") == 1
     in_order = probes.MachineProbes(4.5e10, 2.5e10, 1e11, 5e10, 2 * MIB, 32 * MIB, "quiet")
-    assert probes.levels_out_of_order(in_order) is None
+    alike = probes.MachineProbes(4.5e10, 2.5e10, 1.448e11, 1.549e11, 2 * MIB, 32 * MIB, "L2 and LLC alike")
+    assert probes.levels_out_of_order(in_order) is None and probes.levels_out_of_order(alike) is None
     assert probes.levels_out_of_order(probes.MachineProbes.none()) is None
 
 
