@@ -17,4 +17,4 @@ bench: $(STAMP)
 	$(VENV)/bin/python run_bench.py $(ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n auto --dist loadgroup $(ARGS)
+	$(VENV)/bin/python -m pytest -q -n auto --dist loadgroup --durations=15 $(ARGS)
