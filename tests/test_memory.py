@@ -285,7 +285,6 @@ def resident_growth() -> list[tuple[tuple[str, str, dict], int, int]]:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("resident_growth")  # one worker runs the fixture's process (a minute on 2 cores), not each
 @pytest.mark.parametrize("name", list_layers())
 def test_reported_peak_agrees_with_the_resident_growth_of_a_fresh_process(name, resident_growth):
     measured = [row for row in resident_growth if row[0][0] == name]
