@@ -40,8 +40,9 @@ MAX_SCALE = 1024
 CACHE_SHARE = 0.5
 # The DRAM working set: this many times the LLC, at least DRAM_MIN_BYTES, and never more than
 # DRAM_MAX_SHARE of available memory nor DRAM_MAX_BYTES. A VM that reports a 480 MiB L3 once made the
-# probes hold 11 GiB per worker, and parallel workers died of it (2026-12-05).
-DRAM_CACHE_MULTIPLE, DRAM_MIN_BYTES, DRAM_MAX_BYTES, DRAM_MAX_SHARE = 4, 64 * 2**20, 256 * 2**20, 1 / 8
+# probes hold 11 GiB per worker, and parallel workers died of it (2026-12-05). At 256 MiB, a tiny sweep's
+# process peaked at 1.66 GB resident under a 480 MiB LLC (its imports alone hold about 1.1 GB).
+DRAM_CACHE_MULTIPLE, DRAM_MIN_BYTES, DRAM_MAX_BYTES, DRAM_MAX_SHARE = 4, 64 * 2**20, 128 * 2**20, 1 / 8
 # One timed bandwidth sample loops its call until it takes this long (small buffers copy in microseconds).
 SAMPLE_S = 0.002
 LLC_OVERRIDE_ENV = "QNA_BENCH_LLC_BYTES"
