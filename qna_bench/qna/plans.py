@@ -189,9 +189,8 @@ def default_plan(device: str | torch.device, window: int, stride: int, train: bo
 register_plan(Plan("direct", ("cpu", "cuda"), description="every pass a direct depthwise convolution"))
 # oneDNN's depthwise forward with AVX-512 and 2 threads (B=8, 56x56, C=128, fp32) took 20 ms at k=13
 # against 9.9 ms at k=15, and QnA inherited the dip (train 257 vs 178 ms with k=13 run as 15); with AVX2
-# padding made QnA slower (train 396 vs 468 ms). At k=3 (a 5x5 kernel) on the AVX-512 EPYC, six fresh
-# processes of QnA(128, 128, 4), B=8 56x56: padded / direct medians of 0.97 (forward) and 0.93 (train).
-register_plan(Plan("padded", ("cpu",), convolutions="padded", min_window=3,
+# padding made QnA slower (train 396 vs 468 ms).
+register_plan(Plan("padded", ("cpu",), convolutions="padded", min_window=5,
                    description="direct convolutions through the zero-padded kernel of k + 2"))
 # PyTorch's depthwise kernel gradient on CPU grows with k^2 and collapses at large windows (k=15: 840 ms
 # against 34 for the FFT, one query's 128 channels, B=8 56x56); at k=3 it is 13x faster than the FFT.
