@@ -50,7 +50,7 @@ class MeasureConfig:
     # Once a layer whose cost grows with the window hits `oom` or `timeout` at a window, its larger
     # windows at the same problem are recorded as `skipped` instead of being run.
     skip_larger_after_failure: Any = True
-    # Times every point is measured, the layers of a point back to back in an order rotated each round;
+    # Times every point is measured, the layers of a point timed together in an order rotated each round;
     # a row's median_s is the median of its round medians.
     rounds: Any = 1
     # Write a per-op breakdown (torch.profiler, after the timed calls) of every point under profiles/.

@@ -1,7 +1,8 @@
-"""Measures one sweep point: build → prepare (a layer's own choices, such as QnA's plan) → compile (a
-compiled form) → first call (on CPU, eager: the memory pass) → FLOPs → latency → row.
+"""Measures the layers of one sweep point: each is built → prepared (a layer's own choices, such as
+QnA's plan) → compiled (a compiled form) → first call (on CPU, eager: the memory pass) → FLOPs; then all
+are timed in alternating blocks → a row each.
 
-The worker process runs `run_point`; whatever goes wrong becomes the row's status and reason. The
+The worker process runs `run_points`; whatever goes wrong becomes the row's status and reason. The
 sweep loop (`qna_bench.runner`) decides which points run and in what order.
 """
 
@@ -12,6 +13,7 @@ import dataclasses
 import gc
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +26,7 @@ from qna_bench.environment import Environment, utc_now
 from qna_bench.identity import point_identity
 from qna_bench.measure.canary import canary_seconds
 from qna_bench.measure.flops import count_flops
-from qna_bench.measure.latency import LatencyStats, measure_latency
+from qna_bench.measure.latency import LatencyStats, measure_interleaved
 from qna_bench.measure.memory import MemoryStats, measure_peak_memory, untracked
 from qna_bench.measure.params import count_parameters, parameter_bytes
 from qna_bench.measure.profile import write_profile
@@ -46,7 +48,7 @@ class MeasureSettings:
     memory: bool = True
     flops: bool = True
     skip_larger_after_failure: bool = True
-    # Times the sweep measures every point, the layers of a point back to back in a rotated order.
+    # Times the sweep measures every point, the layers of a point timed together, their order rotated.
     rounds: int = 1
     # measure.profile=true: the results folder, under whose profiles/ each point writes its per-op profile.
     profile_dir: str | None = None
@@ -168,14 +170,30 @@ def _first_call(
     return stats.call_s, dataclasses.replace(stats, base_bytes=step.base_bytes)
 
 
-def run_point(
-    point: SweepPoint, settings: MeasureSettings, env: Environment, run_id: str, *, first_round: bool = True
-) -> dict[str, Any]:
-    """Measure one point; whatever goes wrong becomes the row's status and reason.
+@dataclass
+class PreparedPoint:
+    """A point built, warmed up and counted, ready to time: its row so far, its step, the eager module
+    behind a compiled form, a call's seconds (sizes its blocks) and its own budget."""
 
-    A later round (``first_round=False``) measures the latency alone: memory and FLOPs do not change
-    from round to round. A compiled form compiles afresh in its first call, a warm-up like a layer that
-    `compiles`; a failure of the compiler makes the row `unsupported`.
+    point: SweepPoint
+    row: dict[str, Any]
+    module: torch.nn.Module
+    step: PointStep
+    one_call_s: float
+    budget: PointBudget
+    started: float
+    first_round: bool
+
+
+def prepare_point(
+    point: SweepPoint, settings: MeasureSettings, env: Environment, run_id: str, *, first_round: bool = True
+) -> PreparedPoint | dict[str, Any]:
+    """Everything of a point before its timed calls: build → prepare → compile → first call (the memory
+    pass on CPU) → FLOPs. The `PreparedPoint`, or the final row of a point that cannot be timed.
+
+    A later round (``first_round=False``) skips memory and FLOPs: they do not change from round to round.
+    A compiled form compiles afresh in its first call, a warm-up like a layer that `compiles`; a failure
+    of the compiler makes the row `unsupported`.
     """
     layer, problem, mode = point.layer, point.problem, point.compile_mode
     compiled = forms.is_compiled(mode)
@@ -222,7 +240,7 @@ def run_point(
                 row["layer_flags"]["graph_breaks"] = forms.graph_breaks()
         budget = PointBudget(limits.point_s)
         with budget.alarm():
-            # The seconds of one call, for the budget and the autorange: a call after the warm-up, or on
+            # The seconds of one call, for the budget and the blocks: a call after the warm-up, or on
             # CPU the tracked first call (a slight overestimate of an eager layer's steady call).
             one_call_s = memory.call_s if memory is not None else None
             if track_memory and memory is None:
@@ -240,35 +258,88 @@ def run_point(
                 row.update(flops=flops.flops, flops_method=flops.method)
                 if flops.note:
                     row["reason"] = flops.note
-            canary_before = canary_seconds(problem.torch_device) if settings.canary else None
-            stats = measure_latency(
-                step,
-                threads=settings.threads,
-                min_run_time_s=settings.min_run_time_s,
-                min_replicates=settings.min_replicates,
-                one_call_s=one_call_s,
-                budget=budget if limits.point_s is not None else None,
-                label=point.label,
-            )
-            if canary_before is not None:  # the slower of the two: a slow spell at either end shows
-                row["canary_s"] = [max(canary_before, canary_seconds(problem.torch_device))]
-        row.update(_latency_columns(stats), status="ok")
-        if compiled:
-            row["compile_s"] = max(0.0, row["first_call_s"] - stats.median_s)
-        if settings.profile_dir is not None and first_round:  # after the timed calls: no profiler overhead in them
-            row["profile_file"] = write_profile(step, problem.torch_device, row, settings.profile_dir)
-    except PointTimeout as exc:
-        # The latency statistics stay empty: one cold call is not a median.
-        row.update(status="timeout", reason=str(exc))
-    except UnsupportedProblem as exc:
-        row.update(status="unsupported", reason=str(exc))
+            budget.check(one_call_s, calls_left=settings.min_replicates,
+                         extra_s=max(0.0, settings.min_run_time_s - settings.min_replicates * one_call_s))
+        return PreparedPoint(point, row, module, step, one_call_s, budget, started, first_round)
     except Exception as exc:  # noqa: BLE001 - a sweep outlives any layer's failure
-        row.update(status="oom" if is_out_of_memory(exc) else "error", reason=_one_line(exc))
+        row.update(_failure_columns(exc))
+        row["point_seconds"] = time.perf_counter() - started
+        return results.make_row(**row)
     finally:
         del module, x, step
         release_memory(problem.device)
-    row["point_seconds"] = time.perf_counter() - started
+
+
+def _failure_columns(exc: BaseException) -> dict[str, str]:
+    """The status and reason of a point that raised ``exc``."""
+    if isinstance(exc, PointTimeout):  # the latency statistics stay empty: one cold call is not a median
+        return dict(status="timeout", reason=str(exc))
+    if isinstance(exc, UnsupportedProblem):
+        return dict(status="unsupported", reason=str(exc))
+    return dict(status="oom" if is_out_of_memory(exc) else "error", reason=_one_line(exc))
+
+
+def run_points(
+    points: Sequence[SweepPoint], settings: MeasureSettings, env: Environment, run_id: str, *,
+    first_round: bool = True,
+) -> list[dict[str, Any]]:
+    """Measure the layers of one point together, a row each, in ``points``' order: each is prepared
+    (`prepare_point`), then all are timed in alternating blocks (`measure_interleaved`) between one
+    canary before and one after, so each ratio's two sides share the seconds they ran in."""
+    rows: dict[int, dict[str, Any]] = {}
+    prepared: list[tuple[int, PreparedPoint]] = []
+    for index, point in enumerate(points):
+        outcome = prepare_point(point, settings, env, run_id, first_round=first_round)
+        if isinstance(outcome, PreparedPoint):
+            prepared.append((index, outcome))
+        else:
+            rows[index] = outcome
+    if prepared:
+        ready = [p for _, p in prepared]
+        device = ready[0].point.problem.torch_device
+        budgets = [p.budget.remaining_s() for p in ready]
+        budget = PointBudget(None if None in budgets else sum(budgets))
+        try:
+            with budget.alarm():
+                canary_before = canary_seconds(device) if settings.canary else None
+                stats = measure_interleaved(
+                    [p.step for p in ready], threads=settings.threads, one_call_s=[p.one_call_s for p in ready],
+                    min_run_time_s=settings.min_run_time_s, min_replicates=settings.min_replicates,
+                    budget=budget, labels=[p.point.label for p in ready])
+                # The slower of the two: a slow spell at either end shows.
+                canary = max(canary_before, canary_seconds(device)) if canary_before is not None else None
+            for (index, point), point_stats in zip(prepared, stats):
+                rows[index] = _finished_row(point, point_stats, canary, settings)
+        except Exception as exc:  # noqa: BLE001 - a sweep outlives any layer's failure
+            for index, point in prepared:
+                rows[index] = results.make_row(**point.row, **_failure_columns(exc),
+                                               point_seconds=time.perf_counter() - point.started)
+        finally:
+            del ready, prepared
+            release_memory(points[0].problem.device)
+    return [rows[index] for index in range(len(points))]
+
+
+def _finished_row(
+    prepared: PreparedPoint, stats: LatencyStats, canary_s: float | None, settings: MeasureSettings
+) -> dict[str, Any]:
+    row = {**prepared.row, **_latency_columns(stats), "status": "ok"}
+    if canary_s is not None:
+        row["canary_s"] = [canary_s]
+    if forms.is_compiled(prepared.point.compile_mode):
+        row["compile_s"] = max(0.0, row["first_call_s"] - stats.median_s)
+    if settings.profile_dir is not None and prepared.first_round:  # after the timed calls: no profiler overhead in them
+        row["profile_file"] = write_profile(prepared.step, prepared.point.problem.torch_device, row,
+                                            settings.profile_dir)
+    row["point_seconds"] = time.perf_counter() - prepared.started
     return results.make_row(**row)
+
+
+def run_point(
+    point: SweepPoint, settings: MeasureSettings, env: Environment, run_id: str, *, first_round: bool = True
+) -> dict[str, Any]:
+    """Measure one point (`run_points` of one); whatever goes wrong becomes the row's status and reason."""
+    return run_points([point], settings, env, run_id, first_round=first_round)[0]
 
 
 def warm_up_process(point: SweepPoint, settings: MeasureSettings, calls: int = 3) -> None:

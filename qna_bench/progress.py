@@ -34,13 +34,14 @@ class Progress:
             return None
         return (self._clock() - self._start) / self.done * (self.total - self.done)
 
-    def finish(self, result: str) -> None:
+    def finish(self, result: str, label: str | None = None) -> None:
+        """One point done; ``label`` names it when it differs from the started one (a group's member)."""
         self.done += 1
         elapsed = format_duration(self._clock() - self._start)
         eta = self.eta_s()
         eta_text = format_duration(eta) if eta is not None else "?"
         print(
-            f"[{self.done}/{self.total}] {self._label}: {result} | elapsed {elapsed}, ETA {eta_text}",
+            f"[{self.done}/{self.total}] {label or self._label}: {result} | elapsed {elapsed}, ETA {eta_text}",
             file=self.stream,
             flush=True,
         )

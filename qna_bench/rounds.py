@@ -1,4 +1,4 @@
-"""Rounds: a sweep measures every point R times, the layers of a point back to back, and a ratio pairs
+"""Rounds: a sweep measures every point R times, the layers of a point timed together, and a ratio pairs
 round r of one layer with round r of the other. Pure functions, no torch."""
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The sweep loop: which points run, in what order, and how their rows reach the parquet.
 
 `plan_sweep` expands the config's lists into points, problem → window → mode → layer → compile mode,
-so the layers of one point, and a layer's eager and compiled forms, run back to back; `plan_rounds`
-repeats that set ``measure.rounds`` times with the layer order rotated each round; `sweep_errors` finds invalid points before any work. `run_sweep` measures
-each in a worker process (`qna_bench.point` measures one point) and writes each row before the next
-starts, replacing it as further rounds add to it.
+so the layers of one point, and a layer's eager and compiled forms, run together; `plan_rounds`
+repeats that set ``measure.rounds`` times with the layer order rotated each round; `sweep_errors` finds
+invalid points before any work. `run_sweep` sends the layers of each point to a worker process, which
+times them in alternating blocks (`qna_bench.point.run_points`), and writes each row as it comes back,
+replacing it as further rounds add to it.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def plan_sweep(
     compile_modes: Sequence[str] = (EAGER,),
 ) -> list[SweepPoint]:
     """The product problems × windows × modes × layers × compile modes, in that nesting order: the
-    layers of one problem, window and mode run back to back, so the two sides of a ratio are seconds
-    apart, and so do a layer's eager and compiled forms."""
+    layers of one problem, window and mode, a layer's eager and compiled forms among them, are timed
+    together, so the two sides of a ratio share the seconds they ran in."""
     return [
         SweepPoint(layer, problem.replace(window=window, mode=mode), compile_mode)
         for problem, window, mode, layer, compile_mode in itertools.product(problems, windows, modes, layers,
@@ -163,82 +164,126 @@ def run_sweep(
                     print(f"memory cap: {worker.memory_cap / 2**30:.1f} GiB above the measuring process's start "
                           "(points beyond it become oom rows)", file=stream)
             progress = Progress(sum(left.values()), stream=stream)
-            for round_index, point in plan_rounds(points, count):
-                key = key_of[id(point)]
-                row = rows.get(key)
-                if row is not None and (row["status"] != "ok" or row["rounds"] > round_index):
+            for round_index, group in itertools.groupby(plan_rounds(points, count),
+                                                        key=lambda planned: (planned[0], planned[1].problem)):
+                round_index = round_index[0]
+                to_measure: list[SweepPoint] = []
+                for _, point in group:
+                    key = key_of[id(point)]
+                    row = rows.get(key)
+                    if row is not None and (row["status"] != "ok" or row["rounds"] > round_index):
+                        continue
+                    failed = failed_at.get(_layer_group(point))
+                    if not point.layer.uses_window and (*_layer_group(point), round_index) in measured_once:
+                        row = _same_as(rows[measured_once[(*_layer_group(point), round_index)]], point, env, settings,
+                                       run_id)
+                    elif row is None and failed is not None and point.problem.window > failed[0]:
+                        row = results.make_row(
+                            **base_row(point, env, settings, run_id),
+                            status="skipped",
+                            reason=f"not run: {failed[1]} already at window {failed[0]} for this layer and problem",
+                        )
+                    else:
+                        to_measure.append(point)
+                        continue
+                    _write(row, point, rows, key_of, written, results_path, progress, round_index, count)
+                if not to_measure:
                     continue
-                label = point.label if count == 1 else f"{point.label} round {round_index + 1}/{count}"
-                progress.start(label)
-                group = (point.layer.name, point.compile_mode, point.problem.replace(window=0))
-                failure = failed_at.get(group)
-                if not point.layer.uses_window and (*group, round_index) in measured_once:
-                    row = _same_as(rows[measured_once[(*group, round_index)]], point, env, settings, run_id)
-                elif row is None and failure is not None and point.problem.window > failure[0]:
-                    row = results.make_row(
-                        **base_row(point, env, settings, run_id),
-                        status="skipped",
-                        reason=f"not run: {failure[1]} already at window {failure[0]} for this layer and problem",
-                    )
-                else:
-                    if settings.fresh_processes and round_index != worker_round:
-                        worker.close()  # round r of every point in worker r: its own process
-                        worker_round = round_index
-                    measured, pid = _measure_round(worker, point, row is None, run_canaries, env, settings, run_id,
-                                                   limits.hard_kill_s, stream)
+                if settings.fresh_processes and round_index != worker_round:
+                    worker.close()  # round r of every point in worker r: its own process
+                    worker_round = round_index
+                progress.start(_group_label(to_measure, round_index, count))
+                first_round = any(key_of[id(p)] not in rows for p in to_measure)  # memory and FLOPs to measure
+                measured_rows = _measure_round(worker, to_measure, first_round, run_canaries, env, settings, run_id,
+                                               limits.hard_kill_s, stream)
+                for point, (measured, pid) in zip(to_measure, measured_rows):
+                    key = key_of[id(point)]
                     measured.update(probes[(point.problem.device, point.problem.dtype)].columns())
                     measured["processes"] = 1 if measured["status"] == "ok" else None
+                    row = rows.get(key)
                     if row is not None:
                         row = _with_round(row, measured, round_index, run_id, new_process=pid != last_pid.get(key))
                     else:
                         row = measured
                     last_pid[key] = pid
-                    measured_once[(*group, round_index)] = key
+                    measured_once[(*_layer_group(point), round_index)] = key
                     if (row["status"] in GROWING_FAILURES and settings.skip_larger_after_failure
                             and point.layer.cost_grows_with_window):
-                        failed_at[group] = (point.problem.window, row["status"])
-                rows[key] = row
-                results.append_rows(results_path, [row])
-                written[key] = row["status"]
-                progress.finish(_summary(row))
-                if row["status"] != "ok":  # no further rounds of a point that did not measure
-                    progress.total -= count - 1 - round_index
+                        failed_at[_layer_group(point)] = (point.problem.window, row["status"])
+                    _write(row, point, rows, key_of, written, results_path, progress, round_index, count)
         except KeyboardInterrupt:
             print(f"\ninterrupted: {len(written)} of {todo} points written to {results_path}", file=stream)
             return SweepOutcome(len(written), skipped, True, _count(written))
     return SweepOutcome(len(written), skipped, False, _count(written))
 
 
+def _layer_group(point: SweepPoint) -> tuple[str, str, Problem]:
+    """A layer's form on a problem at any window: what a failure at one window says about the larger."""
+    return point.layer.name, point.compile_mode, point.problem.replace(window=0)
+
+
+def _group_label(points: Sequence[SweepPoint], round_index: int, count: int) -> str:
+    problem = points[0].problem
+    names = ", ".join(p.label.split(" ", 1)[0] for p in points)
+    label = f"k={problem.window} {problem.mode} {problem.batch}x{problem.height}x{problem.width}x{problem.channels}: {names}"
+    return label if count == 1 else f"{label} round {round_index + 1}/{count}"
+
+
+def _write(
+    row: dict[str, Any], point: SweepPoint, rows: dict[str, dict[str, Any]], key_of: dict[int, str],
+    written: dict[str, str], results_path: Path, progress: Progress, round_index: int, count: int,
+) -> None:
+    """Keep ``row`` as ``point``'s latest, append it to the results file and report it."""
+    key = key_of[id(point)]
+    rows[key] = row
+    results.append_rows(results_path, [row])
+    written[key] = row["status"]
+    progress.finish(_summary(row), label=point.label if count == 1 else f"{point.label} round {round_index + 1}/{count}")
+    if row["status"] != "ok":  # no further rounds of a point that did not measure
+        progress.total -= count - 1 - round_index
+
+
 def _measure_round(
-    worker: PointWorker, point: SweepPoint, first_round: bool, run_canaries: list[float], env: Environment,
-    settings: MeasureSettings, run_id: str, limit_s: float | None, stream: TextIO,
-) -> tuple[dict[str, Any], int | None]:
-    """One round of ``point`` in ``worker``: its row and the worker's pid. A round whose canary ran slow
-    (`qna_bench.measure.canary.is_slow`) is measured once more; if its canary is slow again the row
-    counts it in ``slow_rounds``. Each canary joins ``run_canaries``."""
-    measured: dict[str, Any] = {}
+    worker: PointWorker, points: Sequence[SweepPoint], first_round: bool, run_canaries: list[float],
+    env: Environment, settings: MeasureSettings, run_id: str, limit_s: float | None, stream: TextIO,
+) -> list[tuple[dict[str, Any], int | None]]:
+    """One round of ``points`` (the layers of one problem) in ``worker``, timed together: each one's row
+    and the worker's pid. A round whose canary ran slow (`qna_bench.measure.canary.is_slow`) is measured
+    once more; if its canary is slow again the rows count it in ``slow_rounds``. Each canary joins
+    ``run_canaries``. A worker lost at the hard limit or to a crash says nothing of which layer did it:
+    each layer is then measured alone, so only that one's row records it."""
+    measured: list[dict[str, Any]] = []
+    pid = None
     for attempt in range(2):
         started = time.perf_counter()
-        measured = worker.run(point.layer.name, point.problem, run_id, limit_s, first_round=first_round,
-                              compile_mode=point.compile_mode)
+        outcome = worker.run_together([(p.layer.name, p.compile_mode) for p in points], points[0].problem, run_id,
+                                      limit_s, first_round=first_round)
         pid = worker.pid
-        if isinstance(measured, WorkerLost):
-            measured = _lost_row(measured, point, env, settings, run_id, limit_s)
-            measured["point_seconds"] = time.perf_counter() - started
-            return measured, None
-        canary = (measured.get("canary_s") or [None])[-1]
+        if isinstance(outcome, WorkerLost):
+            if len(points) > 1:
+                print(f"worker lost ({'killed at the hard limit' if outcome.killed else outcome.describe()}) "
+                      "while timing several layers together: measuring each alone", file=stream)
+                return [pair for p in points for pair in _measure_round(
+                    worker, [p], first_round, run_canaries, env, settings, run_id, limit_s, stream)]
+            row = _lost_row(outcome, points[0], env, settings, run_id, limit_s)
+            row["point_seconds"] = time.perf_counter() - started
+            return [(row, None)]
+        measured = outcome
+        canary = next(((r.get("canary_s") or [None])[-1] for r in measured if r.get("canary_s")), None)
         if canary is None:
-            return measured, pid
+            break
         slow = is_slow(canary, run_canaries, settings.slow_canary_share)
         usual = statistics.median(run_canaries) if run_canaries else canary
         run_canaries.append(canary)
-        measured["slow_rounds"] = int(slow)
+        for row in measured:
+            if row.get("canary_s"):
+                row["slow_rounds"] = int(slow)
         if not slow:
             break
-        again = "measuring it again" if attempt == 0 else "flagged in its row"
-        print(f"slow round: {point.label}: canary {canary * 1e3:.2f} ms against the run's {usual * 1e3:.2f} ms; "
-              f"{again}", file=stream)
-    return measured, pid
+        again = "measuring it again" if attempt == 0 else "flagged in its rows"
+        print(f"slow round: {_group_label(points, 0, 1)}: canary {canary * 1e3:.2f} ms against the run's "
+              f"{usual * 1e3:.2f} ms; {again}", file=stream)
+    return [(row, pid) for row in measured]
 
 
 def _probes(

@@ -24,7 +24,7 @@ import torch
 from qna_bench.compile_mode import EAGER
 from qna_bench.environment import Environment
 from qna_bench.memcap import address_space_cap
-from qna_bench.point import MeasureSettings, SweepPoint, run_point, warm_up_process
+from qna_bench.point import MeasureSettings, SweepPoint, run_points, warm_up_process
 from qna_bench.problem import Problem
 from qna_bench.registry import get_layer
 
@@ -105,11 +105,21 @@ class PointWorker:
         compile_mode: str = EAGER,
     ) -> dict[str, Any] | WorkerLost:
         """The point's row, or `WorkerLost` (the worker is then gone; the next call starts another)."""
+        rows = self.run_together([(layer_name, compile_mode)], problem, run_id, timeout_s, first_round=first_round)
+        return rows if isinstance(rows, WorkerLost) else rows[0]
+
+    def run_together(
+        self, layers: Sequence[tuple[str, str]], problem: Problem, run_id: str, timeout_s: float | None, *,
+        first_round: bool = True,
+    ) -> list[dict[str, Any]] | WorkerLost:
+        """The rows of ``layers`` ((layer name, compile mode) pairs) on one problem, timed in alternating
+        blocks (`qna_bench.point.run_points`), or `WorkerLost`: ``timeout_s`` is the limit of one layer,
+        and the group gets it once per layer."""
         if self._process is None:
             self.start()
-        self._conn.send((layer_name, problem, run_id, first_round, compile_mode))
+        self._conn.send((tuple(layers), problem, run_id, first_round))
         self._busy = True
-        message = self._receive(timeout_s)
+        message = self._receive(None if timeout_s is None else timeout_s * len(layers))
         self._busy = False
         return message
 
@@ -173,14 +183,14 @@ def _serve(conn: Connection, setup: WorkerSetup) -> None:
         warmed_up = False
         while True:
             try:
-                layer_name, problem, run_id, first_round, compile_mode = conn.recv()
+                layers, problem, run_id, first_round = conn.recv()
             except EOFError:
                 return
-            point = SweepPoint(get_layer(layer_name), problem, compile_mode)
+            points = [SweepPoint(get_layer(name), problem, compile_mode) for name, compile_mode in layers]
             if not warmed_up:  # with the eager form: compiling is the point's own first call
-                warm_up_process(point, setup.settings)
+                warm_up_process(points[0], setup.settings)
                 warmed_up = True
-            conn.send(run_point(point, setup.settings, setup.env, run_id, first_round=first_round))
+            conn.send(run_points(points, setup.settings, setup.env, run_id, first_round=first_round))
 
 
 def layer_modules(layers: Sequence[Any]) -> tuple[str, ...]:

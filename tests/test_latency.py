@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from qna_bench.budget import PointBudget, PointTimeout
-from qna_bench.measure.latency import SINGLE_CALL_BLOCK_S, LatencyStats, measure_latency
+from qna_bench.measure.latency import LatencyStats, measure_interleaved
 
 
 def test_statistics_are_computed_from_the_raw_samples():
@@ -29,28 +29,6 @@ def test_no_samples_is_an_error():
         LatencyStats.from_times([])
 
 
-def test_measure_latency_keeps_every_replicate():
-    stats = measure_latency(lambda: sum(range(1000)), threads=1, min_run_time_s=0.05)
-    assert stats.n == len(stats.times_s) >= 1
-    assert stats.median_s == pytest.approx(float(np.median(stats.times_s)))
-    assert stats.number_per_run >= 1
-
-
-def test_slow_calls_are_topped_up_to_the_minimum_replicates():
-    stats = measure_latency(lambda: time.sleep(0.03), threads=1, min_run_time_s=0.01, min_replicates=5)
-    # torch's block-size estimate may put 1 or 10 calls in a block (it was 10 once on a fresh machine);
-    # either way each replicate is one call's mean and there are at least the minimum of them.
-    assert stats.n >= 5 and stats.number_per_run >= 1
-    assert stats.min_s >= 0.03
-
-
-def test_a_point_over_its_budget_stops_with_what_it_measured():
-    with pytest.raises(PointTimeout) as caught:
-        measure_latency(lambda: time.sleep(0.2), threads=1, min_run_time_s=1.0, budget=PointBudget(0.5))
-    assert caught.value.one_call_s >= 0.2
-    assert "budget" in str(caught.value)
-
-
 def test_the_alarm_stops_a_call_that_runs_past_the_budget():
     budget = PointBudget(0.3)
     start = time.perf_counter()
@@ -60,30 +38,36 @@ def test_the_alarm_stops_a_call_that_runs_past_the_budget():
     assert time.perf_counter() - start < 1.0
 
 
-def test_a_call_timed_beforehand_sizes_the_run_so_slow_layers_need_no_extra_warm_ups():
-    calls = []
+def test_interleaved_timing_alternates_blocks_rotating_who_goes_first():
+    order = []
+    fns = [lambda name=name: (order.append(name), time.sleep(0.002)) for name in "abc"]
+    stats = measure_interleaved(fns, threads=1, one_call_s=[0.002] * 3, min_run_time_s=0.0, min_replicates=3)
+    # One block (one call here) of each per pass; pass p starts at callable p.
+    assert "".join(order) == "abc" + "bca" + "cab"
+    assert [s.n for s in stats] == [3, 3, 3] and all(s.number_per_run == 1 for s in stats)
+    assert all(s.min_s >= 0.002 for s in stats)
+
+
+def test_interleaved_blocks_hold_enough_calls_to_fill_the_minimum_run_time():
+    calls = {"fast": 0, "slow": 0}
+
+    def fast() -> None:
+        calls["fast"] += 1
 
     def slow() -> None:
-        calls.append(None)
-        time.sleep(0.03)
+        calls["slow"] += 1
+        time.sleep(0.02)
 
-    stats = measure_latency(slow, threads=1, min_run_time_s=0.01, min_replicates=4, one_call_s=0.03)
-    assert stats.n >= 4
-    # Untimed calls: blocked_autorange's block-size estimate (1 + 10 + … + number_per_run calls) and, only
-    # when torch picks blocks of several calls (a noisy overhead estimate), two warm-ups per top-up block.
-    # Single-call blocks get their replicates without `Timer.timeit`'s warm-ups.
-    untimed = len(calls) - stats.n * stats.number_per_run
-    top_up_warm_ups = 0 if stats.number_per_run == 1 else 2 * stats.n
-    assert untimed <= (10 * stats.number_per_run - 1) // 9 + top_up_warm_ups, (untimed, stats)
+    fast_stats, slow_stats = measure_interleaved([fast, slow], threads=1, one_call_s=[1e-3, 0.02],
+                                                 min_run_time_s=0.04, min_replicates=2)
+    # Blocks of 0.04 / (2 × 1 ms) = 20 fast calls; a slow call outlasts its share and is a block alone.
+    assert fast_stats.number_per_run == 20 and slow_stats.number_per_run == 1
+    assert calls == {"fast": 40, "slow": 2}  # no untimed calls: the first call, timed before, warmed up
 
 
-def test_a_call_that_is_a_block_of_its_own_runs_no_untimed_call():
+def test_an_interleaved_run_over_its_budget_stops_before_any_call():
     calls = []
-
-    def slow() -> None:
-        calls.append(None)
-        time.sleep(SINGLE_CALL_BLOCK_S)
-
-    stats = measure_latency(slow, threads=1, min_run_time_s=0.01, min_replicates=3, one_call_s=SINGLE_CALL_BLOCK_S)
-    assert stats.number_per_run == 1 and stats.n >= 3
-    assert len(calls) == stats.n
+    with pytest.raises(PointTimeout, match="budget"):
+        measure_interleaved([lambda: calls.append(1)] * 2, threads=1, one_call_s=[0.3, 0.3], min_run_time_s=0.0,
+                            min_replicates=3, budget=PointBudget(1.0))
+    assert calls == []

@@ -48,9 +48,10 @@ class _StandInWorker:
     def __init__(self, canaries):
         self.canaries, self.calls = list(canaries), 0
 
-    def run(self, layer, problem, run_id, limit_s, first_round=True, compile_mode="eager"):
+    def run_together(self, layers, problem, run_id, limit_s, first_round=True):
         self.calls += 1
-        return {"status": "ok", "canary_s": [self.canaries.pop(0)], "times_s": [1.0], "point_seconds": 0.1}
+        canary = self.canaries.pop(0)
+        return [{"status": "ok", "canary_s": [canary], "times_s": [1.0], "point_seconds": 0.1} for _ in layers]
 
 
 @pytest.mark.parametrize("canaries, calls, flagged", [
@@ -60,11 +61,13 @@ class _StandInWorker:
 ])
 def test_a_round_whose_canary_ran_slow_is_measured_again_then_flagged(canaries, calls, flagged):
     worker, run_canaries, stream = _StandInWorker(canaries), [1.0e-3] * MIN_CANARIES, io.StringIO()
-    point = SweepPoint(get_layer("conv_dw"), Problem())
-    row, pid = runner._measure_round(worker, point, True, run_canaries, None, MeasureSettings(threads=1), "r", None,
+    points = [SweepPoint(get_layer(name), Problem()) for name in ("conv_dw", "swin")]
+    measured = runner._measure_round(worker, points, True, run_canaries, None, MeasureSettings(threads=1), "r", None,
                                      stream)
-    assert worker.calls == calls and row["slow_rounds"] == flagged and pid == 4242
-    assert row["canary_s"] == [canaries[-1]] and len(run_canaries) == MIN_CANARIES + calls
+    assert worker.calls == calls and len(measured) == 2
+    for row, pid in measured:  # the layers of a point share their round, its canary and its verdict
+        assert row["slow_rounds"] == flagged and pid == 4242 and row["canary_s"] == [canaries[-1]]
+    assert len(run_canaries) == MIN_CANARIES + calls
     assert ("slow round" in stream.getvalue()) == (calls > 1)
 
 

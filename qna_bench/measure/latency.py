@@ -1,16 +1,18 @@
 """Latency with `torch.utils.benchmark`: warm-up, thread count and CUDA synchronisation are its job;
-ours is to keep every replicate and derive the statistics from them."""
+ours is to keep every replicate and derive the statistics from them, and to time the layers of one point
+in alternating blocks (`measure_interleaved`), so that a ratio's two sides share every slow spell."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch.utils.benchmark as torch_benchmark
 
 from qna_bench.budget import PointBudget
+from qna_bench.rounds import rotated
 
 
 @dataclass(frozen=True)
@@ -44,65 +46,55 @@ class LatencyStats:
         )
 
 
-# A call this slow is a block of its own: torch's estimate picks 1 call per block once a call outlasts
-# 10⁴ × the timer's overhead (~2 µs here) and min_run_time / 1000.
-SINGLE_CALL_BLOCK_S = 0.05
+class _FixedBlockTimer(torch_benchmark.Timer):
+    """`Timer` whose blocks are ``number`` calls, chosen by the caller: ``blocked_autorange(min_run_time=0)``
+    then times exactly one block, with no untimed calls of its own."""
 
-
-class _SingleCallBlockTimer(torch_benchmark.Timer):
-    """`Timer` whose ``blocked_autorange`` knows its block is one call, so it skips the size estimate:
-    one more untimed call of a slow layer, after the caller's own warm-up."""
+    def __init__(self, *args, number: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.number = number
 
     def _estimate_block_size(self, min_run_time: float) -> int:
-        return 1
+        return self.number
 
 
-def measure_latency(
-    fn: Callable[[], object],
+def measure_interleaved(
+    fns: Sequence[Callable[[], object]],
     *,
     threads: int,
+    one_call_s: Sequence[float],
     min_run_time_s: float = 1.0,
     min_replicates: int = 1,
-    one_call_s: float | None = None,
     budget: PointBudget | None = None,
-    label: str = "",
-) -> LatencyStats:
-    """Time ``fn`` with ``Timer.blocked_autorange`` for at least ``min_replicates`` replicates.
+    labels: Sequence[str] = (),
+) -> list[LatencyStats]:
+    """Time several callables in alternating blocks: ``min_replicates`` passes, each timing one block of
+    every callable, pass p starting at callable p (mod their count). Each callable's blocks hold the calls
+    that make its ``min_replicates`` blocks last about ``max(min_run_time_s, min_replicates × one call)``,
+    ``one_call_s`` being a call timed beforehand (the point's first call).
 
-    ``one_call_s``, a call already timed after or as the warm-up (the runner's first call), sizes the
-    run up front: the autorange lasts about ``min_replicates`` such calls, so a slow layer gets its
-    replicates from one autorange and no extra warm-ups (each ``Timer.timeit`` warms up with two calls
-    of its own, and the block-size estimate is skipped when a call is a block). Without it one call is
-    timed first. With a ``budget``, a measurement that would not fit in what is left
-    raises `PointTimeout` carrying that call, so one huge point cannot stall a sweep.
+    Timed one after the other, two layers of a point each meet the machine's slow spells at different
+    moments, and their ratio moves between runs by more than either time's own spread shows. Alternating,
+    both sides of each ratio span the same seconds. With a ``budget``, a run that would not fit raises
+    `PointTimeout` before any call.
     """
-    timer_class = torch_benchmark.Timer
-    if one_call_s is not None and one_call_s >= SINGLE_CALL_BLOCK_S:
-        timer_class = _SingleCallBlockTimer
-    timer = timer_class(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=label)
-    if one_call_s is None:
-        one_call_s = timer.timeit(number=1).times[0]
-    # Half a call short of the replicates, so that blocks a little faster or slower than ``one_call_s``
-    # still stop at ``min_replicates`` (for 3: from 17 % faster to 25 % slower).
-    run_time_s = max(min_run_time_s, (min_replicates - 0.5) * one_call_s)
+    if len(fns) != len(one_call_s):
+        raise ValueError("one_call_s: need one timed call per callable")
+    passes = max(1, min_replicates)
+    timers = []
+    for index, (fn, call_s) in enumerate(zip(fns, one_call_s)):
+        call_s = max(call_s, 1e-9)
+        number = max(1, round(max(min_run_time_s, passes * call_s) / (passes * call_s)))
+        label = labels[index] if index < len(labels) else ""
+        timers.append(_FixedBlockTimer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=label,
+                                       number=number))
     if budget is not None:
-        estimate_calls = 0 if isinstance(timer, _SingleCallBlockTimer) else 1
-        budget.check(one_call_s, calls_left=estimate_calls + min_replicates, extra_s=max(0.0, min_run_time_s - min_replicates * one_call_s))
-    measurement = timer.blocked_autorange(min_run_time=run_time_s)
-    times = [t for t in measurement.times if math.isfinite(t)]
-    number = measurement.number_per_run
-    while len(times) < min_replicates:
-        times.extend(t for t in _more_blocks(timer, number, min_replicates - len(times), max(times)) if math.isfinite(t))
-    return LatencyStats.from_times(times, number_per_run=measurement.number_per_run)
-
-
-def _more_blocks(timer: torch_benchmark.Timer, number: int, missing: int, call_s: float) -> list[float]:
-    """``missing`` more blocks of ``number`` calls, by the cheaper of the Timer's two ways.
-
-    ``blocked_autorange`` re-estimates the block size (about 1.1 blocks of calls), ``timeit`` warms up
-    with ``max(number // 100, 2)`` calls per block: for single-call blocks of a slow layer the first
-    is cheaper, for blocks of many fast calls the second.
-    """
-    if number == 1:
-        return list(timer.blocked_autorange(min_run_time=missing * call_s).times)
-    return [timer.timeit(number=number).times[0] for _ in range(missing)]
+        slowest = max(one_call_s)
+        calls = sum(timer.number * call_s for timer, call_s in zip(timers, one_call_s)) * passes / max(slowest, 1e-9)
+        budget.check(slowest, calls_left=calls)
+    times: list[list[float]] = [[] for _ in fns]
+    for pass_index in range(passes):
+        for index in rotated(range(len(fns)), pass_index):
+            measurement = timers[index].blocked_autorange(min_run_time=0.0)
+            times[index].extend(t for t in measurement.times if math.isfinite(t))
+    return [LatencyStats.from_times(t, number_per_run=timer.number) for t, timer in zip(times, timers)]
