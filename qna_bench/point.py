@@ -173,14 +173,13 @@ def _first_call(
 @dataclass
 class PreparedPoint:
     """A point built, warmed up and counted, ready to time: its row so far, its step, the eager module
-    behind a compiled form, a call's seconds (sizes its blocks) and its own budget."""
+    behind a compiled form and a call's seconds (sizes its blocks)."""
 
     point: SweepPoint
     row: dict[str, Any]
     module: torch.nn.Module
     step: PointStep
     one_call_s: float
-    budget: PointBudget
     started: float
     first_round: bool
 
@@ -260,7 +259,7 @@ def prepare_point(
                     row["reason"] = flops.note
             budget.check(one_call_s, calls_left=settings.min_replicates,
                          extra_s=max(0.0, settings.min_run_time_s - settings.min_replicates * one_call_s))
-        return PreparedPoint(point, row, module, step, one_call_s, budget, started, first_round)
+        return PreparedPoint(point, row, module, step, one_call_s, started, first_round)
     except Exception as exc:  # noqa: BLE001 - a sweep outlives any layer's failure
         row.update(_failure_columns(exc))
         row["point_seconds"] = time.perf_counter() - started
@@ -297,8 +296,10 @@ def run_points(
     if prepared:
         ready = [p for _, p in prepared]
         device = ready[0].point.problem.torch_device
-        budgets = [p.budget.remaining_s() for p in ready]
-        budget = PointBudget(None if None in budgets else sum(budgets))
+        # Each point's timing fits its own budget (checked as it was prepared, before the next point's
+        # preparation ran on its clock): together they get one budget each.
+        point_s = time_limits(settings.point_budget_s).point_s
+        budget = PointBudget(None if point_s is None else point_s * len(ready))
         try:
             with budget.alarm():
                 canary_before = canary_seconds(device) if settings.canary else None

@@ -14,6 +14,8 @@ import pandas as pd
 
 from qna_bench import results
 from qna_bench.environment import read_environment
+from qna_bench.point import SweepPoint, run_points
+from qna_bench.registry import get_layer
 from qna_bench.runner import MeasureSettings
 from qna_bench.worker import PointWorker, WorkerLost, WorkerSetup, describe_exit
 
@@ -251,3 +253,22 @@ def test_a_tiny_sweep_and_its_worker_stay_under_one_and_a_half_gib_resident_whil
     sweep_bytes, worker_bytes = map(int, done.stdout.split("resident")[-1].split())
     assert 0 < sweep_bytes < RESIDENT_LIMIT and 0 < worker_bytes < RESIDENT_LIMIT, (sweep_bytes, worker_bytes)
     assert (results.read_results(tmp_path / results.RESULTS_FILE)["status"] == "ok").all()
+
+
+def test_a_layer_over_its_budget_leaves_its_peers_measured_and_none_pays_for_anothers_preparation(tiny_problem):
+    import fault_layers  # noqa: F401 - registers the fault layers in this process
+
+    settings = MeasureSettings(threads=1, min_run_time_s=0.01, min_replicates=3, point_budget_s=1.5, memory=False,
+                               flops=False, canary=False)
+    env = read_environment("cpu")
+    # fault_sleeps sleeps k/10 s a call: at k=9 its three timed calls need 2.7 s, over its 1.5 s.
+    problem = tiny_problem.replace(window=9, mode="forward")
+    over, peer = run_points([SweepPoint(get_layer(n), problem) for n in ("fault_sleeps", "conv_dw")], settings, env, "t")
+    assert over["status"] == "timeout" and "budget" in over["reason"]
+    assert peer["status"] == "ok" and peer["rounds"] == 1
+    # At k=3 each needs 0.9 s of its 1.5: both fit, though each one's preparation (0.6 s of calls) runs
+    # while the other waits to be timed.
+    problem = problem.replace(window=3)
+    rows = run_points([SweepPoint(get_layer(n), problem) for n in ("fault_sleeps", "fault_sleeps_flat")], settings,
+                      env, "t")
+    assert [r["status"] for r in rows] == ["ok", "ok"], [r["reason"] for r in rows]
