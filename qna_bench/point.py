@@ -13,7 +13,7 @@ import dataclasses
 import gc
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -280,15 +280,18 @@ def _failure_columns(exc: BaseException) -> dict[str, str]:
 
 def run_points(
     points: Sequence[SweepPoint], settings: MeasureSettings, env: Environment, run_id: str, *,
-    first_round: bool = True,
+    first_round: bool = True, on_prepared: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Measure the layers of one point together, a row each, in ``points``' order: each is prepared
-    (`prepare_point`), then all are timed in alternating blocks (`measure_interleaved`) between one
-    canary before and one after, so each ratio's two sides share the seconds they ran in."""
+    (`prepare_point`; ``on_prepared`` is called after each), then all are timed in alternating blocks
+    (`measure_interleaved`) between one canary before and one after, so each ratio's two sides share
+    the seconds they ran in."""
     rows: dict[int, dict[str, Any]] = {}
     prepared: list[tuple[int, PreparedPoint]] = []
     for index, point in enumerate(points):
         outcome = prepare_point(point, settings, env, run_id, first_round=first_round)
+        if on_prepared is not None:
+            on_prepared()
         if isinstance(outcome, PreparedPoint):
             prepared.append((index, outcome))
         else:

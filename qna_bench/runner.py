@@ -260,14 +260,8 @@ def _measure_round(
                                       limit_s, first_round=first_round)
         pid = worker.pid
         if isinstance(outcome, WorkerLost):
-            if len(points) > 1:
-                print(f"worker lost ({'killed at the hard limit' if outcome.killed else outcome.describe()}) "
-                      "while timing several layers together: measuring each alone", file=stream)
-                return [pair for p in points for pair in _measure_round(
-                    worker, [p], first_round, run_canaries, env, settings, run_id, limit_s, stream)]
-            row = _lost_row(outcome, points[0], env, settings, run_id, limit_s)
-            row["point_seconds"] = time.perf_counter() - started
-            return [(row, None)]
+            return _after_lost_worker(outcome, worker, points, first_round, run_canaries, env, settings, run_id,
+                                      limit_s, stream, time.perf_counter() - started)
         measured = outcome
         canary = next(((r.get("canary_s") or [None])[-1] for r in measured if r.get("canary_s")), None)
         if canary is None:
@@ -284,6 +278,27 @@ def _measure_round(
         print(f"slow round: {_group_label(points, 0, 1)}: canary {canary * 1e3:.2f} ms against the run's "
               f"{usual * 1e3:.2f} ms; {again}", file=stream)
     return [(row, pid) for row in measured]
+
+
+def _after_lost_worker(
+    lost: WorkerLost, worker: PointWorker, points: Sequence[SweepPoint], first_round: bool,
+    run_canaries: list[float], env: Environment, settings: MeasureSettings, run_id: str, limit_s: float | None,
+    stream: TextIO, seconds: float,
+) -> list[tuple[dict[str, Any], int | None]]:
+    """The rows of a round whose worker was lost: the layer in flight records it, and its peers are measured
+    again in a fresh worker (together, or each alone when the loss came while timing them all)."""
+    culprit = lost.layer_index if lost.layer_index is not None else (0 if len(points) == 1 else None)
+    how = "killed at the hard limit" if lost.killed else lost.describe()
+    if culprit is None:
+        print(f"worker lost ({how}) while timing {len(points)} layers together: measuring each alone", file=stream)
+        return [pair for p in points for pair in _measure_round(
+            worker, [p], first_round, run_canaries, env, settings, run_id, limit_s, stream)]
+    row = _lost_row(lost, points[culprit], env, settings, run_id, limit_s)
+    row["point_seconds"] = seconds
+    rest = [p for index, p in enumerate(points) if index != culprit]
+    measured = _measure_round(worker, rest, first_round, run_canaries, env, settings, run_id, limit_s,
+                              stream) if rest else []
+    return [*measured[:culprit], (row, None), *measured[culprit:]]
 
 
 def _probes(

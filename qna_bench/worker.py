@@ -10,6 +10,7 @@ way. The worker holds the memory cap, warms up on its first point and freezes it
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import importlib
 import multiprocessing
@@ -49,14 +50,21 @@ class WorkerSetup:
 
 @dataclass(frozen=True)
 class WorkerLost:
-    """The point did not come back: ``killed`` at the hard limit, or the worker died (``exitcode``)."""
+    """The point did not come back: ``killed`` at the hard limit, or the worker died (``exitcode``).
+    ``layer_index``: the layer of a group being prepared when it happened (None: while timing them)."""
 
     killed: bool
     exitcode: int | None
+    layer_index: int | None = None
 
     def describe(self) -> str:
         """``exit code 3``, ``signal SIGKILL`` or ``exit code unknown``."""
         return describe_exit(self.exitcode)
+
+
+# What a worker sends as each layer of a group is prepared: the sweep then gives the next one its own
+# hard limit, and knows which layer was in flight if the worker is lost.
+PREPARED = "prepared"
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -106,20 +114,30 @@ class PointWorker:
     ) -> dict[str, Any] | WorkerLost:
         """The point's row, or `WorkerLost` (the worker is then gone; the next call starts another)."""
         rows = self.run_together([(layer_name, compile_mode)], problem, run_id, timeout_s, first_round=first_round)
-        return rows if isinstance(rows, WorkerLost) else rows[0]
+        return dataclasses.replace(rows, layer_index=None) if isinstance(rows, WorkerLost) else rows[0]
 
     def run_together(
         self, layers: Sequence[tuple[str, str]], problem: Problem, run_id: str, timeout_s: float | None, *,
         first_round: bool = True,
     ) -> list[dict[str, Any]] | WorkerLost:
         """The rows of ``layers`` ((layer name, compile mode) pairs) on one problem, timed in alternating
-        blocks (`qna_bench.point.run_points`), or `WorkerLost`: ``timeout_s`` is the limit of one layer,
-        and the group gets it once per layer."""
+        blocks (`qna_bench.point.run_points`), or `WorkerLost`. ``timeout_s`` is the hard limit of one
+        layer: each layer's preparation gets it, and their timing together gets it once per layer."""
         if self._process is None:
             self.start()
         self._conn.send((tuple(layers), problem, run_id, first_round))
         self._busy = True
-        message = self._receive(None if timeout_s is None else timeout_s * len(layers))
+        prepared = 0
+        while True:
+            limit = timeout_s if timeout_s is None or prepared < len(layers) else timeout_s * len(layers)
+            message = self._receive(limit)
+            if isinstance(message, WorkerLost):
+                if prepared < len(layers):
+                    message = dataclasses.replace(message, layer_index=prepared)
+                break
+            if message != PREPARED:
+                break
+            prepared += 1
         self._busy = False
         return message
 
@@ -190,7 +208,9 @@ def _serve(conn: Connection, setup: WorkerSetup) -> None:
             if not warmed_up:  # with the eager form: compiling is the point's own first call
                 warm_up_process(points[0], setup.settings)
                 warmed_up = True
-            conn.send(run_points(points, setup.settings, setup.env, run_id, first_round=first_round))
+            rows = run_points(points, setup.settings, setup.env, run_id, first_round=first_round,
+                              on_prepared=lambda: conn.send(PREPARED))
+            conn.send(rows)
 
 
 def layer_modules(layers: Sequence[Any]) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import fault_workers  # tests/ is on sys.path under pytest, and in the workers it spawns
 import pandas as pd
 
-from qna_bench import results
+from qna_bench import results, runner
 from qna_bench.environment import read_environment
 from qna_bench.point import SweepPoint, run_points
 from qna_bench.registry import get_layer
@@ -272,3 +273,29 @@ def test_a_layer_over_its_budget_leaves_its_peers_measured_and_none_pays_for_ano
     rows = run_points([SweepPoint(get_layer(n), problem) for n in ("fault_sleeps", "fault_sleeps_flat")], settings,
                       env, "t")
     assert [r["status"] for r in rows] == ["ok", "ok"], [r["reason"] for r in rows]
+
+
+def test_a_layer_stuck_while_its_group_is_prepared_is_named_and_its_peers_measured_again(tiny_problem):
+    import fault_layers  # noqa: F401 - registers the fault layers in this process
+
+    problem = tiny_problem.replace(mode="forward")
+    with _worker() as worker:
+        lost = worker.run_together([("conv_dw", "eager"), ("fault_native_hang", "eager")], problem, "t", timeout_s=5)
+    assert lost == WorkerLost(killed=True, exitcode=None, layer_index=1)
+
+    class LosesTheSecondLayer:
+        pid, calls = 7, []
+
+        def run_together(self, layers, problem, run_id, limit_s, first_round=True):
+            self.calls.append([name for name, _ in layers])
+            if len(self.calls) == 1:
+                return WorkerLost(killed=True, exitcode=None, layer_index=1)
+            return [{"status": "ok", "layer": name, "point_seconds": 0.1} for name, _ in layers]
+
+    stand_in = LosesTheSecondLayer()
+    points = [SweepPoint(get_layer(name), problem) for name in ("conv_dw", "fault_native_hang", "swin")]
+    measured = runner._measure_round(stand_in, points, True, [], read_environment("cpu"),
+                                     MeasureSettings(threads=1, canary=False), "t", 95.0, io.StringIO())
+    assert stand_in.calls == [["conv_dw", "fault_native_hang", "swin"], ["conv_dw", "swin"]]
+    assert [row["status"] for row, _ in measured] == ["ok", "timeout", "ok"]
+    assert measured[1][0]["layer"] == "fault_native_hang" and measured[1][1] is None
