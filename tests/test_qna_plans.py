@@ -25,6 +25,7 @@ from qna_bench.qna import (
     available_plans,
     candidate_plans,
     default_plan,
+    direct,
     qna_attention,
     qna_attention_reference,
 )
@@ -318,3 +319,12 @@ def test_the_layer_code_version_covers_every_file_of_the_qna_package(monkeypatch
         assert identity.module_code_version("qna_bench.layers") != before
     finally:
         module_code_version.cache_clear()
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("plan", ["direct", "padded_fft_kernel_grads"])
+def test_a_backward_in_batch_chunks_matches_the_reference_in_fp64(plan: str, stride: int, monkeypatch) -> None:
+    """One sample per chunk of the backward's per-query temporaries: the same outputs and gradients."""
+    monkeypatch.setattr(direct, "BACKWARD_CHUNK_BYTES", 1)
+    assert direct.batch_chunks(3, 100) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    assert_plan_matches_the_reference(plan, stride, "cpu")

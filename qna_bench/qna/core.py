@@ -13,7 +13,12 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from qna_bench.qna.direct import depthwise_conv, depthwise_conv_input_grad, depthwise_weight_grad_direct
+from qna_bench.qna.direct import (
+    batch_chunks,
+    depthwise_conv,
+    depthwise_conv_input_grad,
+    depthwise_weight_grad_direct,
+)
 from qna_bench.qna.fft import (
     LazyGrad,
     depthwise_weight_grad_fft,
@@ -139,38 +144,40 @@ def _fast_backward(
             g_value_kernel = fft_g_value_kernel
         del fft_g_exp, g_den_num
     for n in range(0 if fft_conv else num_queries):
-        e_n = exp_scores[..., n, :, None]
-        den_n = den[..., n, :, None]
         value_kernel = _value_kernel(rpe_exp[n], mixing[n], head_dim)
-        weighted = (e_n * v).flatten(-2)
-        num = depthwise_conv(weighted, value_kernel, stride, padding, conv).view(g_z.shape)
-        # z = sum_n num_n / den_n  =>  dL/dden_n = -sum_d(g_z * num_n) / den_n / den_n (dividing
-        # twice: den_n^2 overflows fp16 for den_n > 256 and 1 / den_n^2 for den_n < 4e-3)
-        g_den[..., n, :] = num.mul_(g_z).sum(-1).div_(den[..., n, :]).div_(den[..., n, :]).neg_()
-        if use_fft:
-            # the numerator is freed first: the FFT's buffers then add nothing to the peak
-            del num
-            g_kernel = depthwise_weight_grad_fft(
-                weighted, LazyGrad(g_z, den_n), (out_h, out_w), window, stride, padding, chunk_bytes
-            )
-            del weighted
-            g_num = g_z / den_n
-        else:
-            g_num = torch.div(g_z, den_n, out=num)
-            del num
+        for rows in batch_chunks(batch, v[0].numel() * v.element_size()):
+            e_n = exp_scores[rows, ..., n, :, None]
+            den_n = den[rows, ..., n, :, None]
+            v_rows, g_z_rows = v[rows], g_z[rows]
+            weighted = (e_n * v_rows).flatten(-2)
+            num = depthwise_conv(weighted, value_kernel, stride, padding, conv).view(g_z_rows.shape)
+            # z = sum_n num_n / den_n  =>  dL/dden_n = -sum_d(g_z * num_n) / den_n / den_n (dividing
+            # twice: den_n^2 overflows fp16 for den_n > 256 and 1 / den_n^2 for den_n < 4e-3)
+            g_den[rows, ..., n, :] = num.mul_(g_z_rows).sum(-1).div_(den_n[..., 0]).div_(den_n[..., 0]).neg_()
+            if use_fft:
+                # the numerator is freed first: the FFT's buffers then add nothing to the peak
+                del num
+                g_kernel = depthwise_weight_grad_fft(
+                    weighted, LazyGrad(g_z_rows, den_n), (out_h, out_w), window, stride, padding, chunk_bytes
+                )
+                del weighted
+                g_num = g_z_rows / den_n
+            else:
+                g_num = torch.div(g_z_rows, den_n, out=num)
+                del num
+                if need_kernel_grad:
+                    g_kernel = depthwise_weight_grad_direct(weighted, g_num.flatten(-2), window, stride, padding)
+                del weighted
             if need_kernel_grad:
-                g_kernel = depthwise_weight_grad_direct(weighted, g_num.flatten(-2), window, stride, padding)
-            del weighted
-        if need_kernel_grad:
-            g_value_kernel[n] = g_kernel.view(heads, head_dim, window, window).sum(1)
-        g_weighted = depthwise_conv_input_grad(
-            g_num.flatten(-2), value_kernel, (height, width), stride, padding, conv
-        )
-        del g_num
-        g_weighted = g_weighted.view(v.shape)
-        g_exp[..., n, :] = (g_weighted * v).sum(-1)
-        g_values.addcmul_(g_weighted, e_n)
-        del g_weighted
+                g_value_kernel[n] += g_kernel.view(heads, head_dim, window, window).sum(1)
+            g_weighted = depthwise_conv_input_grad(
+                g_num.flatten(-2), value_kernel, (height, width), stride, padding, conv
+            )
+            del g_num
+            g_weighted = g_weighted.view(v_rows.shape)
+            g_exp[rows, ..., n, :] = (g_weighted * v_rows).sum(-1)
+            g_values[rows].addcmul_(g_weighted, e_n)
+            del g_weighted
 
     den_kernel = rpe_exp.reshape(num_queries * heads, 1, window, window)
     flat_exp = exp_scores.view(batch, height, width, -1)

@@ -78,3 +78,16 @@ def depthwise_weight_grad_direct(x: Tensor, grad_out: Tensor, window: int, strid
         channels,
         [False, True, False],
     )[1]
+
+
+# The backward's per-query temporaries (E*V, its numerator, their gradients, in `qna_bench.qna.core`) are made this many bytes
+# at most, a slice of the batch at a time (whole samples, at least one): at B=8, 56x56, C=128 (fp32) two
+# whole-batch temporaries of 12.25 MiB set the train peak at 80.2 MiB, 18% over the 68.0 MiB of the FFT
+# plans, whose spectra come in chunks.
+BACKWARD_CHUNK_BYTES = 8 << 20
+
+
+def batch_chunks(batch: int, sample_bytes: int) -> list[slice]:
+    """Slices of the batch, each at most `BACKWARD_CHUNK_BYTES` of one temporary (at least one sample)."""
+    per_chunk = max(1, BACKWARD_CHUNK_BYTES // max(1, sample_bytes))
+    return [slice(start, min(batch, start + per_chunk)) for start in range(0, batch, per_chunk)]
