@@ -34,7 +34,7 @@ ENVIRONMENT_KEY_FIELDS = ("device_name", "torch_version")
 # Settings a row's numbers do not depend on, so they do not make a row stale. A `timeout` or `skipped`
 # row is stale after all when the budget grew (see `is_current`).
 SETTINGS_NOT_IN_VERSION = frozenset({"point_budget_s", "profile_dir", "probes", "fresh_processes", "canary",
-                                     "slow_canary_share"})
+                                     "slow_canary_share", "threads_note"})
 # Statuses whose row a larger budget may turn into a measurement.
 BUDGET_STATUSES = ("timeout", "skipped")
 

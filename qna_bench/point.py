@@ -42,6 +42,8 @@ except OSError:  # not glibc: nothing to trim
 @dataclass(frozen=True)
 class MeasureSettings:
     threads: int
+    # Why these threads (`qna_bench.cores`): asked for, or the cores idle at the start.
+    threads_note: str = ""
     min_run_time_s: float = 0.5
     min_replicates: int = 5
     point_budget_s: float | None = 120.0

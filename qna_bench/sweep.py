@@ -20,6 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from qna_bench import results
 from qna_bench.compile_mode import COMPILE_MODES
+from qna_bench.cores import busy_shares, idle_core_threads
 from qna_bench.environment import read_environment
 from qna_bench.measure.probes import PROBE_MODES
 from qna_bench.problem import MODES, Problem
@@ -162,7 +163,7 @@ def _settings(cfg: DictConfig) -> tuple[MeasureSettings, int | None]:
     measure = cfg.measure
     threads = _number(measure.threads, "measure.threads", allow_zero=True)
     if threads != int(threads):
-        raise BadInput([f"measure.threads={threads!r}: must be 0 (all cores) or a positive integer"])
+        raise BadInput([f"measure.threads={threads!r}: must be 0 (all idle cores) or a positive integer"])
     budget = _number(measure.point_budget_s, "measure.point_budget_s", allow_null=True)
     min_replicates = _number(measure.min_replicates, "measure.min_replicates")
     if min_replicates != int(min_replicates):
@@ -171,8 +172,11 @@ def _settings(cfg: DictConfig) -> tuple[MeasureSettings, int | None]:
     rounds = _number(measure.rounds, "measure.rounds")
     if rounds != int(rounds):
         raise BadInput([f"measure.rounds={rounds!r}: must be a positive integer"])
+    threads, threads_note = (int(threads), "asked for") if threads else idle_core_threads(
+        torch.get_num_threads(), busy_shares())
     settings = MeasureSettings(
-        threads=int(threads) or torch.get_num_threads(),
+        threads=threads,
+        threads_note=threads_note,
         min_run_time_s=float(_number(measure.min_run_time_s, "measure.min_run_time_s")),
         min_replicates=int(min_replicates),
         point_budget_s=float(budget) if budget is not None else None,
@@ -263,6 +267,7 @@ def execute(plan: SweepPlan) -> SweepOutcome:
     for message in plan.skipped_invalid:
         print(f"skipped (skip_invalid=true): {message}", file=sys.stderr)
     env = read_environment(plan.points[0].problem.device)
+    print(f"threads: {plan.settings.threads} ({plan.settings.threads_note})", file=sys.stderr)
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > 1 + 0.5 * cores:
         print(
