@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -255,7 +256,24 @@ def plan_from_config(cfg: DictConfig) -> SweepPlan:
         results.check_writable(results_path)
     except results.ResultsFileError as exc:
         raise BadInput([str(exc)]) from None
+    if resume and not cfg.measure.threads:
+        settings = _resumed_threads(settings, results_path)
     return SweepPlan(points, skipped, settings, results_path, resume, cap, plots)
+
+
+def _resumed_threads(settings: MeasureSettings, results_path: Path) -> MeasureSettings:
+    """``settings`` with the threads the results being resumed were measured on, where those were chosen
+    by the load too (``measure.threads=0``): a resumed sweep keeps its points, whatever the load now."""
+    if not results_path.exists():
+        return settings
+    recorded = results.read_results(results_path)["measure_settings"].dropna()
+    chosen = [json.loads(r) for r in recorded]
+    chosen = [c["threads"] for c in chosen if c.get("threads_note", "asked for") != "asked for"]
+    if not chosen:
+        return settings
+    threads = max(set(chosen), key=chosen.count)
+    return dataclasses.replace(settings, threads=threads,
+                               threads_note=f"as the results being resumed were measured ({settings.threads_note} now)")
 
 
 def plan_keys(plan: SweepPlan, env) -> set[str]:

@@ -121,7 +121,7 @@ BAD_INPUTS = [
     (["problem.device=tpu"], "problem.device='tpu': allowed values are cpu, cuda"),
     (["problem.size=big"], "problem.size='big': must be a positive integer"),
     (["measure.point_budget_s=-1"], "measure.point_budget_s=-1: must be a positive number or null"),
-    (["measure.threads=1.5"], "measure.threads=1.5: must be 0 (all cores) or a positive integer"),
+    (["measure.threads=1.5"], "measure.threads=1.5: must be 0 (all idle cores) or a positive integer"),
     (["measure.rounds=0"], "measure.rounds=0: must be a positive number"),
     (["measure.rounds=1.5"], "measure.rounds=1.5: must be a positive integer"),
     (["resume=maybe"], "resume='maybe': allowed values are true, false"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -32,3 +33,21 @@ def test_idle_cores_measure_with_all_threads_and_an_unreadable_stat_changes_noth
     assert idle_core_threads(2, {0: 0.9, 1: 0.95})[0] == 1  # never fewer than one
     assert busy_shares(stat_path=str(tmp_path / "missing"), sleep=lambda s: None) is None
     assert idle_core_threads(2, None) == (2, "all cores (their load could not be read)")
+
+
+def test_a_resumed_sweep_keeps_the_threads_its_rows_were_chosen_with(tmp_path):
+    from qna_bench import results, sweep
+    from qna_bench.point import MeasureSettings
+
+    path = tmp_path / results.RESULTS_FILE
+    recorded = [json.dumps({"threads": 1, "threads_note": "1 of 2: other work kept cpu0 99% busy at the start"})] * 3
+    results.append_rows(path, [results.make_row(measure_settings=r, status="ok", layer=str(i)) for i, r in enumerate(recorded)])
+    now = MeasureSettings(threads=2, threads_note="all cores (idle at the start)")
+    resumed = sweep._resumed_threads(now, path)
+    assert resumed.threads == 1 and "as the results being resumed were measured" in resumed.threads_note
+    # Threads asked for by number are never overridden, and a new results file changes nothing.
+    path.unlink()
+    results.append_rows(path, [results.make_row(measure_settings=json.dumps({"threads": 1, "threads_note": "asked for"}),
+                                                 status="ok", layer="0")])
+    assert sweep._resumed_threads(now, path) == now
+    assert sweep._resumed_threads(now, tmp_path / "none.parquet") == now
