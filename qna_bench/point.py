@@ -67,6 +67,9 @@ class MeasureSettings:
     # ``slow_canary_share`` slower than the run's median canary is measured again once, then flagged.
     canary: bool = True
     slow_canary_share: float = 0.3
+    # The worker's CPU heap (`qna_bench.heap`): `caching` keeps freed memory for the next call, `system`
+    # leaves glibc's defaults (large blocks mapped afresh, with page faults, in every call).
+    cpu_heap: str = "caching"
 
 
 @dataclass(frozen=True)

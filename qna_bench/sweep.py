@@ -23,6 +23,7 @@ from qna_bench import results
 from qna_bench.compile_mode import COMPILE_MODES
 from qna_bench.cores import busy_shares, idle_core_threads
 from qna_bench.environment import read_environment
+from qna_bench.heap import CPU_HEAPS
 from qna_bench.measure.probes import PROBE_MODES
 from qna_bench.problem import MODES, Problem
 from qna_bench.qna import TUNES
@@ -191,6 +192,7 @@ def _settings(cfg: DictConfig) -> tuple[MeasureSettings, int | None]:
         fresh_processes=_flag(measure.fresh_processes, "measure.fresh_processes"),
         canary=_flag(measure.canary, "measure.canary"),
         slow_canary_share=float(_number(measure.slow_canary_share, "measure.slow_canary_share")),
+        cpu_heap=_choice(measure.cpu_heap, "measure.cpu_heap", CPU_HEAPS),
         qna_tune=_choice(cfg.qna.tune, "qna.tune", TUNES),
     )
     return settings, int(cap_gib * 2**30) if cap_gib else None

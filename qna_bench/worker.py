@@ -4,7 +4,8 @@ The per-point budget's alarm interrupts Python between ops, not a native op: one
 convolution backward on a 112×112 map ran for over five minutes in one call. The sweep waits for each
 point up to a hard limit, then kills the worker, records a ``timeout`` row and starts a fresh worker for
 the next point. A worker that dies (a crash, the kernel's OOM killer) becomes an ``error`` row the same
-way. The worker holds the memory cap, warms up on its first point and freezes its start-up heap.
+way. The worker holds the memory cap, sets its CPU heap (`qna_bench.heap`), warms up on its first point
+and freezes its start-up objects.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 from qna_bench.compile_mode import EAGER
 from qna_bench.environment import Environment
+from qna_bench.heap import configure_cpu_heap
 from qna_bench.memcap import address_space_cap
 from qna_bench.point import MeasureSettings, SweepPoint, run_points, warm_up_process
 from qna_bench.problem import Problem
@@ -195,6 +197,7 @@ def _serve(conn: Connection, setup: WorkerSetup) -> None:
     for module in setup.layer_modules:
         importlib.import_module(module)
     torch.backends.cudnn.benchmark = setup.settings.cudnn_benchmark
+    configure_cpu_heap(setup.settings.cpu_heap)
     with address_space_cap(setup.memory_cap_bytes, enabled=setup.cap_memory) as cap:
         gc.freeze()  # the start-up heap, no longer rescanned by each point's collections
         conn.send(cap)
