@@ -70,8 +70,8 @@ class MeasureConfig:
     # once more, and flagged in its row (`slow_rounds`) if the canary is slow again.
     canary: Any = True
     slow_canary_share: Any = 0.3
-    # The measuring worker's CPU heap: `caching` keeps freed memory in the process for the next call (as
-    # CUDA's caching allocator does), `system` leaves glibc's defaults; see `qna_bench.heap`.
+    # The measuring worker's CPU heap: `caching` keeps a call's blocks up to 32 MiB in the process for the
+    # next call (as CUDA's caching allocator does), `system` leaves glibc's defaults; see `qna_bench.heap`.
     cpu_heap: Any = "caching"
 
 

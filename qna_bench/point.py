@@ -67,8 +67,8 @@ class MeasureSettings:
     # ``slow_canary_share`` slower than the run's median canary is measured again once, then flagged.
     canary: bool = True
     slow_canary_share: float = 0.3
-    # The worker's CPU heap (`qna_bench.heap`): `caching` keeps freed memory for the next call, `system`
-    # leaves glibc's defaults (large blocks mapped afresh, with page faults, in every call).
+    # The worker's CPU heap (`qna_bench.heap`): `caching` keeps a call's blocks up to 32 MiB for the next
+    # call, `system` leaves glibc's defaults (whose moving thresholds decide that per process).
     cpu_heap: str = "caching"
 
 
@@ -177,12 +177,11 @@ def _first_call(
 
 @dataclass
 class PreparedPoint:
-    """A point built, warmed up and counted, ready to time: its row so far, its step, the eager module
-    behind a compiled form and a call's seconds (sizes its blocks)."""
+    """A point built, warmed up and counted, ready to time: its row so far, its step and a call's seconds
+    (sizes its blocks)."""
 
     point: SweepPoint
     row: dict[str, Any]
-    module: torch.nn.Module
     step: PointStep
     one_call_s: float
     started: float
@@ -264,7 +263,7 @@ def prepare_point(
                     row["reason"] = flops.note
             budget.check(one_call_s, calls_left=settings.min_replicates,
                          extra_s=max(0.0, settings.min_run_time_s - settings.min_replicates * one_call_s))
-        return PreparedPoint(point, row, module, step, one_call_s, started, first_round)
+        return PreparedPoint(point, row, step, one_call_s, started, first_round)
     except Exception as exc:  # noqa: BLE001 - a sweep outlives any layer's failure
         row.update(_failure_columns(exc))
         row["point_seconds"] = time.perf_counter() - started
