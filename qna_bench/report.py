@@ -207,7 +207,7 @@ def _plan_of(flags: object) -> tuple[str, str, bool] | None:
     if not isinstance(plan, dict):
         return "not recorded", "", False
     order = sorted(plan, key=lambda p: (PASSES.index(p) if p in PASSES else len(PASSES), p))
-    passes = ", ".join(f"{p} {plan[p]}" for p in order if p != "fft_chunk_bytes" and plan[p] != "direct")
+    passes = ", ".join(f"{p} {plan[p]}" for p in order if p != "fft_chunk_bytes" and plan[p] not in ("direct", "linear"))
     name = str(record.get("plan_name", "?"))
     return (f"{name} ({passes})" if passes else name), str(record.get("plan_source", "")), bool(
         record.get("plan_fell_back"))

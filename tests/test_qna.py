@@ -16,6 +16,7 @@ from torch.func import functional_call
 
 import qna_bench.qna.core as qna_core
 import qna_bench.qna.fft as qna_fft
+from qna_bench.qna.projection import PROJECTIONS
 from qna_bench.qna import (
     FFT_CHUNK_BYTES,
     QnA,
@@ -120,6 +121,26 @@ def compare_forms(module: QnA, x: torch.Tensor, rtol: float) -> None:
 # Fast form == reference form
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("projections", PROJECTIONS)
+def test_every_projection_form_matches_the_reference_fp64(projections: str, stride: int, bias: bool) -> None:
+    """Both forms of the two projections, forced, with and without biases: output and every gradient."""
+    module = make_qna(in_channels=6, features=8, heads=2, window=5, stride=stride, bias=bias,
+                      plan="direct", projections=projections)
+    with torch.no_grad():
+        for linear in (module.value_proj, module.out_proj):
+            if linear.bias is not None:
+                linear.bias.normal_()
+    compare_forms(module, torch.randn(2, 9, 7, 6, dtype=torch.float64), rtol=1e-10)
+    assert module.plan_flags()["plan"]["projections"] == projections
+
+
+def test_an_unknown_projection_form_is_refused_with_the_allowed_values() -> None:
+    with pytest.raises(ValueError, match=r"projections='gemm'.*linear, conv1x1"):
+        QnA(8, 8, 2, projections="gemm")
+
+
 @pytest.mark.parametrize("heads", [1, 4])
 @pytest.mark.parametrize("num_queries", [1, 2, 4])
 @pytest.mark.parametrize("window", [1, 3, 5, 7, 11])
@@ -196,7 +217,7 @@ def test_fft_convolutions_run_only_with_stride_1(monkeypatch: pytest.MonkeyPatch
     assert calls["forward"] == calls["backward"] == 0 and calls["kernel_grad"] > 0
     assert module.plan_flags()["plan"] == {
         "convolutions": "direct", "numerators": "direct", "numerator_grads": "direct", "kernel_grads": "fft",
-        "fft_chunk_bytes": str(FFT_CHUNK_BYTES),
+        "fft_chunk_bytes": str(FFT_CHUNK_BYTES), "projections": "linear",
     }
     assert get_plan("fft", "cuda").name == "fft"
     with pytest.raises(ValueError, match="plan='padded': QnA's plans on cuda are direct, fft_kernel_grads"):

@@ -39,12 +39,12 @@ def outputs_and_grads(module: QnA, x: torch.Tensor) -> list[torch.Tensor]:
     return [out, *torch.autograd.grad(out, params, grad_out)]
 
 
-@pytest.mark.parametrize("plan", ["direct", "fft"])
+@pytest.mark.parametrize(("plan", "projections"), [("direct", "linear"), ("fft", "linear"), ("direct", "conv1x1")])
 @pytest.mark.parametrize("spread", [0.0, 150.0], ids=["normal", "underflowing"])
-def test_compiled_qna_matches_eager_with_gradients(plan: str, spread: float) -> None:
+def test_compiled_qna_matches_eager_with_gradients(plan: str, projections: str, spread: float) -> None:
     """Through AOTAutograd (the custom ops' fake kernels and autograd formulas), fp32: a spread of 150
     underflows half the image's windows, which are recomputed with their own max, gradients included."""
-    module, x = prepared(plan, True, torch.float32)
+    module, x = prepared(plan, True, torch.float32, projections=projections)
     x = split_image(x.detach(), module, spread).requires_grad_()
     eager = outputs_and_grads(module, x)
     torch._dynamo.reset()

@@ -249,7 +249,33 @@ def test_the_forward_winner_bounds_the_train_candidates(qna_plan_cache: Path) ->
     module = tuned_module(timer)
     train_call(module)
     assert module.plan_flags()["plan_name"] == "fft" and set(timer.calls) == {"direct", "padded", "fft"}
-    assert [label.split()[0] for label, _ in module.plan_choice.timings_s] == ["forward"] * 3
+    stages = [label.split()[0] for label, _ in module.plan_choice.timings_s]
+    assert stages == ["forward"] * 3 + ["projections"] * 2
+
+
+def test_the_tuner_times_the_winners_projections_and_keeps_the_cheaper(qna_plan_cache: Path) -> None:
+    """The projections' forms are timed on the winning plan; the cheaper one is recorded and cached,
+    and a new module reads both the plan and the form from the cache."""
+    calls: list[tuple[str, str]] = []
+
+    def timer(plan: Plan, call: object) -> float:
+        calls.append((plan.name, plan.projections))
+        return {"padded": 0.5}.get(plan.name, 1.0) * (0.5 if plan.projections == "conv1x1" else 1.0)
+
+    module = QnA(8, 8, 2, window=5)
+    module.timer = timer
+    train_call(module)
+    flags = module.plan_flags()
+    assert flags["plan_name"] == "padded" and flags["plan"]["projections"] == "conv1x1"
+    assert {form for name, form in calls if name == "padded"} == {"linear", "conv1x1"}
+    (entry,) = [json.loads(f.read_text()) for f in cache_files(qna_plan_cache)]
+    assert entry["plan"] == "padded" and entry["projections"] == "conv1x1"
+    fresh = tuned_module(StubTimer())
+    train_call(fresh)
+    assert fresh.plan_flags()["plan_source"] == "cache" and fresh.plan_flags()["plan"]["projections"] == "conv1x1"
+    forced = QnA(8, 8, 2, window=5, plan="padded")  # a forced plan runs its own (linear) projections
+    train_call(forced)
+    assert forced.plan_flags()["plan"]["projections"] == "linear"
 
 
 def test_tune_off_takes_the_default_plan_without_timing(qna_plan_cache: Path) -> None:

@@ -9,6 +9,7 @@ plan its ``plan`` attribute forces, or the one its ``tune`` setting chooses per 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -16,17 +17,20 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 from qna_bench.qna.core import qna_attention_packed, run_plan, wants_grad
 from qna_bench.qna.official import load_official_params
 from qna_bench.qna.plans import Plan, get_plan, plan_names
+from qna_bench.qna.projection import PROJECTIONS, Projection, project
 from qna_bench.qna.reference import qna_attention_reference
-from qna_bench.qna.shapes import STRIDES
+from qna_bench.qna.shapes import STRIDES, qna_output_size
 from qna_bench.qna.tuning import (
     TUNES,
     CallWith,
     PlanChoice,
     PlanKey,
+    ProjectWith,
     Timer,
     Tune,
     choose_plan,
@@ -48,6 +52,11 @@ def _lecun_normal_(weight: Tensor, fan_in: int) -> Tensor:
     return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
 
 
+def _leaf(t: Tensor | None) -> Tensor | None:
+    """A detached copy of ``t`` that collects its gradient (None stays None)."""
+    return None if t is None else t.detach().requires_grad_()
+
+
 class QnA(nn.Module):
     """QnA local attention with learned queries, on channels-last input (B, H, W, C_in) -> (B, H', W', F_out).
 
@@ -64,6 +73,8 @@ class QnA(nn.Module):
         impl: ``"fast"`` (depthwise convolutions, custom backward) or ``"reference"`` (unfolded windows).
             A plain attribute; switch it at any time, the parameters are shared.
         plan: force the fast form's plan by name (`available_plans`), or None to let ``tune`` choose.
+        projections: force the form of the two projections (`qna_bench.qna.projection`), or None: the
+            tuner's choice with a tuned plan, ``linear`` with a forced plan or ``tune="off"``.
         tune: ``"cached"`` (time the candidate plans on a key's first call unless the disk cache has
             its winner), ``"always"`` (time them for every new key) or ``"off"`` (`default_plan`, no
             timing). Plain attributes, as is ``timer`` (one timed call, `time_call`; tests stub it).
@@ -88,6 +99,7 @@ class QnA(nn.Module):
         impl: Impl = "fast",
         plan: str | None = None,
         tune: Tune = "cached",
+        projections: Projection | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("features", features), ("heads", heads)):
@@ -111,6 +123,9 @@ class QnA(nn.Module):
             raise ValueError(f"plan={plan!r}: QnA's plans are {', '.join(plan_names())} (or None: tuned)")
         if tune not in TUNES:
             raise ValueError(f"tune={tune!r}: QnA's tune is one of {', '.join(TUNES)}")
+        if projections is not None and projections not in PROJECTIONS:
+            raise ValueError(f"projections={projections!r}: QnA's projection forms are {', '.join(PROJECTIONS)} "
+                             "(or None: tuned)")
         self.in_channels = in_channels
         self.features = features
         self.heads = heads
@@ -124,6 +139,7 @@ class QnA(nn.Module):
         self.impl: Impl = impl
         self.plan = plan
         self.tune: Tune = tune
+        self.projections = projections
         self.timer: Timer = time_call
         self.plan_choice: PlanChoice | None = None
         self._fell_back: Tensor | bool = False  # the last fast call's flag, read by `plan_fell_back`
@@ -165,13 +181,17 @@ class QnA(nn.Module):
         """Logits ``x . (W_k q_n)`` (B, H, W, Nq*h), channel ``n*h + head``; the keys are never built."""
         return F.linear(x, self.key_queries().to(x.dtype))
 
-    def _values_and_scores(self, x: Tensor) -> Tensor:
-        """Values and scores from one matmul, packed as (B, H, W, F + Nq*h)."""
-        weight = torch.cat([self.value_proj.weight, self.key_queries()]).to(x.dtype)
+    def _packed_projection(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """The weight and bias of the values and scores as one projection (F + Nq*h outputs)."""
+        weight = torch.cat([self.value_proj.weight, self.key_queries()]).to(dtype)
         bias = self.value_proj.bias
         if bias is not None:
-            bias = torch.cat([bias, bias.new_zeros(self.num_queries * self.heads)]).to(x.dtype)
-        return F.linear(x, weight, bias)
+            bias = torch.cat([bias, bias.new_zeros(self.num_queries * self.heads)]).to(dtype)
+        return weight, bias
+
+    def _values_and_scores(self, x: Tensor, form: Projection = "linear") -> Tensor:
+        """Values and scores from one matmul in ``form``, packed as (B, H, W, F + Nq*h)."""
+        return project(x, *self._packed_projection(x.dtype), form)
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4:
@@ -182,23 +202,35 @@ class QnA(nn.Module):
             )
 
     @torch.compiler.disable  # Python bookkeeping on shapes, run eagerly under torch.compile
-    def _choose(self, packed: Tensor, train: bool) -> PlanChoice:
-        """The plan of this call's key: forced, chosen earlier by this module, or from `choose_plan`."""
+    def _choose(self, x: Tensor, train: bool) -> PlanChoice:
+        """The plan of this call's key: forced, chosen earlier by this module, or from `choose_plan`;
+        with the projections' form ``projections`` forces."""
+        choice = self._chosen_plan(x, train)
+        if self.projections is None or self.projections == choice.plan.projections:
+            return choice
+        return dataclasses.replace(choice, plan=dataclasses.replace(choice.plan, projections=self.projections))
+
+    def _chosen_plan(self, x: Tensor, train: bool) -> PlanChoice:
         if self.plan is not None:
-            return PlanChoice(get_plan(self.plan, packed.device).resolved(self.stride, train), train, "forced")
-        key = plan_key(packed, self.heads, self.num_queries, self.window, self.stride, train)
+            return PlanChoice(get_plan(self.plan, x.device).resolved(self.stride, train), train, "forced")
+        key = plan_key(x, self.features, self.heads, self.num_queries, self.window, self.stride, train)
         remembered = self._choices.get((key, self.plan, self.tune))
         if remembered is None:
-            remembered = choose_plan(
-                key, packed.device, self.stride, train, self.tune, self._timed_call(packed), self.timer
-            )
+            # The candidates' calls are the tuner's work, not the layer's: a FLOP counter or any other
+            # dispatch mode around the call that tunes never sees them.
+            with _disable_current_modes(), torch.no_grad():
+                packed = self._values_and_scores(x).detach()
+            with _disable_current_modes():
+                remembered = choose_plan(
+                    key, x.device, self.stride, train, self.tune, self._timed_call(packed), self.timer,
+                    self._timed_projections(x.detach(), packed.shape[:3]),
+                )
             self._choices[(key, self.plan, self.tune)] = remembered
         return remembered
 
     def _timed_call(self, packed: Tensor) -> CallWith:
         """``call_with(plan, train)``: one call of the core on copies of this call's inputs, forward only
         or forward and backward (with a fixed random output gradient)."""
-        inputs = packed.detach()
         params = [p.detach().requires_grad_(p.requires_grad) for p in (self.rpe_bias, self.query_mixing)]
         grads: list[Tensor] = []
 
@@ -206,10 +238,10 @@ class QnA(nn.Module):
             def call() -> None:
                 if not train:
                     with torch.no_grad():
-                        qna_attention_packed(inputs, *params, self.stride, plan)
+                        qna_attention_packed(packed, *params, self.stride, plan)
                     return
                 with torch.enable_grad():
-                    leaf = inputs.requires_grad_()
+                    leaf = packed.requires_grad_()
                     z, _ = qna_attention_packed(leaf, *params, self.stride, plan)
                     if not grads:
                         grads.append(torch.randn_like(z))
@@ -221,13 +253,38 @@ class QnA(nn.Module):
 
         return call_with
 
+    def _timed_projections(self, x: Tensor, size: torch.Size) -> ProjectWith:
+        """``project_with(form, train)``: one call of both projections in ``form``, on a copy of ``x`` and
+        on an attention output of this call's shape, forward only or forward and backward."""
+        height, width = (qna_output_size(n, self.window, self.stride) for n in size[1:])
+        z = x.new_empty(size[0], height, width, self.features).normal_()
+        with torch.no_grad():
+            in_weight, in_bias = self._packed_projection(x.dtype)
+            out_bias = None if self.out_proj.bias is None else self.out_proj.bias.to(x.dtype)
+            calls = [tuple(_leaf(t) for t in (x, in_weight, in_bias)),
+                     tuple(_leaf(t) for t in (z, self.out_proj.weight.to(x.dtype), out_bias))]
+        leaves = [t for call in calls for t in call if t is not None]
+
+        def project_with(form: Projection, train: bool) -> Callable[[], None]:
+            def call() -> None:
+                with torch.set_grad_enabled(train):
+                    outputs = [project(inputs, weight, bias, form) for inputs, weight, bias in calls]
+                    if train:
+                        torch.autograd.backward(outputs, [torch.ones_like(out) for out in outputs])
+                for leaf in leaves:
+                    leaf.grad = None
+
+            return call
+
+        return project_with
+
     @torch.no_grad()
     def choose_plan(self, x: Tensor, train: bool) -> PlanChoice:
         """Choose (timing candidates where ``tune`` says so) the fast form's plan for calls on inputs like
         ``x``, in train (forward and backward) or forward mode, before the first of them: the harness
         calls this outside any measured call. Without it the first call of a key chooses."""
         self._check_input(x)
-        self.plan_choice = self._choose(self._values_and_scores(x), train)
+        self.plan_choice = self._choose(x, train)
         return self.plan_choice
 
     @property
@@ -257,18 +314,21 @@ class QnA(nn.Module):
         if self.impl not in IMPLS:
             raise ValueError(f"impl={self.impl!r}: QnA's impl is one of {IMPLS}")
         if self.impl == "fast":
-            packed = self._values_and_scores(x)
-            train = wants_grad(packed, self.rpe_bias, self.query_mixing)
+            core_inputs = (x, self.query, self.key_weight, self.value_proj.weight, self.value_proj.bias,
+                           self.rpe_bias, self.query_mixing)
+            train = wants_grad(*(t for t in core_inputs if t is not None))
             choice = self.plan_choice
             # Under torch.compile a plan chosen before the trace (`choose_plan`, or an eager call) is
             # used as is: choosing times candidates, which a trace cannot hold (a graph break instead).
             if not (torch.compiler.is_compiling() and choice is not None and choice.train == train):
-                choice = self.plan_choice = self._choose(packed, train)
+                choice = self.plan_choice = self._choose(x, train)
+            packed = self._values_and_scores(x, choice.plan.projections)
             z, self._fell_back = run_plan(packed, self.rpe_bias, self.query_mixing, self.stride, choice)
-        else:
-            z = qna_attention_reference(
-                self.scores(x), self.value_proj(x), self.rpe_bias, self.query_mixing, self.stride
-            )
+            out_bias = self.out_proj.bias
+            return project(z, self.out_proj.weight, out_bias, choice.plan.projections)
+        z = qna_attention_reference(
+            self.scores(x), self.value_proj(x), self.rpe_bias, self.query_mixing, self.stride
+        )
         return self.out_proj(z)
 
     def extra_repr(self) -> str:
@@ -276,7 +336,7 @@ class QnA(nn.Module):
             f"in_channels={self.in_channels}, features={self.features}, heads={self.heads}, "
             f"window={self.window}, stride={self.stride}, num_queries={self.num_queries}, "
             f"out_features={self.out_features}, normalize_queries={self.normalize_queries}, impl={self.impl!r}, "
-            f"plan={self.plan!r}, tune={self.tune!r}"
+            f"plan={self.plan!r}, tune={self.tune!r}, projections={self.projections!r}"
         )
 
     def load_official_params(self, params: Mapping[str, Any]) -> None:

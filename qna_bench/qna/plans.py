@@ -18,6 +18,8 @@ from typing import Literal
 
 import torch
 
+from qna_bench.qna.projection import Projection
+
 ConvForm = Literal["direct", "padded"]
 Form = Literal["direct", "fft"]
 Kernel = Literal["convolutions", "triton"]
@@ -49,6 +51,9 @@ class Plan:
         kernels, `qna_bench.qna.triton_core`; the convolution forms then do not apply).
     tuned_on: the device types whose tuner times this plan (default: all of ``devices``); a plan that
         runs on a device only to be checked there (Triton's CPU interpreter) is forced, never tuned.
+    projections: the form of the layer's two pointwise projections around the core
+        (`qna_bench.qna.projection`); every registered plan says ``linear``, and the tuner times the
+        other form on the winning plan.
 
     Every FFT pass runs only where the data let an FFT resolve it (`qna_bench.qna.fft.fft_resolves`);
     elsewhere the call falls back to the direct form of that pass and says so.
@@ -64,6 +69,7 @@ class Plan:
     min_window: int = 1
     kernel: Kernel = "convolutions"
     tuned_on: tuple[str, ...] | None = None
+    projections: Projection = "linear"
     description: str = ""
 
     def resolved(self, stride: int, train: bool) -> Plan:
@@ -78,7 +84,7 @@ class Plan:
 
     @property
     def forms(self) -> tuple[str, ...]:
-        """What runs, pass by pass (equal forms: the same work, whatever the names)."""
+        """What runs in the core, pass by pass (equal forms: the same work, whatever the names)."""
         if self.kernel != "convolutions":
             return (self.kernel,)
         return (*(getattr(self, p) for p in PASSES), str(self.fft_chunk_bytes if self.uses_fft else 0))
@@ -95,12 +101,12 @@ class Plan:
     def record(self, train: bool) -> dict[str, str]:
         """A readable name per pass that runs in this mode, for a row's ``layer_flags``."""
         if self.kernel != "convolutions":
-            return {"kernel": self.kernel}
+            return {"kernel": self.kernel, "projections": self.projections}
         passes = PASSES if train else PASSES[:2]
         record = {p: getattr(self, p) for p in passes}
         if self.uses_fft:
             record["fft_chunk_bytes"] = str(self.fft_chunk_bytes)
-        return record
+        return {**record, "projections": self.projections}
 
 
 @functools.lru_cache(maxsize=256)

@@ -2,7 +2,8 @@
 of a key the candidate plans (`candidate_plans`) are timed at the call's real shape, the fastest wins,
 and the choice is kept in a JSON cache on disk (one file per key, written atomically).
 
-The key is the device (name and instruction set), threads, torch version, the qna package's code
+The winning plan's projections are then timed in each form (`qna_bench.qna.projection`), on the same
+key. The key is the device (name and instruction set), threads, torch version, the qna package's code
 version, dtype, shape, window, stride and mode. ``tune``: ``cached`` reads the cache and times only on
 a miss, ``always`` times again (and rewrites the cache), ``off`` takes `default_plan` and times nothing.
 The cache lives in ``$QNA_BENCH_CACHE_DIR`` (default ``~/.cache/qna_bench``); a file that is corrupt
@@ -11,6 +12,7 @@ or names another key or an unknown plan is ignored and rewritten.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -25,6 +27,7 @@ import torch
 from qna_bench import disk_cache
 from qna_bench.environment import device_name
 from qna_bench.qna.plans import Plan, candidate_plans, default_plan, get_plan
+from qna_bench.qna.projection import PROJECTIONS, Projection
 
 Tune = Literal["cached", "always", "off"]
 TUNES: tuple[str, ...] = get_args(Tune)
@@ -43,6 +46,8 @@ Timer = Callable[[Plan, Callable[[], None]], float]
 # ``call_with(plan, train)``: one call of the layer at the key's shape with ``plan``, forward only
 # (``train=False``) or forward and backward.
 CallWith = Callable[[Plan, bool], Callable[[], None]]
+# ``project_with(form, train)``: one call of the layer's two projections at the key's shape in ``form``.
+ProjectWith = Callable[[Projection, bool], Callable[[], None]]
 
 
 def time_call(plan: Plan, call: Callable[[], None]) -> float:
@@ -92,16 +97,18 @@ class PlanKey:
         return hashlib.sha1(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:20] + ".json"
 
 
-def plan_key(packed: torch.Tensor, heads: int, num_queries: int, window: int, stride: int, train: bool) -> PlanKey:
-    """The key of a call on values and scores packed as (B, H, W, F + Nq*h)."""
-    batch, height, width, channels = packed.shape
+def plan_key(
+    x: torch.Tensor, features: int, heads: int, num_queries: int, window: int, stride: int, train: bool
+) -> PlanKey:
+    """The key of a call on ``x`` (B, H, W, C_in) of a QnA with ``features`` (F) split into ``heads``."""
+    batch, height, width, _ = x.shape
     return PlanKey(
-        device=device_key(packed.device),
+        device=device_key(x.device),
         threads=torch.get_num_threads(),
         torch_version=torch.__version__,
         code_version=code_version(),
-        dtype=str(packed.dtype).removeprefix("torch."),
-        shape=(batch, height, width, channels - num_queries * heads, num_queries, heads),
+        dtype=str(x.dtype).removeprefix("torch."),
+        shape=(batch, height, width, features, num_queries, heads),
         window=window,
         stride=stride,
         mode="train" if train else "forward",
@@ -136,14 +143,18 @@ def read_cached(key: PlanKey, device: torch.device, train: bool, stride: int) ->
         entry = json.loads(path.read_text())
         if entry["key"] != key.as_dict():
             return None
-        return get_plan(entry["plan"], device).resolved(stride, train)
+        projections = entry.get("projections", "linear")
+        if projections not in PROJECTIONS:
+            return None
+        return dataclasses.replace(get_plan(entry["plan"], device).resolved(stride, train), projections=projections)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def write_cached(key: PlanKey, choice: PlanChoice) -> None:
     """Keep ``choice`` for ``key``: written to a temporary file and renamed over the old one."""
-    entry = {"key": key.as_dict(), "plan": choice.plan.name, "timings_s": dict(choice.timings_s)}
+    entry = {"key": key.as_dict(), "plan": choice.plan.name, "projections": choice.plan.projections,
+             "timings_s": dict(choice.timings_s)}
     disk_cache.write_json_atomic(cache_dir() / key.file_name(), entry)
 
 
@@ -159,9 +170,11 @@ def time_plans(candidates: list[Plan], calls: list[Callable[[], None]], timer: T
 
 
 def tune_plan(
-    device: torch.device, window: int, stride: int, train: bool, call_with: CallWith, timer: Timer
+    device: torch.device, window: int, stride: int, train: bool, call_with: CallWith, timer: Timer,
+    project_with: ProjectWith | None = None,
 ) -> PlanChoice:
-    """Time the candidates of a call in two stages (see `RECHECK_FACTOR`) and return the fastest."""
+    """Time the candidates of a call in two stages (see `RECHECK_FACTOR`), then the winner's projections
+    in each form (with ``project_with``), and return the fastest."""
     started = time.perf_counter()
     timings: list[tuple[str, float]] = []
     forward = candidate_plans(device, window, stride, train=False)
@@ -178,6 +191,11 @@ def tune_plan(
             best = time_plans(shared, [call_with(plan, True) for plan in shared], timer)
             winner = shared[best.index(min(best))]
             timings += [(f"train {plan.name}", t) for plan, t in zip(shared, best)]
+    if project_with is not None:
+        variants = [dataclasses.replace(winner, projections=form) for form in PROJECTIONS]
+        best = time_plans(variants, [project_with(form, train) for form in PROJECTIONS], timer)
+        winner = variants[best.index(min(best))]
+        timings += [(f"projections {form}", t) for form, t in zip(PROJECTIONS, best)]
     seconds = time.perf_counter() - started if timings else 0.0
     return PlanChoice(winner, train, "tuned", seconds, tuple(timings))
 
@@ -190,8 +208,10 @@ def choose_plan(
     tune: str,
     call_with: CallWith,
     timer: Timer = time_call,
+    project_with: ProjectWith | None = None,
 ) -> PlanChoice:
-    """The plan for ``key`` under the ``tune`` setting; times candidates with ``call_with`` on a miss."""
+    """The plan for ``key`` under the ``tune`` setting; times candidates with ``call_with`` (and the
+    projections with ``project_with``) on a miss."""
     if tune not in TUNES:
         raise ValueError(f"tune={tune!r}: QnA's tune is one of {', '.join(TUNES)}")
     if tune == "off":
@@ -200,6 +220,6 @@ def choose_plan(
         cached = read_cached(key, device, train, stride)
         if cached is not None:
             return PlanChoice(cached, train, "cache")
-    choice = tune_plan(device, key.window, stride, train, call_with, timer)
+    choice = tune_plan(device, key.window, stride, train, call_with, timer, project_with)
     write_cached(key, choice)
     return choice
