@@ -315,7 +315,7 @@ def header_section(analysis: Analysis) -> str:
         ),
         "### QnA's plans",
         "The form of each pass of QnA's fast form, as each row records it (`layer_flags`); passes not "
-        "named ran direct. Source: tuned (timed on this machine), cache (timed earlier), default "
+        "named ran direct, and projections not named as `F.linear`. Source: tuned (timed on this machine), cache (timed earlier), default "
         "(`qna.tune=off`) or forced. Fell back: windows where the data made the FFT passes run direct.",
         markdown_table(["problem", "layer", "mode", "windows k", "plan", "source", "fell back at k"], plan_rows(data))
         if plan_rows(data) else "No QnA fast-form rows.",
