@@ -173,15 +173,20 @@ def test_no_probes_are_all_empty_columns():
     assert replace(none) == none and set(none.columns()) <= set(COLUMNS)
 
 
-def test_grown_doubles_the_scale_until_a_call_takes_the_target():
+def test_grown_doubles_the_scale_until_a_call_takes_the_target_and_keeps_the_fastest_rate():
     scales = []
 
     def probe(scale: int) -> probes.Timed:
         scales.append(scale)
-        return probes.Timed(work=scale, seconds=0.01 * scale, size=str(scale))
+        seconds = 0.01 * scale * (0.8 if scale == 2 else 1.0)  # scale 2 fits the caches: the fastest rate
+        return probes.Timed(work=scale, seconds=seconds, size=str(scale))
 
-    assert probes.grown(probe, target_s=0.05).seconds == 0.08
+    assert probes.grown(probe, target_s=0.05).size == "2"
     assert scales == [1, 2, 4, 8]
+
+
+def test_a_probe_of_an_older_method_is_not_read_from_the_cache():
+    assert f"method={probes.PROBE_METHOD_VERSION}" in probes.probe_key("cpu", "float32", 2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
