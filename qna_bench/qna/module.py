@@ -53,7 +53,7 @@ def _lecun_normal_(weight: Tensor, fan_in: int) -> Tensor:
 
 
 def _leaf(t: Tensor | None) -> Tensor | None:
-    """A detached copy of ``t`` that collects its gradient (None stays None)."""
+    """``t`` detached from its graph, collecting a gradient of its own (None stays None)."""
     return None if t is None else t.detach().requires_grad_()
 
 
@@ -218,9 +218,9 @@ class QnA(nn.Module):
         if remembered is None:
             # The candidates' calls are the tuner's work, not the layer's: a FLOP counter or any other
             # dispatch mode around the call that tunes never sees them.
-            with _disable_current_modes(), torch.no_grad():
-                packed = self._values_and_scores(x).detach()
             with _disable_current_modes():
+                with torch.no_grad():
+                    packed = self._values_and_scores(x)
                 remembered = choose_plan(
                     key, x.device, self.stride, train, self.tune, self._timed_call(packed), self.timer,
                     self._timed_projections(x.detach(), packed.shape[:3]),
@@ -324,8 +324,7 @@ class QnA(nn.Module):
                 choice = self.plan_choice = self._choose(x, train)
             packed = self._values_and_scores(x, choice.plan.projections)
             z, self._fell_back = run_plan(packed, self.rpe_bias, self.query_mixing, self.stride, choice)
-            out_bias = self.out_proj.bias
-            return project(z, self.out_proj.weight, out_bias, choice.plan.projections)
+            return project(z, self.out_proj.weight, self.out_proj.bias, choice.plan.projections)
         z = qna_attention_reference(
             self.scores(x), self.value_proj(x), self.rpe_bias, self.query_mixing, self.stride
         )
