@@ -16,7 +16,6 @@ from torch.func import functional_call
 
 import qna_bench.qna.core as qna_core
 import qna_bench.qna.fft as qna_fft
-from qna_bench.qna.projection import PROJECTIONS
 from qna_bench.qna import (
     FFT_CHUNK_BYTES,
     QnA,
@@ -27,6 +26,7 @@ from qna_bench.qna import (
 )
 from qna_bench.qna.direct import depthwise_conv_input_grad
 from qna_bench.qna.plans import _PLANS
+from qna_bench.qna.projection import PROJECTIONS
 
 
 @pytest.fixture(autouse=True, scope="module")
