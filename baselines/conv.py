@@ -50,7 +50,14 @@ def conv_bytes(problem: Problem, groups: int) -> int:
     )
 
 
-_CONV = dict(role="baseline", family="conv", layout="nchw_channels_last", odd_window=True, cost_grows_with_window=True)
+_CONV = dict(
+    role="baseline",
+    family="conv",
+    layout="nchw_channels_last",
+    odd_window=True,
+    cost_grows_with_window=True,
+    skips_padding_taps=True,
+)
 
 
 @register_layer(

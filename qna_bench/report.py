@@ -941,7 +941,9 @@ def roofline_section(analysis: Analysis) -> str:
             for (device, dtype), group in points.groupby(["device_name", "dtype"], sort=True)
         )
         + ". A memory-bound point's fraction is its achieved bytes/s over its level's probed bandwidth; the "
-        "column `bound` names the roof that bounds it (`compute`, or the memory level).",
+        "column `bound` names the roof that bounds it (`compute`, or the memory level). A padded convolution "
+        "(`conv_dense`, `conv_dw`) is credited the taps inside the image only: oneDNN and cuDNN skip the taps "
+        "on the zero padding, which the FLOP counter counts (at 28² and k=21, a third of them).",
     ]
     above = roofline.above_roof(points)
     if len(above):

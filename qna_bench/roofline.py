@@ -12,6 +12,9 @@ cache probes carry only the DRAM roof, and are judged against it.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import pandas as pd
 
 # A point this far above its roof means a probe or a count is wrong, not a fast layer.
@@ -37,10 +40,38 @@ ROOF_COLUMNS = (
 )
 
 
+@functools.cache
+def in_image_taps(size: int, window: int, stride: int = 1, dilation: int = 1) -> float:
+    """Along one axis of a "same"-padded window: the share of the window's taps, over all outputs, that
+    land inside the image rather than on the padding."""
+    pad = dilation * (window - 1) // 2
+    outputs = (size + 2 * pad - dilation * (window - 1) - 1) // stride + 1
+    inside = sum(
+        0 <= out * stride - pad + tap * dilation < size for out in range(outputs) for tap in range(window)
+    )
+    return inside / (outputs * window)
+
+
+def _padding_share(frame: pd.DataFrame) -> pd.Series:
+    """Per row: the share of a k×k window's taps inside the image for a layer that skips the padded
+    ones (`LayerSpec.skips_padding_taps`), else 1."""
+    from qna_bench.registry import find_layer
+
+    share = pd.Series(1.0, index=frame.index, dtype="Float64")
+    skips = frame["layer"].map(lambda name: bool(getattr(find_layer(name), "skips_padding_taps", False)))
+    for index, row in frame[skips.astype(bool)].iterrows():
+        stride, dilation = (int(row[key]) if pd.notna(row.get(key)) else 1 for key in ("stride", "dilation"))
+        share[index] = math.prod(
+            in_image_taps(int(row[axis]), int(row["window"]), stride, dilation) for axis in ("height", "width")
+        )
+    return share
+
+
 def work_flops(frame: pd.DataFrame) -> pd.Series:
-    """FLOPs of one call: the counter's where it saw the layer, else the closed form (flex attention)."""
+    """FLOPs of one call: the counter's where it saw the layer, else the closed form (flex attention);
+    for a padded convolution, only its taps inside the image (`LayerSpec.skips_padding_taps`)."""
     counted = frame["flops"].astype("Float64")
-    return counted.where(counted > 0, frame["flops_analytic"].astype("Float64"))
+    return counted.where(counted > 0, frame["flops_analytic"].astype("Float64")) * _padding_share(frame)
 
 
 def roof(intensity: pd.Series | float, peak_flops: pd.Series | float, peak_bytes_per_s: pd.Series | float):

@@ -76,6 +76,26 @@ def test_a_compute_bound_point_is_measured_against_the_peak_and_the_closed_form_
     assert point["roof_fraction"] == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize(
+    "size,window,stride,share",
+    [(16, 1, 1, 1.0), (16, 3, 1, 46 / 48), (5, 3, 2, 7 / 9), (4, 5, 1, 14 / 20), (28, 21, 1, 1 - 110 / 588)],
+)
+def test_the_share_of_taps_inside_the_image_is_counted_along_an_axis(size, window, stride, share):
+    # 16, k=3: the first and last outputs each lose one tap; 5, k=3, stride 2: outputs 0 and 2 lose one;
+    # 4, k=5: 3 + 4 + 4 + 3 of 20; 28, k=21: padding 10 loses 10 + 9 + ... + 1 taps at each end
+    assert roofline.in_image_taps(size, window, stride) == pytest.approx(share)
+
+
+def test_a_padded_convolution_is_credited_only_its_taps_inside_the_image(frame_of):
+    # 16×16, k=5: 74 of 80 taps per axis inside (the outputs at each edge lose 2 and 1 taps)
+    rows = [synthetic_row(layer, 5, latency_s=0.01, flops=10**9, bytes_analytic=10**8, **PROBES)
+            for layer in ("conv_dense", "conv_dw", "qna")]
+    points = roofline.roofline_frame(frame_of(rows)).set_index("layer")
+    assert points.loc["conv_dense", "work_flops"] == pytest.approx(10**9 * (74 / 80) ** 2)
+    assert points.loc["conv_dw", "work_flops"] == points.loc["conv_dense", "work_flops"]
+    assert points.loc["qna", "work_flops"] == 10**9  # not one padded convolution: its count stands
+
+
 def test_points_without_probes_bytes_or_time_are_left_out_and_flagged_points_are_found(frame_of):
     rows = [
         synthetic_row("qna", 3, latency_s=0.01, flops=10**9, bytes_analytic=10**8, **PROBES),  # 1.0 of the roof
