@@ -56,7 +56,7 @@ _CONV = dict(
     layout="nchw_channels_last",
     odd_window=True,
     cost_grows_with_window=True,
-    skips_padding_taps=True,
+    padded_convolution=True,
 )
 
 

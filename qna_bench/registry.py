@@ -70,9 +70,9 @@ class LayerSpec:
     flags: Callable[[nn.Module, Problem], dict[str, Any]] | None = None
     # FLOP formulas for custom ops that FlopCounterMode cannot see (op overload packet → formula).
     flop_formulas: Mapping[Any, FlopFormula] = field(default_factory=dict)
-    # The layer is one zero-padded k×k convolution whose kernels skip the taps on the padding (oneDNN,
-    # cuDNN): the roofline credits the taps inside the image, where FlopCounterMode counts all k².
-    skips_padding_taps: bool = False
+    # The layer is one zero-padded k×k convolution: the roofline credits its useful work, the taps inside
+    # the image, where FlopCounterMode counts all k² (oneDNN skips the padded taps on CPU).
+    padded_convolution: bool = False
     # Independent closed-form FLOP count, kept as a cross-check of the counter.
     analytic_flops: Callable[[Problem], int] | None = None
     # Closed-form bytes one call moves at minimum (`qna_bench.measure.traffic`), for the roofline.

@@ -942,8 +942,8 @@ def roofline_section(analysis: Analysis) -> str:
         )
         + ". A memory-bound point's fraction is its achieved bytes/s over its level's probed bandwidth; the "
         "column `bound` names the roof that bounds it (`compute`, or the memory level). A padded convolution "
-        "(`conv_dense`, `conv_dw`) is credited the taps inside the image only: oneDNN and cuDNN skip the taps "
-        "on the zero padding, which the FLOP counter counts (at 28² and k=21, a third of them).",
+        "(`conv_dense`, `conv_dw`) is credited its useful work, the taps inside the image: the FLOP counter also "
+        "counts the taps on the zero padding (at 28² and k=21, a third of them), which oneDNN skips on CPU.",
     ]
     above = roofline.above_roof(points)
     if len(above):

@@ -53,13 +53,13 @@ def in_image_taps(size: int, window: int, stride: int = 1, dilation: int = 1) ->
 
 
 def _padding_share(frame: pd.DataFrame) -> pd.Series:
-    """Per row: the share of a k×k window's taps inside the image for a layer that skips the padded
-    ones (`LayerSpec.skips_padding_taps`), else 1."""
+    """Per row: the share of a k×k window's taps inside the image for a padded convolution
+    (`LayerSpec.padded_convolution`), else 1."""
     from qna_bench.registry import find_layer
 
     share = pd.Series(1.0, index=frame.index, dtype="Float64")
-    skips = frame["layer"].map(lambda name: bool(getattr(find_layer(name), "skips_padding_taps", False)))
-    for index, row in frame[skips.astype(bool)].iterrows():
+    padded = frame["layer"].map(lambda name: bool(getattr(find_layer(name), "padded_convolution", False)))
+    for index, row in frame[padded.astype(bool)].iterrows():
         stride, dilation = (int(row[key]) if pd.notna(row.get(key)) else 1 for key in ("stride", "dilation"))
         share[index] = math.prod(
             in_image_taps(int(row[axis]), int(row["window"]), stride, dilation) for axis in ("height", "width")
@@ -69,7 +69,7 @@ def _padding_share(frame: pd.DataFrame) -> pd.Series:
 
 def work_flops(frame: pd.DataFrame) -> pd.Series:
     """FLOPs of one call: the counter's where it saw the layer, else the closed form (flex attention);
-    for a padded convolution, only its taps inside the image (`LayerSpec.skips_padding_taps`)."""
+    for a padded convolution, only its taps inside the image (`LayerSpec.padded_convolution`)."""
     counted = frame["flops"].astype("Float64")
     return counted.where(counted > 0, frame["flops_analytic"].astype("Float64")) * _padding_share(frame)
 
