@@ -17,6 +17,8 @@ import math
 
 import pandas as pd
 
+from qna_bench.registry import find_layer
+
 # A point this far above its roof means a probe or a count is wrong, not a fast layer.
 ABOVE_ROOF_TOLERANCE = 0.10
 # Points under this fraction of their roof are "far below" it: the report lists them with their profiles.
@@ -55,8 +57,6 @@ def in_image_taps(size: int, window: int, stride: int = 1, dilation: int = 1) ->
 def _padding_share(frame: pd.DataFrame) -> pd.Series:
     """Per row: the share of a k×k window's taps inside the image for a padded convolution
     (`LayerSpec.padded_convolution`), else 1."""
-    from qna_bench.registry import find_layer
-
     share = pd.Series(1.0, index=frame.index, dtype="Float64")
     padded = frame["layer"].map(lambda name: bool(getattr(find_layer(name), "padded_convolution", False)))
     for index, row in frame[padded.astype(bool)].iterrows():
