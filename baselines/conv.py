@@ -50,14 +50,8 @@ def conv_bytes(problem: Problem, groups: int) -> int:
     )
 
 
-_CONV = dict(
-    role="baseline",
-    family="conv",
-    layout="nchw_channels_last",
-    odd_window=True,
-    cost_grows_with_window=True,
-    padded_convolution=True,
-)
+_CONV = dict(role="baseline", family="conv", layout="nchw_channels_last", odd_window=True,
+             cost_grows_with_window=True, padded_convolution=True)
 
 
 @register_layer(
