@@ -28,6 +28,11 @@ _M_MMAP_THRESHOLD = -3
 _LARGEST_MMAP_THRESHOLD = 32 << 20  # HEAP_MAX_SIZE / 2 on 64-bit glibc
 _NEVER_TRIM_BYTES = 2**31 - 1
 
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc: no heap to set or trim
+    _LIBC = None
+
 
 def configure_cpu_heap(heap: str) -> bool:
     """Set this process's glibc heap to ``heap`` (`CPU_HEAPS`); False where there is no glibc to set."""
@@ -35,9 +40,13 @@ def configure_cpu_heap(heap: str) -> bool:
         raise ValueError(f"measure.cpu_heap={heap!r}: allowed values are {', '.join(CPU_HEAPS)}")
     if heap == SYSTEM:
         return True
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    if _LIBC is None:
         return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _LARGEST_MMAP_THRESHOLD)) and bool(
-        libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM_BYTES))
+    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, _LARGEST_MMAP_THRESHOLD)) and bool(
+        _LIBC.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM_BYTES))
+
+
+def trim_cpu_heap() -> None:
+    """Hand the heap's free memory back to the kernel (glibc's ``malloc_trim``; nothing elsewhere)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)

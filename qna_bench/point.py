@@ -8,7 +8,6 @@ sweep loop (`qna_bench.runner`) decides which points run and in what order.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import gc
 import os
@@ -23,6 +22,7 @@ from qna_bench import compile_mode as forms
 from qna_bench import results
 from qna_bench.budget import PointBudget, PointTimeout, time_limits
 from qna_bench.environment import Environment, utc_now
+from qna_bench.heap import trim_cpu_heap
 from qna_bench.identity import point_identity
 from qna_bench.measure.canary import canary_seconds
 from qna_bench.measure.flops import count_flops
@@ -32,11 +32,6 @@ from qna_bench.measure.params import count_parameters, parameter_bytes
 from qna_bench.measure.profile import write_profile
 from qna_bench.problem import Problem
 from qna_bench.registry import LayerSpec, UnsupportedProblem
-
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-except OSError:  # not glibc: nothing to trim
-    _LIBC = None
 
 
 @dataclass(frozen=True)
@@ -376,8 +371,8 @@ def release_memory(device: str) -> None:
     gc.collect()
     if device == "cuda" and torch.cuda.is_available():
         torch.cuda.empty_cache()
-    elif _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    else:
+        trim_cpu_heap()
 
 
 def _latency_columns(stats: LatencyStats) -> dict[str, Any]:
