@@ -26,10 +26,16 @@ from qna_bench.qna.fft import (
     fft_numerators,
     fft_resolves,
 )
+from qna_bench.qna.fused_cpu import fused_backward, fused_forward
 from qna_bench.qna.plans import Plan, default_plan, get_plan, plan_from_spec
 from qna_bench.qna.shapes import check_core_args, qna_output_size
 from qna_bench.qna.tuning import PlanChoice
-from qna_bench.qna.underflow import recompute_windows, recompute_windows_grads, underflowed
+from qna_bench.qna.underflow import (
+    UNDERFLOW_DENOMINATOR,
+    recompute_windows,
+    recompute_windows_grads,
+    underflowed,
+)
 
 
 def _kernels(rpe_bias: Tensor, dtype: torch.dtype) -> Tensor:
@@ -202,6 +208,24 @@ def _fast_backward(
     return g_packed, g_rpe, g_mixing
 
 
+def _fused_backward(
+    grad_z: Tensor, exp_scores: Tensor, packed: Tensor, den: Tensor, rpe_bias: Tensor, mixing: Tensor,
+    stride: int, plan: Plan, need_kernel_grad: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """`_fast_backward` in the fused CPU loops (`fused_backward`), which also return the kernels'
+    gradients: the same outputs, ``plan`` aside."""
+    rpe_exp = _kernels(rpe_bias, exp_scores.dtype)
+    mixing_w = mixing.to(rpe_exp.dtype)
+    g_packed, g_den_kernel, g_value_kernel = fused_backward(
+        grad_z, exp_scores, packed.to(exp_scores.dtype).contiguous(), den, rpe_exp, rpe_exp * mixing_w, stride,
+        need_kernel_grad,
+    )
+    if not need_kernel_grad:
+        return g_packed, None, None
+    g_rpe = ((g_value_kernel * mixing_w + g_den_kernel) * rpe_exp).to(rpe_bias.dtype)
+    return g_packed, g_rpe, (g_value_kernel * rpe_exp).to(mixing.dtype)
+
+
 def _without_fft(plan: Plan) -> Plan:
     """``plan`` with its FFT passes direct: what a call runs where the data do not resolve an FFT."""
     return dataclasses.replace(plan, numerators="direct", numerator_grads="direct", kernel_grads="direct")
@@ -225,9 +249,16 @@ def _fast_core(
     chosen = plan_from_spec(plan)
     values, exp_scores = _unpack(packed, rpe_bias)
     rpe_exp = _kernels(rpe_bias, exp_scores.dtype)
-    z, den, underflow, resolved = _qna_forward(
-        exp_scores, values, rpe_exp, mixing, stride, (rpe_bias.shape[-1] - 1) // 2, chosen
-    )
+    if chosen.numerators == "fused":
+        z, den = fused_forward(
+            exp_scores, packed.to(exp_scores.dtype).contiguous(), rpe_exp, rpe_exp * mixing.to(rpe_exp.dtype),
+            stride, UNDERFLOW_DENOMINATOR[exp_scores.dtype],
+        )
+        underflow, resolved = underflowed(den), False
+    else:
+        z, den, underflow, resolved = _qna_forward(
+            exp_scores, values, rpe_exp, mixing, stride, (rpe_bias.shape[-1] - 1) // 2, chosen
+        )
     z = recompute_windows(z, underflow, packed, rpe_bias, mixing, stride)
     fell_back = torch.tensor(chosen.uses_fft and not resolved, device=packed.device)
     return z.to(packed.dtype), exp_scores, den, underflow, fell_back
@@ -246,9 +277,8 @@ def _fast_core_backward(
         chosen = _without_fft(chosen)
     any_underflow = bool(underflow.any())
     fast_grad = grad_z.masked_fill(underflow[..., None], 0) if any_underflow else grad_z
-    g_packed, g_rpe, g_mixing = _fast_backward(
-        fast_grad, exp_scores, packed, den, rpe_bias, mixing, stride, chosen, kernel_grads
-    )
+    backward = _fused_backward if chosen.numerator_grads == "fused" else _fast_backward
+    g_packed, g_rpe, g_mixing = backward(fast_grad, exp_scores, packed, den, rpe_bias, mixing, stride, chosen, kernel_grads)
     if any_underflow:
         recomputed = recompute_windows_grads(grad_z, underflow, packed, rpe_bias, mixing, stride, g_packed, kernel_grads)
         if recomputed is not None:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from qna_bench import disk_cache
+from qna_bench.qna.shapes import qna_output_size
 
 SOURCE = Path(__file__).with_name("fused_cpu.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20")
@@ -114,9 +115,10 @@ def _pointer(tensor: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(tensor.data_ptr())
 
 
-def _dims(exp_scores: Tensor, packed: Tensor, window: int, stride: int, out_size: tuple[int, int]) -> Tensor:
+def _dims(exp_scores: Tensor, packed: Tensor, window: int, stride: int) -> Tensor:
     batch, height, width, queries, heads = exp_scores.shape
     features = packed.shape[-1] - queries * heads
+    out_size = (qna_output_size(height, window, stride), qna_output_size(width, window, stride))
     dims = (batch, height, width, queries, heads, features, window, stride, (window - 1) // 2, *out_size,
             packed.shape[-1])
     return torch.tensor(dims, dtype=torch.int64)
@@ -134,21 +136,24 @@ def _checked(exp_scores: Tensor, packed: Tensor) -> None:
         raise TypeError(f"the fused CPU form needs packed values in {exp_scores.dtype}, not {packed.dtype}")
 
 
+# Custom ops: the profiler names them, and FlopCounterMode counts them by the formulas of
+# `qna_bench.layers` (it sees nothing inside a foreign call).
+@torch.library.custom_op("qna_bench::fused_cpu_forward", mutates_args=())
 def fused_forward(
-    exp_scores: Tensor, packed: Tensor, den_kernel: Tensor, num_kernel: Tensor, stride: int,
-    out_size: tuple[int, int], threshold: float,
+    exp_scores: Tensor, packed: Tensor, den_kernel: Tensor, num_kernel: Tensor, stride: int, threshold: float
 ) -> tuple[Tensor, Tensor]:
     """z (B, H', W', F) and the denominators (B, H', W', Q, h) from exp_scores (B, H, W, Q, h) and packed
-    (B, H, W, F + Q*h) in the same dtype; each z divides by its denominator, or by 1 where that lies
-    below ``threshold`` (an underflowed window, recomputed afterwards)."""
+    (B, H, W, F + Q*h) in the same dtype, with the denominators' kernel exp(b) and the numerators' exp(b) *
+    mixing (both (Q, h, k, k)); each z divides by its denominator, or by 1 where that lies below
+    ``threshold`` (an underflowed window, recomputed afterwards)."""
     _checked(exp_scores, packed)
     dtype = exp_scores.dtype
+    dims = _dims(exp_scores, packed, den_kernel.shape[-1], stride)
     batch, _, _, queries, heads = exp_scores.shape
-    features = packed.shape[-1] - queries * heads
-    z = exp_scores.new_empty(batch, *out_size, features)
-    den = exp_scores.new_empty(batch, *out_size, queries, heads)
+    out_h, out_w = int(dims[9]), int(dims[10])
+    z = exp_scores.new_empty(batch, out_h, out_w, packed.shape[-1] - queries * heads)
+    den = exp_scores.new_empty(batch, out_h, out_w, queries, heads)
     rk, wk = _tap_major(den_kernel, dtype), _tap_major(num_kernel, dtype)
-    dims = _dims(exp_scores, packed, den_kernel.shape[-1], stride, out_size)
     _function("qna_forward", dtype)(
         _pointer(exp_scores), _pointer(packed), _pointer(rk), _pointer(wk), _pointer(dims),
         ctypes.c_double(threshold), _pointer(z), _pointer(den), ctypes.c_int(torch.get_num_threads()),
@@ -156,20 +161,22 @@ def fused_forward(
     return z, den
 
 
+@torch.library.custom_op("qna_bench::fused_cpu_backward", mutates_args=())
 def fused_backward(
     grad_z: Tensor, exp_scores: Tensor, packed: Tensor, den: Tensor, den_kernel: Tensor, num_kernel: Tensor,
     stride: int, kernel_grads: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of packed (B, H, W, F + Q*h: the values', then the scores' through exp), of the
     denominators' kernel and of the numerators' kernel (both (Q, h, k, k), summed over each head's
-    channels; zeros without ``kernel_grads``)."""
+    channels; zeros without ``kernel_grads``), from the output's gradient and the forward's denominators
+    (those below the underflow threshold already 1, their gradient 0)."""
     _checked(exp_scores, packed)
     dtype = exp_scores.dtype
     queries, heads, window, _ = den_kernel.shape
     grad_z = grad_z.to(dtype).contiguous()
     den = den.contiguous()
     rk, wk = _tap_major(den_kernel, dtype), _tap_major(num_kernel, dtype)
-    dims = _dims(exp_scores, packed, window, stride, tuple(den.shape[1:3]))
+    dims = _dims(exp_scores, packed, window, stride)
     inv_den, grad_den = torch.empty_like(den), torch.empty_like(den)
     grad_rk, grad_wk = torch.empty_like(rk), torch.empty_like(wk)
     grad_packed = exp_scores.new_empty(packed.shape)
@@ -179,6 +186,6 @@ def fused_backward(
         _pointer(grad_rk), _pointer(grad_wk), _pointer(grad_packed), ctypes.c_int(torch.get_num_threads()),
     )
     back = (2, 3, 0, 1)  # (k, k, Q, h) -> (Q, h, k, k)
-    grad_den_kernel = grad_rk.view(window, window, queries, heads).permute(back)
-    grad_num_kernel = grad_wk.view(window, window, queries, heads).permute(back)
+    grad_den_kernel = grad_rk.view(window, window, queries, heads).permute(back).contiguous()
+    grad_num_kernel = grad_wk.view(window, window, queries, heads).permute(back).contiguous()
     return grad_packed, grad_den_kernel, grad_num_kernel
