@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qna_bench.qna import QnA
-from qna_bench.qna.core import _fast_core_backward_op, _fast_core_op
+from qna_bench.qna.attention import _fast_core_backward_op, _fast_core_op
 from qna_bench.qna.plans import get_plan
 from tests.test_qna import make_qna, split_image
 

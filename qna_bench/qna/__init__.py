@@ -1,12 +1,13 @@
 """The QnA layer ("Learned Queries for Efficient Local Attention", arXiv 2112.11435) in PyTorch.
 
 One idea a file: the module (`module`), plans and their registry (`plans`), choosing a plan per key
-(`tuning`), direct kernels (`direct`), FFT kernels (`fft`), the underflow recompute (`underflow`), the
+(`tuning`), direct kernels (`direct`), FFT kernels (`fft`), fused CPU loops (`fused_cpu`, with the C++
+sources `fused_cpu.h`, `fused_cpu_forward.cpp`, `fused_cpu_backward.cpp`), the underflow recompute (`underflow`), the
 fast form's core (`core`), the reference form (`reference`) and the official-params loader
 (`official`). This file only re-exports the public names.
 """
 
-from qna_bench.qna.core import qna_attention
+from qna_bench.qna.attention import qna_attention
 from qna_bench.qna.direct import convolution_window
 from qna_bench.qna.fft import FFT_RESOLVED_RATIO, fft_lengths
 from qna_bench.qna.module import IMPLS, QnA

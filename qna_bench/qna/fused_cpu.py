@@ -1,7 +1,8 @@
-"""The fused CPU form of QnA's core (``fused_cpu.cpp``): each window's denominators, numerators and
-gradients in direct loops over its taps, with no per-tap temporaries.
+"""The fused CPU form of QnA's core (``fused_cpu.h``, ``fused_cpu_forward.cpp``, ``fused_cpu_backward.cpp``):
+each window's denominators, numerators and gradients in direct loops over its taps, with no per-tap
+temporaries.
 
-The source is compiled on first use by the machine's C++ compiler (``$CXX``, else ``g++``) for the CPU it
+The sources are compiled on first use by the machine's C++ compiler (``$CXX``, else ``g++``) for the CPU it
 runs on (``-march=native``), with OpenMP, and kept in the disk cache (``$QNA_BENCH_CACHE_DIR``) under a
 name that hashes the source, the compiler and the CPU's flags. A machine without a compiler, or whose
 compile fails, lists no fused plan (`fused_unavailable` says why).
@@ -25,7 +26,9 @@ from torch import Tensor
 from qna_bench import disk_cache
 from qna_bench.qna.shapes import qna_output_size
 
-SOURCE = Path(__file__).with_name("fused_cpu.cpp")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "fused_cpu_forward.cpp", HERE / "fused_cpu_backward.cpp")
+HEADERS = (HERE / "fused_cpu.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20")
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -56,7 +59,8 @@ def _library() -> ctypes.CDLL | str:
     except (OSError, subprocess.CalledProcessError) as error:
         return f"{compiler} --version failed: {error}"
     digest = hashlib.sha1()
-    for part in (SOURCE.read_bytes(), identity.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()):
+    sources = b"".join(path.read_bytes() for path in (*HEADERS, *SOURCES))
+    for part in (sources, identity.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()):
         digest.update(part + b"\0")
     folder = disk_cache.cache_dir() / "kernels"
     target = folder / f"qna_fused_cpu-{digest.hexdigest()[:16]}.so"
@@ -81,12 +85,13 @@ def _compile(compiler: str, folder: Path, target: Path) -> str | None:
         return f"no folder to compile into ({folder}): {error}"
     try:
         result = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", temporary], capture_output=True, text=True
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", temporary], capture_output=True, text=True
         )
         if result.returncode != 0:
             lines = result.stderr.strip().splitlines()
-            first = next((line for line in lines if "error" in line), lines[-1] if lines else "(no message)")
-            return f"compiling {SOURCE.name} failed: {first}"
+            causes = [line for line in lines if any(word in line for word in ("error", "undefined", "multiple definition"))]
+            first = (causes or lines or ["(no message)"])[0]
+            return f"compiling the fused loops failed: {first}"
         os.replace(temporary, target)
         return None
     finally:

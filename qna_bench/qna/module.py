@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _disable_current_modes
 
-from qna_bench.qna.core import qna_attention_packed, run_plan, wants_grad
+from qna_bench.qna.attention import qna_attention_packed, run_plan, wants_grad
 from qna_bench.qna.official import load_official_params
 from qna_bench.qna.plans import Plan, get_plan, plan_names
 from qna_bench.qna.projection import PROJECTIONS, Projection, project

@@ -63,7 +63,7 @@ def time_call(plan: Plan, call: Callable[[], None]) -> float:
 def code_version() -> str:
     """A hash of every source file of the qna package: a new version of the code tunes afresh."""
     digest = hashlib.sha1()
-    for path in sorted(p for p in Path(__file__).parent.iterdir() if p.suffix in (".py", ".cpp")):
+    for path in sorted(p for p in Path(__file__).parent.iterdir() if p.suffix in (".py", ".cpp", ".h")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:12]
 
