@@ -44,11 +44,11 @@ def _fused_forward_flops(exp_shape, packed_shape, den_kernel_shape, *args, out_s
     return _fused_window_flops(den_kernel_shape, out_shape[0])
 
 
-def _fused_backward_flops(grad_z_shape, exp_shape, packed_shape, den_shape, den_kernel_shape, num_kernel_shape,
-                          stride, kernel_grads, *args, **kwargs) -> int:
-    """Three sweeps' worth: the numerators and denominators again, their input gradients, and (with
-    ``kernel_grads``) the kernels' gradients."""
-    return (3 if kernel_grads else 2) * _fused_window_flops(den_kernel_shape, grad_z_shape)
+def _fused_backward_flops(grad_z_shape, exp_shape, packed_shape, den_shape, z_shape, shares_shape, den_kernel_shape,
+                          num_kernel_shape, stride, kernel_grads, *args, **kwargs) -> int:
+    """Two sweeps' worth: the input gradients of the numerators and denominators and (with
+    ``kernel_grads``) the kernels' gradients (the numerators are not recomputed: the forward kept them)."""
+    return (2 if kernel_grads else 1) * _fused_window_flops(den_kernel_shape, grad_z_shape)
 
 
 # FlopCounterMode has no rule for the FFTs of QnA's kernel gradient (it would count them as zero), nor
@@ -77,7 +77,7 @@ def qna_flops(problem: Problem, num_queries: int = NUM_QUERIES, plan: Plan | Non
     Counts what the fast form runs with that plan, as `FlopCounterMode` with `QNA_FLOP_FORMULAS` counts
     it, on data that the FFT resolves (`FFT_RESOLVED_RATIO`; random inputs do): direct convolutions at
     `convolution_window` (the zero taps of a padded kernel included). The fused loops count as direct
-    windowed sums; their backward as three sweeps (`_fused_backward_flops`). Numerators on the FFT path: per
+    windowed sums; their backward as two sweeps (`_fused_backward_flops`). Numerators on the FFT path: per
     query, forward a real FFT and an inverse of each of the B·F products E·V plus one FFT of each head's
     kernel; backward four per product (E·V, the output gradient, and two inverses) plus each head's
     kernel spectrum again and the inverse of its batch-summed kernel-gradient spectrum. Direct path in
@@ -103,8 +103,8 @@ def qna_flops(problem: Problem, num_queries: int = NUM_QUERIES, plan: Plan | Non
     flops += real_fft_flops(num_queries * (2 * b * c + heads), points) if fft_numerators else 2 * numerators
     if problem.mode != "train":
         return flops
-    if plan.numerator_grads == "fused":  # recomputed, input and kernel gradients, denominators included
-        return flops + 2 * (2 * linear + 3 * (numerators + denominators))
+    if plan.numerator_grads == "fused":  # input and kernel gradients, denominators included
+        return flops + 2 * (2 * linear + 2 * (numerators + denominators))
     # input and weight gradients of the linears; the denominators' input gradient
     flops += 2 * (2 * linear + denominators)
     fft_weight_grad = plan.kernel_grads == "fft"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qna_bench.qna import QnA
+from qna_bench.qna import QnA, available_plans
 from qna_bench.qna.attention import _fast_core_backward_op, _fast_core_op
 from qna_bench.qna.plans import get_plan
 from tests.test_qna import make_qna, split_image
@@ -39,7 +39,10 @@ def outputs_and_grads(module: QnA, x: torch.Tensor) -> list[torch.Tensor]:
     return [out, *torch.autograd.grad(out, params, grad_out)]
 
 
-@pytest.mark.parametrize(("plan", "projections"), [("direct", "linear"), ("fft", "linear"), ("direct", "conv1x1")])
+FUSED = [("fused", "linear")] if "fused" in available_plans("cpu") else []
+
+
+@pytest.mark.parametrize(("plan", "projections"), [("direct", "linear"), ("fft", "linear"), ("direct", "conv1x1"), *FUSED])
 @pytest.mark.parametrize("spread", [0.0, 150.0], ids=["normal", "underflowing"])
 def test_compiled_qna_matches_eager_with_gradients(plan: str, projections: str, spread: float) -> None:
     """Through AOTAutograd (the custom ops' fake kernels and autograd formulas), fp32: a spread of 150
@@ -64,19 +67,20 @@ def test_inductor_compiles_qna_forward_and_train() -> None:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_the_core_ops_pass_torch_library_opcheck() -> None:
+@pytest.mark.parametrize("plan", ["fft", *(plan for plan, _ in FUSED)])
+def test_the_core_ops_pass_torch_library_opcheck(plan: str) -> None:
     """Schema, fake kernels and autograd registration agree with the real kernels (`torch.library.opcheck`);
     the compiled graph runs them below the lazy-conjugation dispatch key, so the FFT passes conjugate
     physically (a lazy ``.conj()`` there was silently ignored). On the FFT plan: the direct plan's passes
-    run through the same ops in the compiled-against-eager tests."""
-    plan = "fft"
+    run through the same ops in the compiled-against-eager tests. The fused plan's forward keeps the
+    queries' shares of z for its backward (a sixth output that the other plans leave empty)."""
     module, x = prepared(plan, True)
     packed = module._values_and_scores(x).detach()
     spec = get_plan(plan, "cpu").resolved(1, True).spec()
     args = (packed.requires_grad_(), module.rpe_bias.detach().requires_grad_(),
             module.query_mixing.detach().requires_grad_(), 1, spec)
     torch.library.opcheck(_fast_core_op, args)
-    z, exp_scores, den, underflow, fell_back = _fast_core_op(*args)
+    z, exp_scores, den, underflow, fell_back, shares = _fast_core_op(*args)
     backward_args = (torch.randn_like(z), *(a.detach() for a in args[:3]), exp_scores.detach(), den.detach(),
-                     underflow, fell_back, 1, spec, True)
+                     underflow, fell_back, z.detach(), shares.detach(), 1, spec, True)
     torch.library.opcheck(_fast_core_backward_op, backward_args)

@@ -26,7 +26,7 @@ from tests.test_qna import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-FUSED_PLANS = ("fused", "fused_backward", "fft_fused_backward")
+FUSED_PLANS = ("fused",)  # the registered plans that run the fused loops
 pytestmark = pytest.mark.skipif("fused" not in available_plans("cpu"), reason="no C++ compiler for the fused loops")
 
 
@@ -75,11 +75,12 @@ def test_fused_loops_match_the_reference(dtype: torch.dtype, heads: int, head_di
             torch.testing.assert_close(a.grad.double(), b.grad, rtol=tol, atol=tol * scale, msg=f"k={window} {name}")
 
 
-@pytest.mark.parametrize("plan", FUSED_PLANS)
-def test_fused_plans_recompute_underflowed_windows_exactly(plan: str, recomputed_pixels: list[int]) -> None:  # noqa: F811
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (torch.float16, 2e-3)])
+def test_underflowed_windows_are_recomputed_exactly(dtype: torch.dtype, tol: float, recomputed_pixels: list[int]) -> None:  # noqa: F811
     """Logits spread by 150 between an image's halves: the fused forward divides the underflowed
-    windows by 1 and the recompute replaces them; the fused backward gives them no gradient of its own."""
-    compare_core_with_fp64_reference(torch.float32, 150.0, 5, 1, 1e-4, plan=plan)
+    windows by 1 and the recompute replaces them; the fused backward gives them no gradient of its own.
+    fp16 runs the core in fp32 and keeps every query's share (its z is rounded to fp16)."""
+    compare_core_with_fp64_reference(dtype, 150.0, 5, 1, tol, plan="fused")
     assert min(recomputed_pixels) > 0
 
 
@@ -105,9 +106,9 @@ def test_without_kernel_gradients_the_inputs_gradients_stay_exact() -> None:
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize(("plan", "mode"), [("fused", "forward"), ("fused", "train"), ("fused_backward", "train")])
-def test_flop_counter_counts_the_fused_loops_as_the_closed_form_does(mode: str, stride: int, plan: str) -> None:
-    counted, expected = qna_counted_and_closed_form_flops(mode, 7, stride, plan)
+@pytest.mark.parametrize("mode", ["forward", "train"])
+def test_flop_counter_counts_the_fused_loops_as_the_closed_form_does(mode: str, stride: int) -> None:
+    counted, expected = qna_counted_and_closed_form_flops(mode, 7, stride, "fused")
     assert counted == pytest.approx(expected, rel=0.02)
 
 

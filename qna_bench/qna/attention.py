@@ -12,16 +12,16 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from qna_bench.qna.core import _fast_core, _fast_core_backward, work_dtype
-from qna_bench.qna.plans import Plan, default_plan, get_plan
+from qna_bench.qna.core import _fast_core, _fast_core_backward, shares_kept, work_dtype
+from qna_bench.qna.plans import Plan, default_plan, get_plan, plan_from_spec
 from qna_bench.qna.shapes import check_core_args, qna_output_size
 from qna_bench.qna.tuning import PlanChoice
 
 
 def _save_for_backward(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     packed, rpe_bias, mixing, stride, plan = inputs
-    _, exp_scores, den, underflow, fell_back = output
-    ctx.save_for_backward(packed, rpe_bias, mixing, exp_scores, den, underflow, fell_back)
+    z, exp_scores, den, underflow, fell_back, shares = output
+    ctx.save_for_backward(packed, rpe_bias, mixing, exp_scores, den, underflow, fell_back, z, shares)
     ctx.stride, ctx.plan = stride, plan
 
 
@@ -58,36 +58,40 @@ def _laid_out(outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
 # data-dependent branch (the FFT guard, the underflowed windows) and no graph break.
 _fast_core_op = torch.library.custom_op(
     "qna_bench::fast_core", lambda *args: _laid_out(_fast_core(*args)), mutates_args=(),
-    schema="(Tensor packed, Tensor rpe_bias, Tensor mixing, int stride, str plan) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    schema="(Tensor packed, Tensor rpe_bias, Tensor mixing, int stride, str plan) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 _fast_core_backward_op = torch.library.custom_op(
     "qna_bench::fast_core_backward", lambda *args: _laid_out(_fast_core_backward(*args)), mutates_args=(),
     schema="(Tensor grad_z, Tensor packed, Tensor rpe_bias, Tensor mixing, Tensor exp_scores, Tensor den, "
-    "Tensor underflow, Tensor fell_back, int stride, str plan, bool kernel_grads) -> (Tensor, Tensor, Tensor)",
+    "Tensor underflow, Tensor fell_back, Tensor z, Tensor shares, int stride, str plan, bool kernel_grads) "
+    "-> (Tensor, Tensor, Tensor)",
 )
 
 
 @_fast_core_op.register_fake
 def _fast_core_fake(
     packed: Tensor, rpe_bias: Tensor, mixing: Tensor, stride: int, plan: str
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     num_queries, heads, window, _ = rpe_bias.shape
     batch, height, width, channels = packed.shape
     out_h, out_w = qna_output_size(height, window, stride), qna_output_size(width, window, stride)
-    work = work_dtype(packed.dtype)
+    work, features = work_dtype(packed.dtype), channels - num_queries * heads
+    shares = shares_kept(plan_from_spec(plan), num_queries, packed.dtype)
     return (
-        packed.new_empty(batch, out_h, out_w, channels - num_queries * heads),
+        packed.new_empty(batch, out_h, out_w, features),
         packed.new_empty(batch, height, width, num_queries, heads, dtype=work),
         packed.new_empty(batch, out_h, out_w, num_queries, heads, dtype=work),
         packed.new_empty(batch, out_h, out_w, dtype=torch.bool),
         packed.new_empty((), dtype=torch.bool),
+        packed.new_empty(batch, out_h, out_w, shares, features, dtype=work),
     )
 
 
 @_fast_core_backward_op.register_fake
 def _fast_core_backward_fake(
     grad_z: Tensor, packed: Tensor, rpe_bias: Tensor, mixing: Tensor, exp_scores: Tensor, den: Tensor,
-    underflow: Tensor, fell_back: Tensor, stride: int, plan: str, kernel_grads: bool,
+    underflow: Tensor, fell_back: Tensor, z: Tensor, shares: Tensor, stride: int, plan: str, kernel_grads: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if not kernel_grads:
         return torch.empty_like(packed), rpe_bias.new_empty(0), mixing.new_empty(0)
@@ -115,7 +119,7 @@ def run_plan(packed: Tensor, rpe_bias: Tensor, query_mixing: Tensor, stride: int
         z = triton_qna_attention(packed[..., features:], packed[..., :features], rpe_bias, query_mixing, stride)
         return z.to(packed.dtype), False  # exact everywhere: each window's own running max
     core = _fast_core_op if torch.compiler.is_compiling() else _FastCore.apply
-    z, _, _, _, fell_back = core(packed, rpe_bias, query_mixing, stride, choice.spec)
+    z, _, _, _, fell_back, _ = core(packed, rpe_bias, query_mixing, stride, choice.spec)
     return z, fell_back
 
 

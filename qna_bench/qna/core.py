@@ -24,7 +24,7 @@ from qna_bench.qna.fft import (
     fft_numerators,
     fft_resolves,
 )
-from qna_bench.qna.fused_cpu import fused_backward, fused_forward
+from qna_bench.qna.fused_cpu import fused_backward, fused_forward, kept_shares
 from qna_bench.qna.plans import Plan, plan_from_spec
 from qna_bench.qna.underflow import (
     UNDERFLOW_DENOMINATOR,
@@ -205,21 +205,29 @@ def _fast_backward(
 
 
 def _fused_backward(
-    grad_z: Tensor, exp_scores: Tensor, packed: Tensor, den: Tensor, rpe_bias: Tensor, mixing: Tensor,
-    stride: int, plan: Plan, need_kernel_grad: bool,
+    grad_z: Tensor, exp_scores: Tensor, packed: Tensor, den: Tensor, z: Tensor, shares: Tensor, rpe_bias: Tensor,
+    mixing: Tensor, stride: int, need_kernel_grad: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """`_fast_backward` in the fused CPU loops (`fused_backward`), which also return the kernels'
-    gradients: the same outputs, ``plan`` aside."""
+    """`_fast_backward` in the fused CPU loops (`fused_backward`), from z and the queries' shares of it that
+    the fused forward kept: the same outputs."""
     rpe_exp = _kernels(rpe_bias, exp_scores.dtype)
     mixing_w = mixing.to(rpe_exp.dtype)
     g_packed, g_den_kernel, g_value_kernel = fused_backward(
-        grad_z, exp_scores, packed.to(exp_scores.dtype).contiguous(), den, rpe_exp, rpe_exp * mixing_w, stride,
-        need_kernel_grad,
+        grad_z, exp_scores, packed.to(exp_scores.dtype).contiguous(), den, z, shares, rpe_exp, rpe_exp * mixing_w,
+        stride, need_kernel_grad,
     )
     if not need_kernel_grad:
         return g_packed, None, None
     g_rpe = ((g_value_kernel * mixing_w + g_den_kernel) * rpe_exp).to(rpe_bias.dtype)
     return g_packed, g_rpe, (g_value_kernel * rpe_exp).to(mixing.dtype)
+
+
+def shares_kept(plan: Plan, num_queries: int, packed_dtype: torch.dtype) -> int:
+    """How many queries' shares of z the forward keeps for the backward: none unless the backward is the
+    fused one (`kept_shares`)."""
+    if plan.numerator_grads != "fused":
+        return 0
+    return kept_shares(num_queries, exact_z=packed_dtype == work_dtype(packed_dtype))
 
 
 def _without_fft(plan: Plan) -> Plan:
@@ -237,32 +245,34 @@ def _unpack(packed: Tensor, rpe_bias: Tensor) -> tuple[Tensor, Tensor]:
 
 def _fast_core(
     packed: Tensor, rpe_bias: Tensor, mixing: Tensor, stride: int, plan: str
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The fast form's forward: values and scores packed (B, H, W, F + Nq*h) and the plan's `Plan.spec`
     -> z (B, H', W', F) in ``packed``'s dtype with the underflowed windows recomputed, and, for the
-    backward, exp(s - m), the denominators, the underflowed pixels and whether the plan's FFT passes fell
-    back to direct ones (a 0-dim bool: `fft_resolves` said the data do not let an FFT resolve them)."""
+    backward, exp(s - m), the denominators, the underflowed pixels, whether the plan's FFT passes fell
+    back to direct ones (a 0-dim bool: `fft_resolves` said the data do not let an FFT resolve them) and
+    the queries' shares of z that a fused backward reads (B, H', W', `shares_kept`, F)."""
     chosen = plan_from_spec(plan)
     values, exp_scores = _unpack(packed, rpe_bias)
     rpe_exp = _kernels(rpe_bias, exp_scores.dtype)
     if chosen.numerators == "fused":
-        z, den = fused_forward(
+        z, den, shares = fused_forward(
             exp_scores, packed.to(exp_scores.dtype).contiguous(), rpe_exp, rpe_exp * mixing.to(rpe_exp.dtype),
-            stride, UNDERFLOW_DENOMINATOR[exp_scores.dtype],
+            stride, UNDERFLOW_DENOMINATOR[exp_scores.dtype], shares_kept(chosen, rpe_bias.shape[0], packed.dtype),
         )
         underflow, resolved = underflowed(den), False
     else:
         z, den, underflow, resolved = _qna_forward(
             exp_scores, values, rpe_exp, mixing, stride, (rpe_bias.shape[-1] - 1) // 2, chosen
         )
+        shares = z.new_empty(*z.shape[:3], 0, z.shape[-1])
     z = recompute_windows(z, underflow, packed, rpe_bias, mixing, stride)
     fell_back = torch.tensor(chosen.uses_fft and not resolved, device=packed.device)
-    return z.to(packed.dtype), exp_scores, den, underflow, fell_back
+    return z.to(packed.dtype), exp_scores, den, underflow, fell_back, shares
 
 
 def _fast_core_backward(
     grad_z: Tensor, packed: Tensor, rpe_bias: Tensor, mixing: Tensor, exp_scores: Tensor, den: Tensor,
-    underflow: Tensor, fell_back: Tensor, stride: int, plan: str, kernel_grads: bool,
+    underflow: Tensor, fell_back: Tensor, z: Tensor, shares: Tensor, stride: int, plan: str, kernel_grads: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`_fast_core`'s backward: the gradients of ``packed``, ``rpe_bias`` and ``mixing`` (the last two
     empty without ``kernel_grads``). The underflowed pixels take their gradient from the windows that
@@ -273,8 +283,14 @@ def _fast_core_backward(
         chosen = _without_fft(chosen)
     any_underflow = bool(underflow.any())
     fast_grad = grad_z.masked_fill(underflow[..., None], 0) if any_underflow else grad_z
-    backward = _fused_backward if chosen.numerator_grads == "fused" else _fast_backward
-    g_packed, g_rpe, g_mixing = backward(fast_grad, exp_scores, packed, den, rpe_bias, mixing, stride, chosen, kernel_grads)
+    if chosen.numerator_grads == "fused":
+        g_packed, g_rpe, g_mixing = _fused_backward(
+            fast_grad, exp_scores, packed, den, z, shares, rpe_bias, mixing, stride, kernel_grads
+        )
+    else:
+        g_packed, g_rpe, g_mixing = _fast_backward(
+            fast_grad, exp_scores, packed, den, rpe_bias, mixing, stride, chosen, kernel_grads
+        )
     if any_underflow:
         recomputed = recompute_windows_grads(grad_z, underflow, packed, rpe_bias, mixing, stride, g_packed, kernel_grads)
         if recomputed is not None:

@@ -18,8 +18,10 @@
 
 namespace qna_fused {
 
+// partials: the queries whose share of z, num / den (B, OH, OW, partials, F), the forward keeps for the
+// backward (the queries less one, whose share is z less the others'; or all of them).
 struct Shape {
-    int64_t batch, height, width, queries, heads, features, window, stride, pad, out_h, out_w, pixel_stride;
+    int64_t batch, height, width, queries, heads, features, window, stride, pad, out_h, out_w, pixel_stride, partials;
     int64_t qh() const { return queries * heads; }
     int64_t head_dim() const { return features / heads; }
     int64_t taps() const { return window * window; }
@@ -57,6 +59,7 @@ struct HeadAcc {
     void zero() { for (int i = 0; i < NV; ++i) v[i] = Vec{}; }
     void axpy(T c, const T* x) { for (int i = 0; i < NV; ++i) v[i] += c * load(x + i * lanes); }
     void axpy(T c, const HeadAcc& x) { for (int i = 0; i < NV; ++i) v[i] += c * x.v[i]; }
+    void scale(T c) { for (int i = 0; i < NV; ++i) v[i] *= c; }
     void set(const T* x) { for (int i = 0; i < NV; ++i) v[i] = load(x + i * lanes); }
     void axpy_product(T c, const HeadAcc& x, const T* y) {
         for (int i = 0; i < NV; ++i) v[i] += c * (x.v[i] * load(y + i * lanes));
@@ -89,6 +92,7 @@ struct HeadAcc<T, 0> {
     void zero() { std::fill(v.begin(), v.end(), T(0)); }
     void axpy(T c, const T* x) { for (size_t d = 0; d < v.size(); ++d) v[d] += c * x[d]; }
     void axpy(T c, const HeadAcc& x) { for (size_t d = 0; d < v.size(); ++d) v[d] += c * x.v[d]; }
+    void scale(T c) { for (T& x : v) x *= c; }
     void set(const T* x) { std::copy(x, x + v.size(), v.begin()); }
     void axpy_product(T c, const HeadAcc& x, const T* y) {
         for (size_t d = 0; d < v.size(); ++d) v[d] += c * (x.v[d] * y[d]);
@@ -212,7 +216,7 @@ __attribute__((always_inline)) inline void window_sums(HeadAcc<T, NV>* nums, con
 
 inline Shape make_shape(const int64_t* dims) {
     return Shape{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6],
-                 dims[7], dims[8], dims[9], dims[10], dims[11]};
+                 dims[7], dims[8], dims[9], dims[10], dims[11], dims[12]};
 }
 
 // Calls `run.template operator()<NV>()` with NV the number of 64-byte vectors of a head's channels

@@ -120,12 +120,12 @@ def _pointer(tensor: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(tensor.data_ptr())
 
 
-def _dims(exp_scores: Tensor, packed: Tensor, window: int, stride: int) -> Tensor:
+def _dims(exp_scores: Tensor, packed: Tensor, window: int, stride: int, partials: int) -> Tensor:
     batch, height, width, queries, heads = exp_scores.shape
     features = packed.shape[-1] - queries * heads
     out_size = (qna_output_size(height, window, stride), qna_output_size(width, window, stride))
     dims = (batch, height, width, queries, heads, features, window, stride, (window - 1) // 2, *out_size,
-            packed.shape[-1])
+            packed.shape[-1], partials)
     return torch.tensor(dims, dtype=torch.int64)
 
 
@@ -145,52 +145,65 @@ def _checked(exp_scores: Tensor, packed: Tensor) -> None:
 # `qna_bench.layers` (it sees nothing inside a foreign call).
 @torch.library.custom_op("qna_bench::fused_cpu_forward", mutates_args=())
 def fused_forward(
-    exp_scores: Tensor, packed: Tensor, den_kernel: Tensor, num_kernel: Tensor, stride: int, threshold: float
-) -> tuple[Tensor, Tensor]:
-    """z (B, H', W', F) and the denominators (B, H', W', Q, h) from exp_scores (B, H, W, Q, h) and packed
+    exp_scores: Tensor, packed: Tensor, den_kernel: Tensor, num_kernel: Tensor, stride: int, threshold: float,
+    partials: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """z (B, H', W', F), the denominators (B, H', W', Q, h) and the first ``partials`` queries' shares of z,
+    num / den (B, H', W', partials, F), for the backward, from exp_scores (B, H, W, Q, h) and packed
     (B, H, W, F + Q*h) in the same dtype, with the denominators' kernel exp(b) and the numerators' exp(b) *
-    mixing (both (Q, h, k, k)); each z divides by its denominator, or by 1 where that lies below
+    mixing (both (Q, h, k, k)). Each share divides by its denominator, or by 1 where that lies below
     ``threshold`` (an underflowed window, recomputed afterwards)."""
     _checked(exp_scores, packed)
     dtype = exp_scores.dtype
-    dims = _dims(exp_scores, packed, den_kernel.shape[-1], stride)
+    dims = _dims(exp_scores, packed, den_kernel.shape[-1], stride, partials)
     batch, _, _, queries, heads = exp_scores.shape
-    out_h, out_w = int(dims[9]), int(dims[10])
-    z = exp_scores.new_empty(batch, out_h, out_w, packed.shape[-1] - queries * heads)
+    out_h, out_w, features = int(dims[9]), int(dims[10]), packed.shape[-1] - queries * heads
+    z = exp_scores.new_empty(batch, out_h, out_w, features)
     den = exp_scores.new_empty(batch, out_h, out_w, queries, heads)
+    shares = exp_scores.new_empty(batch, out_h, out_w, partials, features)
     rk, wk = _tap_major(den_kernel, dtype), _tap_major(num_kernel, dtype)
     _function("qna_forward", dtype)(
         _pointer(exp_scores), _pointer(packed), _pointer(rk), _pointer(wk), _pointer(dims),
-        ctypes.c_double(threshold), _pointer(z), _pointer(den), ctypes.c_int(torch.get_num_threads()),
+        ctypes.c_double(threshold), _pointer(z), _pointer(den), _pointer(shares),
+        ctypes.c_int(torch.get_num_threads()),
     )
-    return z, den
+    return z, den, shares
 
 
 @torch.library.custom_op("qna_bench::fused_cpu_backward", mutates_args=())
 def fused_backward(
-    grad_z: Tensor, exp_scores: Tensor, packed: Tensor, den: Tensor, den_kernel: Tensor, num_kernel: Tensor,
-    stride: int, kernel_grads: bool,
+    grad_z: Tensor, exp_scores: Tensor, packed: Tensor, den: Tensor, z: Tensor, partials: Tensor,
+    den_kernel: Tensor, num_kernel: Tensor, stride: int, kernel_grads: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of packed (B, H, W, F + Q*h: the values', then the scores' through exp), of the
     denominators' kernel and of the numerators' kernel (both (Q, h, k, k), summed over each head's
-    channels; zeros without ``kernel_grads``), from the output's gradient and the forward's denominators
-    (those below the underflow threshold already 1, their gradient 0)."""
+    channels; zeros without ``kernel_grads``), from the output's gradient and what the forward kept: the
+    denominators (those below the underflow threshold already 1, their gradient 0), z (B, H', W', F, read
+    where ``partials`` holds fewer shares than queries) and the shares of `fused_forward`."""
     _checked(exp_scores, packed)
     dtype = exp_scores.dtype
     queries, heads, window, _ = den_kernel.shape
     grad_z = grad_z.to(dtype).contiguous()
-    den = den.contiguous()
+    den, partials = den.contiguous(), partials.contiguous()
+    z = z.to(dtype).contiguous() if partials.shape[3] < queries else partials
     rk, wk = _tap_major(den_kernel, dtype), _tap_major(num_kernel, dtype)
-    dims = _dims(exp_scores, packed, window, stride)
+    dims = _dims(exp_scores, packed, window, stride, partials.shape[3])
     inv_den, grad_den = torch.empty_like(den), torch.empty_like(den)
     grad_rk, grad_wk = torch.empty_like(rk), torch.empty_like(wk)
     grad_packed = exp_scores.new_empty(packed.shape)
     _function("qna_backward", dtype)(
-        _pointer(grad_z), _pointer(exp_scores), _pointer(packed), _pointer(den), _pointer(rk), _pointer(wk),
-        _pointer(dims), ctypes.c_int(int(kernel_grads)), _pointer(inv_den), _pointer(grad_den),
-        _pointer(grad_rk), _pointer(grad_wk), _pointer(grad_packed), ctypes.c_int(torch.get_num_threads()),
+        _pointer(grad_z), _pointer(exp_scores), _pointer(packed), _pointer(den), _pointer(z), _pointer(partials),
+        _pointer(rk), _pointer(wk), _pointer(dims), ctypes.c_int(int(kernel_grads)), _pointer(inv_den),
+        _pointer(grad_den), _pointer(grad_rk), _pointer(grad_wk), _pointer(grad_packed),
+        ctypes.c_int(torch.get_num_threads()),
     )
     back = (2, 3, 0, 1)  # (k, k, Q, h) -> (Q, h, k, k)
     grad_den_kernel = grad_rk.view(window, window, queries, heads).permute(back).contiguous()
     grad_num_kernel = grad_wk.view(window, window, queries, heads).permute(back).contiguous()
     return grad_packed, grad_den_kernel, grad_num_kernel
+
+
+def kept_shares(queries: int, exact_z: bool) -> int:
+    """How many queries' shares of z the fused forward keeps for its backward: all but the last where
+    the backward gets z in the work dtype (the last share is z less the others), else all."""
+    return queries - 1 if exact_z else queries

@@ -51,23 +51,23 @@ void numerator_kernel_grads_of_row(const T* __restrict grad_z, const T* __restri
 }
 
 // Pass 1, per output pixel: the denominators' gradients and both kernel gradients. With
-// g_num = g_z / den, dL/dden = -g_z . num / den / den (the numerators recomputed), and the numerator
-// kernel's gradient at tap t is sum_o E(i) (g_z(o) . v(i)) / den, kept per channel (vectors, no
-// horizontal sum per tap) and summed over each head's channels at the end.
+// g_num = g_z / den, dL/dden = -g_z . y / den for each query's share y = num / den of z (kept by the
+// forward, the last one z less the others), and the numerator kernel's gradient at tap t is
+// sum_o E(i) (g_z(o) . v(i)) / den (`numerator_kernel_grads_of_row`).
 template <typename T, int NV>
 void backward_outputs(const T* __restrict grad_z, const T* __restrict exp_scores, const T* __restrict packed,
-                      const T* __restrict den, const T* __restrict den_kernel, const T* __restrict num_kernel,
-                      const Shape s, bool kernel_grads, T* __restrict inv_den, T* __restrict grad_den,
+                      const T* __restrict den, const T* __restrict z, const T* __restrict partials, const Shape s,
+                      bool kernel_grads, T* __restrict inv_den, T* __restrict grad_den,
                       T* __restrict grad_den_kernel, T* __restrict grad_num_kernel, int threads) {
     const int64_t qh = s.qh(), dim = s.head_dim(), taps = s.taps();
     std::fill(grad_den_kernel, grad_den_kernel + taps * qh, T(0));
     std::fill(grad_num_kernel, grad_num_kernel + taps * qh, T(0));
 #pragma omp parallel num_threads(threads)
     {
-        HeadAcc<T, NV> nums[kQueryGroup];
-        for (auto& a : nums) a.resize(dim);
+        HeadAcc<T, NV> g, last;
+        g.resize(dim);
+        last.resize(dim);
         Window win(taps);
-        T dens[kQueryGroup];
         std::vector<T> g_den_kernel(kernel_grads ? taps * qh : 0), g_num_kernel(kernel_grads ? taps * qh : 0);
 #pragma omp for collapse(2) schedule(static)
         for (int64_t b = 0; b < s.batch; ++b) {
@@ -81,13 +81,16 @@ void backward_outputs(const T* __restrict grad_z, const T* __restrict exp_scores
                     T* gd = grad_den + o * qh;
                     for (int64_t j = 0; j < qh; ++j) inv[j] = T(1) / den[o * qh + j];
                     for (int64_t h = 0; h < s.heads; ++h) {
-                        const T* g_row = grad_z + o * s.features + h * dim;
-                        for (int64_t q0 = 0; q0 < s.queries; q0 += kQueryGroup) {
-                            window_sums(nums, win, exp_scores, packed, den_kernel, num_kernel, s, h, q0, dens);
-                            for (int64_t q = q0; q < std::min<int64_t>(s.queries, q0 + kQueryGroup); ++q) {
-                                const int64_t j = q * s.heads + h;
-                                gd[j] = -(nums[q - q0].dot(g_row) * inv[j]) * inv[j];
-                            }
+                        g.set(grad_z + o * s.features + h * dim);
+                        auto share = [&](int64_t q) { return partials + (o * s.partials + q) * s.features + h * dim; };
+                        if (s.partials < s.queries) {
+                            last.set(z + o * s.features + h * dim);
+                            for (int64_t q = 0; q < s.partials; ++q) last.axpy(T(-1), share(q));
+                        }
+                        for (int64_t q = 0; q < s.queries; ++q) {
+                            const int64_t j = q * s.heads + h;
+                            const T dot = q < s.partials ? g.dot(share(q)) : last.dot(grad_z + o * s.features + h * dim);
+                            gd[j] = -dot * inv[j];
                         }
                     }
                     if (!kernel_grads) continue;
@@ -161,14 +164,16 @@ void backward_inputs(const T* __restrict grad_z, const T* __restrict exp_scores,
     }
 }
 
-// dims: batch, height, width, queries, heads, features, window, stride, pad, out_h, out_w, pixel_stride.
+// dims: batch, height, width, queries, heads, features, window, stride, pad, out_h, out_w, pixel_stride,
+// partials.
 template <typename T>
-void run_backward(const T* gz, const T* e, const T* p, const T* den, const T* rk, const T* wk, const int64_t* dims,
-                  int kernel_grads, T* inv_den, T* grad_den, T* grad_rk, T* grad_wk, T* grad_packed, int threads) {
+void run_backward(const T* gz, const T* e, const T* p, const T* den, const T* z, const T* partials, const T* rk,
+                  const T* wk, const int64_t* dims, int kernel_grads, T* inv_den, T* grad_den, T* grad_rk, T* grad_wk,
+                  T* grad_packed, int threads) {
     const Shape s = make_shape(dims);
     by_head_vectors<T>(s, [&]<int NV>() {
-        backward_outputs<T, NV>(gz, e, p, den, rk, wk, s, kernel_grads != 0, inv_den, grad_den, grad_rk, grad_wk,
-                                threads);
+        backward_outputs<T, NV>(gz, e, p, den, z, partials, s, kernel_grads != 0, inv_den, grad_den, grad_rk,
+                                grad_wk, threads);
         backward_inputs<T, NV>(gz, e, p, inv_den, grad_den, rk, wk, s, grad_packed, threads);
     });
 }
@@ -176,17 +181,18 @@ void run_backward(const T* gz, const T* e, const T* p, const T* den, const T* rk
 }  // namespace
 }  // namespace qna_fused
 
-extern "C" void qna_backward_f32(const float* gz, const float* e, const float* p, const float* den, const float* rk,
-                                 const float* wk, const int64_t* dims, int kernel_grads, float* inv_den,
-                                 float* grad_den, float* grad_rk, float* grad_wk, float* grad_packed, int threads) {
-    qna_fused::run_backward(gz, e, p, den, rk, wk, dims, kernel_grads, inv_den, grad_den, grad_rk, grad_wk,
-                            grad_packed, threads);
+extern "C" void qna_backward_f32(const float* gz, const float* e, const float* p, const float* den, const float* z,
+                                 const float* partials, const float* rk, const float* wk, const int64_t* dims,
+                                 int kernel_grads, float* inv_den, float* grad_den, float* grad_rk, float* grad_wk,
+                                 float* grad_packed, int threads) {
+    qna_fused::run_backward(gz, e, p, den, z, partials, rk, wk, dims, kernel_grads, inv_den, grad_den, grad_rk,
+                            grad_wk, grad_packed, threads);
 }
 
 extern "C" void qna_backward_f64(const double* gz, const double* e, const double* p, const double* den,
-                                 const double* rk, const double* wk, const int64_t* dims, int kernel_grads,
-                                 double* inv_den, double* grad_den, double* grad_rk, double* grad_wk,
-                                 double* grad_packed, int threads) {
-    qna_fused::run_backward(gz, e, p, den, rk, wk, dims, kernel_grads, inv_den, grad_den, grad_rk, grad_wk,
-                            grad_packed, threads);
+                                 const double* z, const double* partials, const double* rk, const double* wk,
+                                 const int64_t* dims, int kernel_grads, double* inv_den, double* grad_den,
+                                 double* grad_rk, double* grad_wk, double* grad_packed, int threads) {
+    qna_fused::run_backward(gz, e, p, den, z, partials, rk, wk, dims, kernel_grads, inv_den, grad_den, grad_rk,
+                            grad_wk, grad_packed, threads);
 }

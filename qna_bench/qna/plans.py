@@ -45,7 +45,8 @@ class Plan:
         them (`qna_bench.qna.fused_cpu`).
     numerator_grads: the backward's numerator work (the numerators again, their input and kernel
         gradients) direct, on FFT spectra shared per chunk (stride 1), or ``fused``: the core's whole
-        backward, both kernel gradients included, in the fused loops.
+        backward, both kernel gradients included, in the fused loops (with fused numerators only: it
+        reads the queries' shares of z that the fused forward keeps).
     kernel_grads: the kernel gradients left to compute (the denominators', and the numerators' unless
         ``numerator_grads`` is ``fft``) by PyTorch's convolution backward or as FFT cross-correlations;
         ``fused`` with a fused backward, which computes them.
@@ -75,6 +76,10 @@ class Plan:
     tuned_on: tuple[str, ...] | None = None
     projections: Projection = "linear"
     description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.numerator_grads == "fused" and self.numerators != "fused":
+            raise ValueError(f"plan {self.name!r}: numerator_grads='fused' needs numerators='fused'")
 
     def resolved(self, stride: int, train: bool) -> Plan:
         """This plan as a call of ``stride`` in forward (``train=False``) or train mode runs it: the
@@ -229,15 +234,13 @@ register_plan(Plan("fft", ("cpu", "cuda"), numerators="fft", numerator_grads="ff
 register_plan(Plan("fft_forward", ("cpu", "cuda"), numerators="fft", min_window=1 << 30,
                    description="FFT numerators in the forward, a direct backward"))
 # Each window's softmax in direct loops compiled for this CPU: no per-tap temporaries, the two queries of
-# a head sharing each value's loads, the backward in two sweeps (per output, per input pixel). Its cost
-# grows with k^2 like the direct form's. AVX-512 EPYC, 2 threads, B=8 56x56, C=128, k=7: forward 4.4 ms
-# and backward 17 ms against oneDNN's 5-15 and the FFT backward's 40.
+# a head sharing each value's loads, the backward in two sweeps (per output, per input pixel) that read
+# the queries' shares of z kept by the forward (so the backward needs the fused forward). Its cost grows
+# with k^2 like the direct form's. AVX-512 EPYC, 2 threads, B=8 56x56, C=128, k=7: forward 4.4 ms and
+# backward 17 ms (recomputing the numerators; 11 reading the shares) against oneDNN's 5-15 and the FFT
+# backward's 40.
 register_plan(Plan("fused", ("cpu",), numerators="fused", numerator_grads="fused", kernel_grads="fused",
                    description="the windowed softmax in fused loops compiled for this CPU, both passes"))
-register_plan(Plan("fused_backward", ("cpu",), numerator_grads="fused", kernel_grads="fused",
-                   description="direct forward; the backward in fused loops compiled for this CPU"))
-register_plan(Plan("fft_fused_backward", ("cpu",), numerators="fft", numerator_grads="fused", kernel_grads="fused",
-                   min_window=5, description="FFT numerators in the forward; the backward in fused loops"))
 # The whole core as Triton kernels (`qna_bench.qna.triton_core`): one pass over each window with an
 # online softmax, nothing of size k^2 per pixel, on the GPU; on CPU only in Triton's interpreter, to be
 # forced and checked against the reference, never timed.
