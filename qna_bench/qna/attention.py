@@ -21,6 +21,8 @@ from qna_bench.qna.tuning import PlanChoice
 def _save_for_backward(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     packed, rpe_bias, mixing, stride, plan = inputs
     z, exp_scores, den, underflow, fell_back, shares = output
+    if plan_from_spec(plan).numerator_grads != "fused":
+        z = shares  # only the fused backward reads z: an empty stand-in keeps nothing alive
     ctx.save_for_backward(packed, rpe_bias, mixing, exp_scores, den, underflow, fell_back, z, shares)
     ctx.stride, ctx.plan = stride, plan
 
@@ -41,6 +43,7 @@ class _FastCore(torch.autograd.Function):
         output = _fast_core(packed, rpe_bias, mixing, stride, plan)
         _save_for_backward(ctx, (packed, rpe_bias, mixing, stride, plan), output)
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zero gradients for the outputs kept for the backward only
         return output
 
     @staticmethod
