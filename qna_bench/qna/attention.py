@@ -27,7 +27,9 @@ def _save_for_backward(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, 
     ctx.stride, ctx.plan = stride, plan
 
 
-def _grads(ctx: Any, grad_z: Tensor, backward: Callable[..., tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor | None, ...]:
+def _grads(ctx: Any, grad_z: Tensor | None, backward: Callable[..., tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor | None, ...]:
+    if grad_z is None:  # z took no part in the loss (only the other outputs, which have no gradient)
+        return (None,) * 5
     kernel_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     g_packed, g_rpe, g_mixing = backward(grad_z, *ctx.saved_tensors, ctx.stride, ctx.plan, kernel_grads)
     return (g_packed, g_rpe, g_mixing, None, None) if kernel_grads else (g_packed, None, None, None, None)
