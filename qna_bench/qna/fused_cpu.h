@@ -116,28 +116,26 @@ struct Window {
     std::vector<int64_t> pixel, tap;
     int64_t size = 0;
     explicit Window(int64_t taps) : pixel(taps), tap(taps) {}
+    // The input pixels that output (b, oy, ox) reads.
     void inputs_of(int64_t b, int64_t oy, int64_t ox, const Shape& s) {
-        size = 0;
-        for (int64_t ty = 0; ty < s.window; ++ty) {
-            const int64_t iy = input_at(oy, ty, s, s.height);
-            if (iy < 0) continue;
-            for (int64_t tx = 0; tx < s.window; ++tx) {
-                const int64_t ix = input_at(ox, tx, s, s.width);
-                if (ix < 0) continue;
-                pixel[size] = (b * s.height + iy) * s.width + ix;
-                tap[size++] = ty * s.window + tx;
-            }
-        }
+        collect(b, oy, ox, s, input_at, s.height, s.width);
     }
+    // The outputs whose windows read input (b, iy, ix).
     void outputs_of(int64_t b, int64_t iy, int64_t ix, const Shape& s) {
+        collect(b, iy, ix, s, output_at, s.out_h, s.out_w);
+    }
+
+private:
+    template <typename At>
+    void collect(int64_t b, int64_t y, int64_t x, const Shape& s, At at, int64_t rows, int64_t cols) {
         size = 0;
         for (int64_t ty = 0; ty < s.window; ++ty) {
-            const int64_t oy = output_at(iy, ty, s, s.out_h);
-            if (oy < 0) continue;
+            const int64_t py = at(y, ty, s, rows);
+            if (py < 0) continue;
             for (int64_t tx = 0; tx < s.window; ++tx) {
-                const int64_t ox = output_at(ix, tx, s, s.out_w);
-                if (ox < 0) continue;
-                pixel[size] = (b * s.out_h + oy) * s.out_w + ox;
+                const int64_t px = at(x, tx, s, cols);
+                if (px < 0) continue;
+                pixel[size] = (b * rows + py) * cols + px;
                 tap[size++] = ty * s.window + tx;
             }
         }
@@ -197,7 +195,7 @@ __attribute__((always_inline)) inline void accumulate(HeadAcc<T, NV>* result, T*
 }
 
 // The numerators and denominators of one output pixel's window for the queries q0.. of head h:
-// acc[0][u] = sum_n w(t_n) E(i_n) v_h(i_n), dens[u] = sum_n exp(b)(t_n) E(i_n).
+// nums[u] = sum_n w(t_n) E(i_n) v_h(i_n), dens[u] = sum_n exp(b)(t_n) E(i_n).
 template <typename T, int NV>
 __attribute__((always_inline)) inline void window_sums(HeadAcc<T, NV>* nums, const Window& win, const T* exp_scores, const T* packed,
                  const T* den_kernel, const T* num_kernel, const Shape& s, int64_t h, int64_t q0, T* dens) {
@@ -206,7 +204,7 @@ __attribute__((always_inline)) inline void window_sums(HeadAcc<T, NV>* nums, con
     const int64_t* pixel = win.pixel.data();
     const int64_t* tap = win.tap.data();
     const int64_t j0 = q0 * s.heads + h;
-    auto at = [&](int64_t n, int u) { return j0 + u * s.heads; };
+    auto at = [&](int64_t, int u) { return j0 + u * s.heads; };
     accumulate(
         nums, dens, count, win.size, dim,
         [&](int64_t n, int u) { return num_kernel[tap[n] * qh + at(n, u)] * exp_scores[pixel[n] * qh + at(n, u)]; },
