@@ -15,6 +15,7 @@ from timm.layers import DropPath, use_fused_attn
 from torch import nn
 from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
+from qna_bench.layers import QNA_FLOP_FORMULAS
 from qna_bench.models.nat import CPU_BACKWARD_REASON, NAT, NAT_TINY, nat_macs
 from qna_bench.models.qna_vit import (
     QNA_VIT_TINY,
@@ -156,7 +157,8 @@ def _qna_vit_entry(name: str, config: QnAViTConfig, description: str) -> None:
         description=description,
         constraints=constraints,
         flags=flags,
-        flop_formulas=CPU_SDPA_FLOP_FORMULAS,
+        # its QnA layers' FFTs and fused loops, which the counter cannot see, as the layer `qna` counts them
+        flop_formulas={**CPU_SDPA_FLOP_FORMULAS, **QNA_FLOP_FORMULAS},
         analytic_flops=analytic,
         prepare=prepare_qna_layers,
         **_MODEL,
