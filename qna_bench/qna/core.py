@@ -24,7 +24,7 @@ from qna_bench.qna.fft import (
     fft_numerators,
     fft_resolves,
 )
-from qna_bench.qna.fused_cpu import fused_backward, fused_forward, kept_shares
+from qna_bench.qna.fused_cpu import fused_backward, fused_forward
 from qna_bench.qna.plans import Plan, plan_from_spec
 from qna_bench.qna.underflow import (
     UNDERFLOW_DENOMINATOR,
@@ -224,10 +224,11 @@ def _fused_backward(
 
 def shares_kept(plan: Plan, num_queries: int, packed_dtype: torch.dtype) -> int:
     """How many queries' shares of z the forward keeps for the backward: none unless the backward is the
-    fused one (`kept_shares`)."""
+    fused one; then all but the last where z comes back in the work dtype (the last share is z less the
+    others), else all."""
     if plan.numerator_grads != "fused":
         return 0
-    return kept_shares(num_queries, exact_z=packed_dtype == work_dtype(packed_dtype))
+    return num_queries - 1 if packed_dtype == work_dtype(packed_dtype) else num_queries
 
 
 def _without_fft(plan: Plan) -> Plan:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from qna_bench import disk_cache
+from qna_bench.environment import cpuinfo_field
 from qna_bench.qna.shapes import qna_output_size
 
 HERE = Path(__file__).parent
@@ -35,13 +36,7 @@ SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 def _cpu_flags() -> str:
     """The CPU's feature flags (``-march=native`` compiles for them), or its architecture's name."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
+    return cpuinfo_field("flags") or platform.machine()
 
 
 def _compiler_identity(compiler: str) -> str:
@@ -202,8 +197,3 @@ def fused_backward(
     grad_num_kernel = grad_wk.view(window, window, queries, heads).permute(back).contiguous()
     return grad_packed, grad_den_kernel, grad_num_kernel
 
-
-def kept_shares(queries: int, exact_z: bool) -> int:
-    """How many queries' shares of z the fused forward keeps for its backward: all but the last where
-    the backward gets z in the work dtype (the last share is z less the others), else all."""
-    return queries - 1 if exact_z else queries

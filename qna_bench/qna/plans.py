@@ -236,9 +236,8 @@ register_plan(Plan("fft_forward", ("cpu", "cuda"), numerators="fft", min_window=
 # Each window's softmax in direct loops compiled for this CPU: no per-tap temporaries, the two queries of
 # a head sharing each value's loads, the backward in two sweeps (per output, per input pixel) that read
 # the queries' shares of z kept by the forward (so the backward needs the fused forward). Its cost grows
-# with k^2 like the direct form's. AVX-512 EPYC, 2 threads, B=8 56x56, C=128, k=7: forward 4.4 ms and
-# backward 17 ms (recomputing the numerators; 11 reading the shares) against oneDNN's 5-15 and the FFT
-# backward's 40.
+# with k^2 like the direct form's. AVX-512 EPYC, 2 threads, B=8 56x56, C=128, k=7: forward 4.6 ms and
+# backward 14 ms (19 when it recomputed the numerators) against oneDNN's 5-15 and the FFT backward's 40.
 register_plan(Plan("fused", ("cpu",), numerators="fused", numerator_grads="fused", kernel_grads="fused",
                    description="the windowed softmax in fused loops compiled for this CPU, both passes"))
 # The whole core as Triton kernels (`qna_bench.qna.triton_core`): one pass over each window with an
