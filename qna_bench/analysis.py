@@ -18,7 +18,7 @@ from qna_bench.compile_mode import COMPILE_MODES, EAGER, form_label, mode_of
 from qna_bench.noise import NoiseFloor, crossed_line, noise_floor
 from qna_bench.registry import ROLES, find_layer, role_of
 from qna_bench.roofline import roofline_frame
-from qna_bench.rounds import ratio_spread
+from qna_bench.rounds import ratio_spread, round_times
 
 # A problem's shape, without its window and mode.
 SHAPE_COLUMNS: tuple[str, ...] = ("batch", "height", "width", "channels", "heads", "stride", "dilation")
@@ -30,8 +30,8 @@ PAIR_COLUMNS: tuple[str, ...] = (*SETTING_COLUMNS, "mode", "window")
 POINT_COLUMNS: tuple[str, ...] = ("layer", *PAIR_COLUMNS)
 # A layer's form: eager or a torch.compile mode; a point has one row per form measured.
 FORM_COLUMN = "compile_mode"
-# Per-round medians of interleaved rounds (one per round; absent in older files).
-ROUNDS_COLUMN = "round_medians_s"
+# A row's time per round of interleaved rounds (`qna_bench.rounds.round_times`), derived when rows pair.
+ROUNDS_COLUMN = "round_times_s"
 
 MODE_ORDER = ("forward", "train")
 UNDECLARED = "undeclared"
@@ -240,6 +240,8 @@ def pair_with_subject(frame: pd.DataFrame, statuses: Sequence[str] = ("ok", "tim
     subject's columns carry the suffix ``_qna`` and `subject` names it (its form: ``compile_mode_qna``). Rows of another thread count,
     torch version, device or dtype never pair."""
     rows = frame[frame["status"].isin(statuses)]
+    round_columns = [c for c in ("round_geomeans_s", "round_medians_s") if c in rows]
+    rows = rows.assign(**{ROUNDS_COLUMN: [round_times(r) or None for r in rows[round_columns].to_dict("records")]})
     carried = [c for c in ("layer", "status", "median_s", "q25_s", "q75_s", "peak_bytes", ROUNDS_COLUMN, FORM_COLUMN)
                if c in rows]
     subject = rows[rows["role"] == SUBJECT][[*PAIR_COLUMNS, *carried]].rename(columns={"layer": "subject"})
@@ -248,20 +250,21 @@ def pair_with_subject(frame: pd.DataFrame, statuses: Sequence[str] = ("ok", "tim
 
 
 def round_ratios(rounds: Sequence[float] | None, subject_rounds: Sequence[float] | None) -> tuple[float, float, float, int] | None:
-    """The layer's per-round median over the subject's, round r with round r: (median, min, max, number of
-    rounds) of those ratios; None unless both have the same number (≥ 1) of positive per-round medians."""
+    """The layer's time per round over the subject's, round r with round r: (geometric mean, min, max,
+    number of rounds) of those ratios (`ratio_spread`); None unless both have the same number (≥ 1) of
+    positive round times."""
     if not isinstance(rounds, list | tuple | np.ndarray) or not isinstance(subject_rounds, list | tuple | np.ndarray):
         return None
     mine, theirs = [float(v) for v in rounds], [float(v) for v in subject_rounds]
     if not mine or len(mine) != len(theirs) or min(mine + theirs) <= 0:
         return None
-    median, low, high = ratio_spread(theirs, mine)
-    return median, low, high, len(mine)
+    center, low, high = ratio_spread(theirs, mine)
+    return center, low, high, len(mine)
 
 
 def ratio_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """Each paired non-subject row with ``latency_ratio`` (its latency / the subject's: above 1, QnA is
-    faster; the median over interleaved rounds where the rows have them, else the ratio of the medians),
+    faster; the geometric mean of the per-round ratios where the rows have rounds, else the ratio of the medians),
     its spread over rounds ``latency_ratio_min`` / ``latency_ratio_max`` (equal to the ratio without
     rounds), ``latency_rounds`` (0 without rounds) and ``memory_ratio`` (peak memory / the subject's)."""
     merged = pair_with_subject(frame)

@@ -12,10 +12,10 @@ holds the same problem several times. A file with several rows for one point is 
 
 Latency is judged against its peers (``--anchor peers``, the default): in each round, a point's time is
 divided by the geometric mean of the other layers' times at the same problem, window and mode, measured
-seconds apart in the same round (``round_medians_s``; a row without rounds counts as one round of its
-median). A machine that runs everything 1.3× slower leaves these relative times as they were; one layer
-that got 1.3× slower moves its own. The change is the ratio of the medians over the rounds of the relative
-times, new over base, and its spread runs from the smallest new over the largest base to the largest new
+seconds apart in the same round (each round's geometric mean over its blocks, `qna_bench.rounds.round_times`;
+a row without rounds counts as one round of its median). A machine that runs everything 1.3× slower
+leaves these relative times as they were; one layer that got 1.3× slower moves its own. The change is
+the ratio of the geometric means over the rounds of the relative times, new over base, and its spread runs from the smallest new over the largest base to the largest new
 over the smallest base. A change is *significant* when all three hold: it exceeds ``--min-rel``
 (default 5%), the raw medians differ by more than ``--min-abs-ms`` (default 0.01 ms), and the spread
 excludes 1 (so with several rounds the noise between rounds holds it back), and it lies beyond the
@@ -54,6 +54,7 @@ import pandas as pd
 from qna_bench import results
 from qna_bench.compile_mode import is_compiled, mode_of
 from qna_bench.noise import NoiseFloor, noise_floor
+from qna_bench.rounds import geometric_mean, round_times
 
 # What makes two rows the same point: the layer and its whole problem. Not the environment columns.
 MATCH_COLUMNS: tuple[str, ...] = ("layer", *results.PROBLEM_COLUMNS)
@@ -110,8 +111,8 @@ class Observation:
     q25_s: float | None
     q75_s: float | None
     peak_bytes: int | None
-    # Each round's median; a row without rounds is one round of its median.
-    round_medians_s: tuple[float, ...] = ()
+    # Each round's time (`qna_bench.rounds.round_times`); a row without rounds is one round of its median.
+    round_times_s: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -215,11 +216,11 @@ def _value(value: Any) -> Any:
 
 def _observation(row: dict[str, Any]) -> Observation:
     observed = Observation(**{c: _value(row[c]) for c in _OBSERVED})
-    medians = row.get("round_medians_s")
-    if medians is not None and not isinstance(medians, float) and len(medians):
-        return dataclasses.replace(observed, round_medians_s=tuple(float(m) for m in medians))
+    per_round = round_times(row)
+    if per_round:
+        return dataclasses.replace(observed, round_times_s=tuple(per_round))
     if observed.median_s is not None:
-        return dataclasses.replace(observed, round_medians_s=(float(observed.median_s),))
+        return dataclasses.replace(observed, round_times_s=(float(observed.median_s),))
     return observed
 
 
@@ -267,13 +268,10 @@ def _index(frame: pd.DataFrame, columns: tuple[str, ...], side: str) -> dict[tup
 
 
 def relative_rounds(point: Observation, peers: Sequence[Observation]) -> list[float]:
-    """The point's round medians over the geometric mean of its peers' in the same rounds (rounds that
+    """The point's round times over the geometric mean of its peers' in the same rounds (rounds that
     every one of them has)."""
-    count = min(len(o.round_medians_s) for o in (point, *peers))
-    return [
-        point.round_medians_s[r] / math.exp(sum(math.log(p.round_medians_s[r]) for p in peers) / len(peers))
-        for r in range(count)
-    ]
+    count = min(len(o.round_times_s) for o in (point, *peers))
+    return [point.round_times_s[r] / geometric_mean([p.round_times_s[r] for p in peers]) for r in range(count)]
 
 
 def _median(values: Sequence[float]) -> float:
@@ -287,7 +285,7 @@ def _anchored(base: Observation, new: Observation, base_peers: Sequence[Observat
     """Latency judged relative to the peers measured in the same rounds (see the module's docstring)."""
     b_rel, n_rel = relative_rounds(base, base_peers), relative_rounds(new, new_peers)
     b, n = float(base.median_s), float(new.median_s)
-    relative = _median(n_rel) / _median(b_rel)
+    relative = geometric_mean(n_rel) / geometric_mean(b_rel)
     low, high = min(n_rel) / max(b_rel), max(n_rel) / min(b_rel)
     why_same = ""
     if abs(relative - 1) <= t.min_rel:
@@ -423,10 +421,10 @@ def compare_results(
 
 def _floor_sigma(point: PointComparison, floors: tuple[NoiseFloor, NoiseFloor]) -> float:
     """The σ of the point's change that its layer's noise floor between processes implies: the larger
-    of the two runs' σ of one round, times √(2/R) for the change of two R-round medians."""
+    of the two runs' σ of one round, times √(2/R) for the change of two R-round means."""
     if point.base is None or point.new is None:
         return 0.0
-    count = max(1, min(len(point.base.round_medians_s), len(point.new.round_medians_s)))
+    count = max(1, min(len(point.base.round_times_s), len(point.new.round_times_s)))
     return max(floor.layer_sigma(point.get("layer")) for floor in floors) * math.sqrt(2 / count)
 
 
@@ -497,7 +495,7 @@ def layer_changes(points: Sequence[PointComparison], thresholds: Thresholds) -> 
 
 
 def _timed(obs: Observation) -> bool:
-    return obs.status == "ok" and obs.median_s is not None and all(m > 0 for m in obs.round_medians_s)
+    return obs.status == "ok" and obs.median_s is not None and all(m > 0 for m in obs.round_times_s)
 
 
 # ---------------------------------------------------------------------------------------- formatting

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from qna_bench.rounds import round_times
+
 # The lines a verdict turns on: who is faster (1×), and the abstract's factors (5× faster, 10× leaner).
 VERDICT_LINES: tuple[float, ...] = (1.0, 5.0, 10.0)
 
@@ -40,9 +42,9 @@ def range_sigma(spread: float, count: int) -> float:
     return float(np.log1p(spread)) / _MEAN_RANGE[min(max(count, 2), 10)]
 
 
-def process_spread(round_medians: Iterable[float]) -> float | None:
-    """max / min − 1 of a row's round medians (None for fewer than two)."""
-    values = [v for v in round_medians if v > 0]
+def process_spread(round_times: Iterable[float]) -> float | None:
+    """max / min − 1 of a row's round times (`qna_bench.rounds.round_times`; None for fewer than two)."""
+    values = [v for v in round_times if v > 0]
     return max(values) / min(values) - 1.0 if len(values) > 1 else None
 
 
@@ -85,10 +87,10 @@ def noise_floor(frame: pd.DataFrame) -> NoiseFloor:
         spread, worst = float((q75 - q25) / median), float(max(canaries) / median - 1.0)
     slow = int(pd.to_numeric(ok.get("slow_rounds", pd.Series(dtype=float)), errors="coerce").fillna(0).sum())
     layers = []
-    if "processes" in ok and "round_medians_s" in ok:
+    if "processes" in ok and ("round_geomeans_s" in ok or "round_medians_s" in ok):
         several = ok[pd.to_numeric(ok["processes"], errors="coerce").fillna(0) > 1]
         for layer, rows in several.groupby("layer", sort=True):
-            rounds = [_floats(v) for v in rows["round_medians_s"]]
+            rounds = [_floats(round_times(r)) for r in rows.to_dict("records")]
             pairs = [(s, len(r)) for s, r in ((process_spread(r), r) for r in rounds) if s is not None]
             if pairs:
                 spreads = [s for s, _ in pairs]

@@ -32,6 +32,7 @@ from qna_bench.measure.params import count_parameters, parameter_bytes
 from qna_bench.measure.profile import write_profile
 from qna_bench.problem import Problem
 from qna_bench.registry import LayerSpec, UnsupportedProblem
+from qna_bench.rounds import geometric_mean
 
 
 @dataclass(frozen=True)
@@ -377,4 +378,5 @@ def release_memory(device: str) -> None:
 
 def _latency_columns(stats: LatencyStats) -> dict[str, Any]:
     columns = {**dataclasses.asdict(stats), "times_s": list(stats.times_s)}
-    return {**columns, "round_medians_s": [stats.median_s], "rounds": 1}
+    return {**columns, "round_medians_s": [stats.median_s], "round_geomeans_s": [geometric_mean(stats.times_s)],
+            "rounds": 1}

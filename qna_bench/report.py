@@ -251,7 +251,7 @@ def noise_text(analysis: Analysis) -> str:
         parts.append("No canary was recorded (rows measured before canaries, or `measure.canary=false`).")
     if len(noise.layers):
         parts.append("Spread between processes (each round in its own worker process): max / min − 1 of a point's "
-                     "round medians, per layer over its points:")
+                     "round times, per layer over its points:")
         parts.append(markdown_table(
             ["layer", "points", "processes", "median spread", "largest spread"],
             [[r.layer, r.points, r.processes, _percent(r.median_spread), _percent(r.max_spread)]
@@ -646,7 +646,7 @@ def ratio_section(analysis: Analysis, claim: Claim) -> str:
         rounds = analysis.ratios["latency_rounds"] if len(analysis.ratios) else pd.Series(dtype=int)
         parts.append("Spread: min–max of the per-round ratios (round r against round r) beside each ratio."
                      if (rounds > 1).any() else
-                     "Spread: this file has no per-round medians (older format), so the ratios carry no spread.")
+                     "Spread: this file has no per-round times (older format), so the ratios carry no spread.")
     ratios = analysis.ratios[analysis.ratios[column].notna()] if len(analysis.ratios) else analysis.ratios
     if not len(ratios):
         return "\n\n".join([*parts, "No layer was measured next to QnA at a common point."])

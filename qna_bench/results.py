@@ -70,8 +70,10 @@ SCHEMA = pa.schema(
         ("n", pa.int64()),
         ("number_per_run", pa.int64()),
         ("times_s", pa.list_(pa.float64())),
-        # each round's median (median_s is their median) and how many rounds are in this row
+        # each round's median (median_s is their median), each round's geometric mean (what ratios pair,
+        # qna_bench.rounds.round_times) and how many rounds are in this row
         ("round_medians_s", pa.list_(pa.float64())),
+        ("round_geomeans_s", pa.list_(pa.float64())),
         ("rounds", pa.int64()),
         # the worker processes the rounds ran in; each round's canary (the slower of the canary products
         # timed before and after it, qna_bench.measure.canary); rounds whose canary stayed slow on a re-run

@@ -229,8 +229,8 @@ def test_a_remeasured_point_wins_by_timestamp_not_file_order():
     assert "7 rows (2 superseded by a newer measurement of the same point; 5 used)" in report.render(A.analyse(frame))
 
 
-def test_round_medians_give_the_ratio_its_spread():
-    assert A.round_ratios([2.0, 3.0, 4.0], [1.0, 1.0, 2.0]) == (2.0, 2.0, 3.0, 3)
+def test_round_times_give_the_ratio_its_geometric_mean_and_spread():
+    assert A.round_ratios([2.0, 3.0, 4.0], [1.0, 1.0, 2.0]) == (pytest.approx(12 ** (1 / 3)), 2.0, 3.0, 3)
     assert A.round_ratios(None, [1.0]) is None
     assert A.round_ratios([1.0, 2.0], [1.0]) is None
 
