@@ -207,6 +207,12 @@ def test_the_layers_of_a_point_run_back_to_back_and_rotate_with_the_rounds(tmp_p
     frame = results.read_results(tmp_path / results.RESULTS_FILE)
     assert len(frame) == 6 and (frame["rounds"] == 2).all()
     assert all(len(m) == 2 for m in frame["round_medians_s"])
+    # Each round's geometric mean, over that round's blocks only: it lies within them.
+    for row in frame.to_dict("records"):
+        blocks = len(row["times_s"]) // 2
+        rounds_of_blocks = [row["times_s"][:blocks], row["times_s"][blocks:]]
+        assert all(min(b) * (1 - 1e-12) <= g <= max(b) * (1 + 1e-12)  # exp(log(t)) rounds
+                   for g, b in zip(row["round_geomeans_s"], rounds_of_blocks, strict=True))
 
 
 def test_three_tiny_sweeps_started_at_once_on_a_machine_reporting_a_huge_cache_all_finish_ok(tmp_path):
