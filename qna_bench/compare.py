@@ -15,8 +15,8 @@ divided by the geometric mean of the other layers' times at the same problem, wi
 seconds apart in the same round (each round's geometric mean over its blocks, `qna_bench.rounds.round_times`;
 a row without rounds counts as one round of its median). A machine that runs everything 1.3× slower
 leaves these relative times as they were; one layer that got 1.3× slower moves its own. The change is
-the ratio of the geometric means over the rounds of the relative times, new over base, and its spread runs from the smallest new over the largest base to the largest new
-over the smallest base. A change is *significant* when all three hold: it exceeds ``--min-rel``
+the ratio of the geometric means over the rounds of the relative times, new over base, and its spread
+runs from the smallest new over the largest base to the largest new over the smallest base. A change is *significant* when all three hold: it exceeds ``--min-rel``
 (default 5%), the raw medians differ by more than ``--min-abs-ms`` (default 0.01 ms), and the spread
 excludes 1 (so with several rounds the noise between rounds holds it back), and it lies beyond the
 noise *between the runs*: each run is a fresh process, and a point's time relative to its peers moves

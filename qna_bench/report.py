@@ -64,8 +64,10 @@ are shown in the tables but never vote. A ratio is a peer's value divided by QnA
 above 1 QnA is leaner / faster. Each problem shape gets its own verdict.
 
 - **Memory** (T = 10×, peak memory above inputs; a `timeout` row counts, its memory pass completed) and
-  **speed** (T = 5×, median latency): at each window the *strongest peer* is the peer with the smallest
-  ratio among those measured there; the claim **holds** if QnA is at least T times better than the
+  **speed** (T = 5×, latency: with rounds, the geometric mean over the rounds of the ratio of the two
+  layers' round times, each the geometric mean of the round's blocks; without, the ratio of the
+  medians): at each window the *strongest peer* is the peer with the smallest ratio among those measured
+  there; the claim **holds** if QnA is at least T times better than the
   strongest peer at some window, **holds partly** if at least {BEAT_FACTOR:g}× there, and **does not hold**
   otherwise; QnA *loses* where the strongest peer's ratio is below 1.
 - **Per family**: the same rule with each family's best implementation at each window in place of the
@@ -636,7 +638,7 @@ def _grid(rows: pd.DataFrame, value_column: str, fmt, windows: Sequence[int], st
 
 def ratio_section(analysis: Analysis, claim: Claim) -> str:
     column = claim.ratio_column
-    noun = "peak memory" if claim is MEMORY else "median latency"
+    noun = "peak memory" if claim is MEMORY else "latency"
     parts = [
         f"## {claim.title.split(':')[0]} ratio: layer {noun} / QnA {noun}",
         f"Above 1: QnA is {claim.verb}; the claim is {claim.target:g}×. Peers decide the verdicts; baselines and "
@@ -644,7 +646,8 @@ def ratio_section(analysis: Analysis, claim: Claim) -> str:
     ]
     if claim is SPEED:
         rounds = analysis.ratios["latency_rounds"] if len(analysis.ratios) else pd.Series(dtype=int)
-        parts.append("Spread: min–max of the per-round ratios (round r against round r) beside each ratio."
+        parts.append("Each ratio is the geometric mean of the per-round ratios (round r against round r); beside "
+                     "it, their min–max."
                      if (rounds > 1).any() else
                      "Spread: this file has no per-round times (older format), so the ratios carry no spread.")
     ratios = analysis.ratios[analysis.ratios[column].notna()] if len(analysis.ratios) else analysis.ratios
