@@ -56,6 +56,7 @@ def convnext_bytes(problem: Problem) -> int:
 
 @register_layer(
     "convnext_mixer",
+    forms=("gemm",),
     role="baseline",
     family="conv",
     cost_grows_with_window=True,

@@ -138,6 +138,7 @@ def _unsupported(problem: Problem) -> str | None:
 
 @register_layer(
     "na_flex",
+    forms=("gemm",),
     role="peer",
     compiles=True,
     family="neighborhood",

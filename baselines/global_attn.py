@@ -52,6 +52,7 @@ def _unsupported(problem: Problem) -> str | None:
 
 @register_layer(
     "global_attn",
+    forms=("gemm",),
     role="peer",
     family="global",
     implementation="torch scaled_dot_product_attention, no mask",

@@ -134,6 +134,7 @@ def halo_bytes(problem: Problem) -> int:
 
 @register_layer(
     "halo",
+    forms=("gemm",),
     role="peer",
     family="halo",
     cost_grows_with_window=True,

@@ -132,6 +132,7 @@ def natten_bytes(problem: Problem) -> int:
 
 @register_layer(
     "na",
+    forms=("gemm",),
     role="peer",
     family="neighborhood",
     cost_grows_with_window=True,

@@ -90,6 +90,7 @@ def sasa_bytes(problem: Problem) -> int:
 
 @register_layer(
     "sasa",
+    forms=("gemm",),
     role="peer",
     family="sasa",
     cost_grows_with_window=True,

@@ -144,6 +144,7 @@ def _register(name: str, shifted: bool, fused: bool) -> None:
         name,
         role="peer",
         family="swin",
+        forms=("gemm",),
         implementation=f"timm SwinTransformerBlock._attn, {path}",
         layout="nhwc",
         description=f"Swin window attention over non-overlapping M×M {kind}, M = window (timm clamps it to the map)",

@@ -28,8 +28,11 @@ SETTING_COLUMNS: tuple[str, ...] = (*CONTEXT_COLUMNS, *SHAPE_COLUMNS)
 # Two rows pair (a layer against QnA) when all of these agree.
 PAIR_COLUMNS: tuple[str, ...] = (*SETTING_COLUMNS, "mode", "window")
 POINT_COLUMNS: tuple[str, ...] = ("layer", *PAIR_COLUMNS)
-# A layer's form: eager or a torch.compile mode; a point has one row per form measured.
+# A layer's form: eager or a torch.compile mode, and tuned or as shipped (`qna_bench.forms`); a point has
+# one row per form measured.
 FORM_COLUMN = "compile_mode"
+TUNING_COLUMN = "tuning"
+TUNED, SHIPPED = "tuned", "shipped"
 # A row's time per round of interleaved rounds (`qna_bench.rounds.round_times`), derived when rows pair.
 ROUNDS_COLUMN = "round_times_s"
 
@@ -106,9 +109,12 @@ def with_roles(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def with_forms(frame: pd.DataFrame) -> pd.DataFrame:
-    """The frame with every row's `compile_mode`: as recorded, `eager` where null or absent (older files)."""
+    """The frame with every row's `compile_mode` and `tuning`: as recorded, `eager` and `tuned` where null
+    or absent (older files)."""
     recorded = frame[FORM_COLUMN] if FORM_COLUMN in frame else pd.Series(pd.NA, index=frame.index, dtype="string")
-    return frame.assign(**{FORM_COLUMN: recorded.astype(object).map(mode_of).astype("string")})
+    tuning = frame[TUNING_COLUMN] if TUNING_COLUMN in frame else pd.Series(pd.NA, index=frame.index, dtype="string")
+    return frame.assign(**{FORM_COLUMN: recorded.astype(object).map(mode_of).astype("string"),
+                           TUNING_COLUMN: tuning.astype(object).where(tuning.notna(), TUNED).astype("string")})
 
 
 def has_compiled(frame: pd.DataFrame) -> bool:
@@ -116,9 +122,15 @@ def has_compiled(frame: pd.DataFrame) -> bool:
     return FORM_COLUMN in frame and bool(with_forms(frame)[FORM_COLUMN].ne(EAGER).any())
 
 
-def layer_label(layer: str, mode: object) -> str:
-    """``qna`` for the eager form, ``qna[compiled:default]`` for a compiled one."""
-    label = form_label(mode)
+def has_shipped(frame: pd.DataFrame) -> bool:
+    """Whether any row of ``frame`` measured a layer as shipped (`as_shipped`)."""
+    return TUNING_COLUMN in frame and bool(frame[TUNING_COLUMN].eq(SHIPPED).any())
+
+
+def layer_label(layer: str, mode: object, tuning: object = TUNED) -> str:
+    """``qna`` for the eager, tuned form, ``qna[compiled:default]`` for a compiled one, ``qna[shipped]``
+    for the layer as built."""
+    label = ", ".join(part for part in (form_label(mode), SHIPPED if tuning == SHIPPED else "") if part)
     return f"{layer}[{label}]" if label else layer
 
 
@@ -128,8 +140,8 @@ def latest_rows(frame: pd.DataFrame) -> pd.DataFrame:
     frame = with_forms(frame)
     order = frame.assign(_ts=frame["timestamp"].fillna(""), _key=frame["point_key"].fillna(""))
     order = order.sort_values(["_ts", "_key"], kind="mergesort")
-    kept = order.drop_duplicates([*POINT_COLUMNS, FORM_COLUMN], keep="last").drop(columns=["_ts", "_key"])
-    return kept.sort_values([*POINT_COLUMNS, FORM_COLUMN], kind="mergesort").reset_index(drop=True)
+    kept = order.drop_duplicates([*POINT_COLUMNS, FORM_COLUMN, TUNING_COLUMN], keep="last").drop(columns=["_ts", "_key"])
+    return kept.sort_values([*POINT_COLUMNS, FORM_COLUMN, TUNING_COLUMN], kind="mergesort").reset_index(drop=True)
 
 
 def _form_order(mode: str) -> int:
@@ -140,15 +152,16 @@ def best_forms(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per point: each layer's best form there, the ``ok`` row with the lowest ``median_s``;
     where no form is ``ok``, the eager row (else the first form measured). A frame of eager rows only
     comes back as it is."""
-    if not has_compiled(frame):
+    if not has_compiled(frame) and not has_shipped(frame):
         return frame
     ok = (frame["status"] == "ok") & frame["median_s"].notna()
     ranked = frame.assign(
         _failed=~ok,
         _median=frame["median_s"].astype("Float64").where(ok).fillna(float("inf")).astype(float),
         _form=frame[FORM_COLUMN].map(_form_order),
-    ).sort_values(["_failed", "_median", "_form"], kind="mergesort")
-    kept = ranked.drop_duplicates(list(POINT_COLUMNS)).drop(columns=["_failed", "_median", "_form"])
+        _shipped=frame[TUNING_COLUMN].eq(SHIPPED) if TUNING_COLUMN in frame else False,
+    ).sort_values(["_failed", "_median", "_form", "_shipped"], kind="mergesort")
+    kept = ranked.drop_duplicates(list(POINT_COLUMNS)).drop(columns=["_failed", "_median", "_form", "_shipped"])
     return kept.sort_values(list(POINT_COLUMNS), kind="mergesort").reset_index(drop=True)
 
 
@@ -187,6 +200,38 @@ def form_table(frame: pd.DataFrame) -> pd.DataFrame:
         record["best"] = best_forms(group)[FORM_COLUMN].iloc[0]
         records.append(record)
     return sort_rows(pd.DataFrame(records, columns=columns), keys)
+
+
+SHIPPED_COLUMNS = ("problem", "mode", "role", "layer", "window", "shipped_status", "shipped_s", "shipped_form",
+                   "tuned_status", "tuned_s", "tuned_form", "tuned_source", "speedup")
+
+
+def _seconds(row: pd.Series | None) -> float:
+    ok = row is not None and row["status"] == "ok" and not missing(row["median_s"])
+    return float(row["median_s"]) if ok else float("nan")
+
+
+def shipped_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """As shipped against tuned: one row per layer, problem, mode and window measured both ways (eager
+    rows of `latest_rows`, with `problem`): each side's median and form, the tuned form's source, and
+    ``speedup`` = shipped / tuned (above 1 the tuned form is faster)."""
+    if not has_shipped(frame):
+        return pd.DataFrame(columns=list(SHIPPED_COLUMNS))
+    frame = frame[frame[FORM_COLUMN] == EAGER]
+    records = []
+    for _, group in frame.groupby(list(POINT_COLUMNS), sort=False, dropna=False):
+        by_tuning = {r[TUNING_COLUMN]: r for _, r in group.iterrows()}
+        shipped, tuned = by_tuning.get(SHIPPED), by_tuning.get(TUNED)
+        if shipped is None or tuned is None:
+            continue
+        record = {k: tuned[k] for k in ("problem", "mode", "role", "layer", "window")}
+        for side, row in (("shipped", shipped), ("tuned", tuned)):
+            record.update({f"{side}_status": row["status"], f"{side}_s": _seconds(row),
+                           f"{side}_form": row.get("form") if not missing(row.get("form")) else ""})
+        record["tuned_source"] = tuned.get("form_source") if not missing(tuned.get("form_source")) else ""
+        record["speedup"] = record["shipped_s"] / record["tuned_s"] if record["tuned_s"] > 0 else float("nan")
+        records.append(record)
+    return sort_rows(pd.DataFrame(records, columns=list(SHIPPED_COLUMNS)), ["problem", "mode", "role", "layer", "window"])
 
 
 def settings(frame: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
@@ -666,6 +711,7 @@ class Analysis:
     noise: NoiseFloor  # the run's canary spread and each layer's spread between processes (`qna_bench.noise`)
     every_form: pd.DataFrame  # the newest row per point and form (`frame` keeps each layer's best form)
     forms: pd.DataFrame  # eager against compiled where a point has several forms (`form_table`)
+    shipped: pd.DataFrame  # as shipped against tuned, where a point measured both (`shipped_table`)
     leads: pd.DataFrame  # whether QnA's lead over each family survives compilation (`compile_leads`)
 
 
@@ -684,11 +730,13 @@ def analyse(frame: pd.DataFrame) -> Analysis:
     comparisons = growth_comparisons(layers)
     compiled = has_compiled(every_form)
     # Failed forms that lost to a working one are failures too, named with their form.
-    failed = every_form if compiled else data
+    failed = every_form if compiled or has_shipped(every_form) else data
     failed = failed[failed["status"] != "ok"]
-    failed = failed.assign(layer=[layer_label(layer, mode) for layer, mode in zip(failed["layer"], failed[FORM_COLUMN])])
+    failed = failed.assign(layer=[layer_label(*names) for names in
+                                  zip(failed["layer"], failed[FORM_COLUMN], failed[TUNING_COLUMN])])
     failed = failed[["problem", "mode", "role", "layer", "window", "status", "reason"]]
-    eager_layers = every_form[(every_form["kind"] == "layer") & (every_form[FORM_COLUMN] == EAGER)]
+    tuned_layers = every_form[(every_form["kind"] == "layer") & (every_form[TUNING_COLUMN] == TUNED)]
+    eager_layers = tuned_layers[tuned_layers[FORM_COLUMN] == EAGER]
     return Analysis(
         frame=sort_rows(data, ["problem", "mode", "role", "layer", "window"]),
         rows_in_file=len(frame),
@@ -704,6 +752,7 @@ def analyse(frame: pd.DataFrame) -> Analysis:
         roofline=roofline_frame(layers),
         noise=noise_floor(data),
         every_form=every_form,
-        forms=form_table(every_form[every_form["kind"] == "layer"]),
+        forms=form_table(tuned_layers),
+        shipped=shipped_table(every_form[every_form["kind"] == "layer"]),
         leads=compile_leads(ratio_frame(eager_layers), ratios) if compiled else pd.DataFrame(columns=list(LEAD_COLUMNS)),
     )

@@ -2,7 +2,7 @@
 
 The CLI contract: ``layers``, ``windows``, ``modes``, ``compile`` (a value or a list each; the sweep is
 their product), ``problem.*`` (the fixed part of the problem), ``variants`` (extra problem overrides swept
-as well), ``measure.*``, ``qna.*`` (how QnA chooses its plan) and ``results_dir``.
+as well), ``measure.*``, ``tune`` (how every layer chooses its form), ``as_shipped`` and ``results_dir``.
 """
 
 from __future__ import annotations
@@ -76,15 +76,6 @@ class MeasureConfig:
 
 
 @dataclass
-class QnAConfig:
-    # How QnA's fast form chooses its plan (the form of each pass) per key: cached (time the candidates
-    # on a key's first use unless the disk cache, $QNA_BENCH_CACHE_DIR or ~/.cache/qna_bench, has the
-    # winner), always (time them again), off (a plain default, no timing). Recorded in every row's
-    # measure_settings; a QnA row records its plan, plan_source and tune_seconds in layer_flags.
-    tune: Any = "cached"
-
-
-@dataclass
 class BenchConfig:
     layers: Any = field(default_factory=lambda: ["qna", "swin_fused", "na_flex", "conv_dw"])
     # Extra modules imported before the sweep; they register their own layers with `register_layer`.
@@ -97,7 +88,14 @@ class BenchConfig:
     problem: ProblemConfig = field(default_factory=ProblemConfig)
     variants: Any = field(default_factory=list)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
-    qna: QnAConfig = field(default_factory=QnAConfig)
+    # How every layer chooses its form per key (QnA its plan and GEMM library, a peer its GEMM library;
+    # `python -m qna_bench.registry` lists the candidates): cached (time the candidates on a key's first
+    # use unless the disk cache, $QNA_BENCH_CACHE_DIR or ~/.cache/qna_bench, has the winner), always
+    # (time them again), off (every layer as built). Each row records its `form` and `form_source`.
+    tune: Any = "cached"
+    # Also measure every layer that has forms as built (`tuning=shipped` rows), beside its tuned form in
+    # the same interleaved rounds: the report then shows what tuning bought each side.
+    as_shipped: Any = False
     # Unset: Hydra's output folder for this run or job (see configs/config.yaml).
     results_dir: Any = MISSING
     # Skip points already measured in results_dir's parquet; `resume=false` measures them again.

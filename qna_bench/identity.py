@@ -21,6 +21,7 @@ from typing import Any
 
 from qna_bench.compile_mode import EAGER, is_compiled
 from qna_bench.environment import Environment
+from qna_bench.forms import SHIPPED, TUNED
 from qna_bench.problem import Problem
 
 # Libraries a layer may wrap: their versions are part of its code version.
@@ -45,11 +46,14 @@ def problem_fields() -> tuple[str, ...]:
 
 def point_key(values: dict[str, Any]) -> str:
     """A stable id of a point from a row's columns: layer, every `Problem` field, environment, threads,
-    and the compile mode when the layer ran compiled (an eager row keeps the key it had before the column)."""
+    the compile mode when the layer ran compiled, and `shipped` for a layer measured as built (an eager,
+    tuned row keeps the key it had before those columns)."""
     columns = ("layer", *problem_fields(), *ENVIRONMENT_KEY_FIELDS, "threads")
     parts = [values.get(c) for c in columns]
     if is_compiled(values.get("compile_mode")):
         parts.append(values["compile_mode"])
+    if values.get("tuning") == SHIPPED:
+        parts.append(SHIPPED)
     identity = json.dumps(parts, default=str)
     return hashlib.sha1(identity.encode()).hexdigest()[:16]
 
@@ -139,13 +143,14 @@ def settings_record(settings: Any) -> str:
 
 
 def point_identity(
-    layer: Any, problem: Problem, env: Environment, settings: Any, compile_mode: str = EAGER
+    layer: Any, problem: Problem, env: Environment, settings: Any, compile_mode: str = EAGER, tuning: str = TUNED
 ) -> dict[str, Any]:
-    """The identity columns of a row: the problem, environment, threads, compile mode, code version,
-    settings and key."""
+    """The identity columns of a row: the problem, environment, threads, compile mode, tuning (the tuned
+    form or as shipped), code version, settings and key."""
     values = dict(
         layer=layer.name,
         compile_mode=compile_mode,
+        tuning=tuning,
         threads=settings.threads,
         **problem.as_dict(),
         **env.as_dict(),

@@ -156,8 +156,8 @@ def _build(problem: Problem, impl: str) -> nn.Module:
 
 
 def _prepare(module: nn.Module, x: torch.Tensor, problem: Problem, settings: Any) -> None:
-    """The fast form chooses its plan under ``qna.tune`` (``settings.qna_tune``) before the first call."""
-    module.tune = settings.qna_tune
+    """The fast form chooses its plan under ``tune`` (``settings.tune``) before the first call."""
+    module.tune = settings.tune
     if module.impl == "fast":
         module.choose_plan(x, train=problem.mode == "train")
 
@@ -257,6 +257,7 @@ _QNA = dict(
     analytic_flops=qna_flops,
     analytic_bytes=qna_bytes,
     prepare=_prepare,
+    forms=("plan", "gemm"),
     **_QNA,
 )
 def build_qna(problem: Problem) -> nn.Module:

@@ -22,6 +22,7 @@ from qna_bench import compile_mode as forms
 from qna_bench import results
 from qna_bench.budget import PointBudget, PointTimeout, time_limits
 from qna_bench.environment import Environment, utc_now
+from qna_bench.forms import GEMM, SHIPPED, TUNED, form_columns, prepare_forms
 from qna_bench.heap import trim_cpu_heap
 from qna_bench.identity import point_identity
 from qna_bench.measure.canary import canary_seconds
@@ -54,8 +55,9 @@ class MeasureSettings:
     cudnn_benchmark: bool = True
     # The machine probes: `cached` (from the disk cache when fresh), `fresh` (measured now) or `off`.
     probes: str = "cached"
-    # qna.tune: how QnA's fast form chooses its plan (cached, always, off); see `qna_bench.qna.tuning`.
-    qna_tune: str = "cached"
+    # tune: how every layer chooses its form (QnA its plan, a peer its GEMM library): cached, always or
+    # off; see `qna_bench.tuner`.
+    tune: str = "cached"
     # Each round in fresh worker processes: a ratio's spread over rounds then covers the noise between
     # processes, which a single process's rounds cannot see.
     fresh_processes: bool = True
@@ -74,11 +76,13 @@ class SweepPoint:
     problem: Problem
     # eager, or the torch.compile mode of the layer's compiled form (`qna_bench.compile_mode`)
     compile_mode: str = forms.EAGER
+    # tuned: the layer in the form its tuner chose; shipped: as built (`qna_bench.forms`)
+    tuning: str = TUNED
 
     @property
     def label(self) -> str:
         p = self.problem
-        form = forms.form_label(self.compile_mode)
+        form = ", ".join(f for f in (forms.form_label(self.compile_mode), self.tuning if self.tuning == SHIPPED else "") if f)
         return f"{self.layer.name}{f'[{form}]' if form else ''} k={p.window} {p.mode} {p.batch}x{p.height}x{p.width}x{p.channels}"
 
 
@@ -108,7 +112,7 @@ def base_row(point: SweepPoint, env: Environment, settings: MeasureSettings, run
         layout=layer.layout,
         uses_window=layer.uses_window,
         load_avg=os.getloadavg()[0],
-        **point_identity(layer, point.problem, env, settings, point.compile_mode),
+        **point_identity(layer, point.problem, env, settings, point.compile_mode, point.tuning),
     )
     return row
 
@@ -211,8 +215,14 @@ def prepare_point(
             module = layer.build(problem)
             row["params"] = count_parameters(module)
             x = problem.make_input(layer.layout)
-            if layer.prepare is not None:  # before the first call: no choosing inside a measurement
-                layer.prepare(module, x, problem, settings)
+            # Before the first call, no choosing inside a measurement: the layer's own choices (QnA's plan),
+            # then its GEMM form; a shipped point runs the layer as built.
+            tune = "off" if point.tuning == SHIPPED else settings.tune
+            if layer.prepare is not None:
+                layer.prepare(module, x, problem, dataclasses.replace(settings, tune=tune))
+            if GEMM in layer.forms:
+                prepare_forms(module, x, problem, layer.name, row["code_version"], tune)
+            row["form"], row["form_source"] = form_columns(module)
             if layer.analytic_flops is not None:
                 row["flops_analytic"] = layer.closed_form_flops(problem, module)
             if layer.analytic_bytes is not None:

@@ -79,8 +79,12 @@ class LayerSpec:
     analytic_bytes: Callable[[Problem], int] | None = None
     # Once per point, after the build and before the first call, outside every measurement:
     # ``prepare(module, x, problem, settings)`` lets a layer that chooses among its own paths choose
-    # (QnA: its plan, under the ``qna.tune`` setting), as cuDNN's benchmark mode does in its first call.
+    # (QnA: its plan, under the ``tune`` setting), as cuDNN's benchmark mode does in its first call.
     prepare: Callable[[nn.Module, torch.Tensor, Problem, Any], None] | None = None
+    # The axes of the layer's forms that its tuner chooses (`qna_bench.forms`): ``gemm`` for a layer of
+    # pointwise products (nn.Linear, 1×1 convolutions), ``plan`` for QnA. A sweep with ``as_shipped``
+    # measures such a layer as built beside its tuned form.
+    forms: tuple[str, ...] = ()
     # Keyword arguments the closed forms take from the prepared module (QnA: the plan it chose), so
     # that they count what the layer runs: see `closed_form_flops`.
     cost_args: Callable[[nn.Module], dict[str, Any]] | None = None
@@ -210,13 +214,18 @@ def role_of(name: str) -> str | None:
 
 
 def describe_layers() -> str:
-    """One line per registered layer: name, role, family, layout, modes, implementation."""
+    """One line per registered layer: name, role, family, layout, modes, implementation; under it, the
+    candidates of each axis of its forms that the tuner chooses among."""
+    from qna_bench.forms import axis_candidates
+
     _ensure_loaded()
     width = max(len(name) for name in _REGISTRY)
-    return "\n".join(
-        f"{spec.name:<{width}}  {spec.role:<9} {spec.family:<12} {spec.layout}  {'/'.join(spec.modes):<13} {spec.implementation}"
-        for spec in _REGISTRY.values()
-    )
+    lines = []
+    for spec in _REGISTRY.values():
+        lines.append(f"{spec.name:<{width}}  {spec.role:<9} {spec.family:<12} {spec.layout}  "
+                     f"{'/'.join(spec.modes):<13} {spec.implementation}")
+        lines += [f"{'':<{width}}    forms: {axis} = {' | '.join(axis_candidates(axis))}" for axis in spec.forms]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -239,6 +239,24 @@ def plan_rows(data: pd.DataFrame) -> list[list[str]]:
             for key in keys for problem, layer, mode, text in [key]]
 
 
+def form_rows(data: pd.DataFrame) -> list[list[str]]:
+    """Every other layer's form per problem, layer, mode and form, with its windows and sources, as the
+    rows record it (`form`, `form_source`); [] for files from before those columns."""
+    if "form" not in data:
+        return []
+    found: dict[tuple[str, str, str, str], dict[str, set]] = {}
+    for row in data[(data["family"] != "qna") & data["form"].notna()].itertuples():
+        text = _form_text(row.form)
+        if not text:
+            continue
+        entry = found.setdefault((str(row.problem), str(row.layer), str(row.mode), text), {"windows": set(), "sources": set()})
+        entry["windows"].add(int(row.window))
+        entry["sources"].add(str(row.form_source))
+    order = {m: i for i, m in enumerate(mode_order(data["mode"].unique()))}
+    keys = sorted(found, key=lambda k: (k[0], k[1], order.get(k[2], 99), min(found[k]["windows"]), k[3]))
+    return [[*key[:3], _k_list(found[key]["windows"]), key[3], ", ".join(sorted(found[key]["sources"]))] for key in keys]
+
+
 def noise_text(analysis: Analysis) -> str:
     """The run's noise floor (`qna_bench.noise`) and the ratios whose spread crosses a verdict line."""
     noise = analysis.noise
@@ -318,9 +336,15 @@ def header_section(analysis: Analysis) -> str:
         "### QnA's plans",
         "The form of each pass of QnA's fast form, as each row records it (`layer_flags`); passes not "
         "named ran direct, and projections not named as `F.linear`. Source: tuned (timed on this machine), cache (timed earlier), default "
-        "(`qna.tune=off`) or forced. Fell back: windows where the data made the FFT passes run direct.",
+        "(`tune=off`) or forced. Fell back: windows where the data made the FFT passes run direct.",
         markdown_table(["problem", "layer", "mode", "windows k", "plan", "source", "fell back at k"], plan_rows(data))
         if plan_rows(data) else "No QnA fast-form rows.",
+        *(["### The other layers' forms",
+           "The form each other layer ran, as its rows record it (`form`): `gemm` is the library of its pointwise "
+           "products (`linear`: F.linear, the BLAS GEMM; `conv1x1`: a 1×1 convolution, oneDNN on CPU). Source as "
+           "above; default: as built.",
+           markdown_table(["problem", "layer", "mode", "windows k", "form", "source"], form_rows(data))]
+          if form_rows(data) else []),
         "### Reliability of the timings",
         "\n".join(f"- {note}." for note in timing_warnings(data))
         or "No warning: every timed point had a quiet machine (where recorded), enough replicates and a narrow spread.",
@@ -478,7 +502,8 @@ def _growth_text(exponent: float, r2: float, poor: bool) -> str:
 def verdict_section(analysis: Analysis) -> str:
     verdicts = analysis.verdicts
     if not len(verdicts):
-        return "\n\n".join(part for part in ("## Verdicts", "No rows.", forms_section(analysis)) if part)
+        return "\n\n".join(part for part in ("## Verdicts", "No rows.", forms_section(analysis),
+                                               tuning_section(analysis)) if part)
     parts = ["## Verdicts"]
     problems = analysis.problems
     for (device, subject), on_device in verdicts.groupby(["device_name", "subject"], sort=True):
@@ -515,9 +540,7 @@ def verdict_section(analysis: Analysis) -> str:
         table = _comparison_table(analysis, subject, device)
         if table:
             parts += ["#### Scaling: QnA against each peer over the windows both measured", table]
-    forms = forms_section(analysis)
-    if forms:
-        parts.append(forms)
+    parts += [section for section in (forms_section(analysis), tuning_section(analysis)) if section]
     parts += ["### How the verdicts are decided", RULES.strip()]
     return "\n\n".join(parts)
 
@@ -571,6 +594,45 @@ def _winners(data: pd.DataFrame, problem: str, mode: str) -> str:
                    for form, rows in own.groupby("compile_mode", sort=True)]
         texts.append(f"{layer} {', '.join(by_form)}")
     return "Forms in the verdicts: " + "; ".join(texts) + "."
+
+
+SHIPPED_RULES = """\
+Each layer that has forms to choose (`python -m qna_bench.registry` lists them: QnA its plan and the GEMM
+library of its projections, every peer the GEMM library of its `nn.Linear`s and 1×1 convolutions) ran
+twice at each point, timed in the same interleaved rounds: as built (*shipped*) and in the form its tuner
+chose (*tuned*; `qna_bench.tuner`: every candidate proved equal to the layer as built, warmed, then timed
+in interleaved rounds). Speedup = shipped ms / tuned ms: what tuning bought that layer. Every ratio,
+verdict and figure takes each layer at its best form."""
+
+
+def _form_text(record: object) -> str:
+    """``plan=fused, gemm=conv1x1`` from a row's ``form`` JSON; "" where none is recorded."""
+    if _missing(record) or not record:
+        return ""
+    try:
+        form = json.loads(record)
+    except ValueError:
+        return str(record)
+    return ", ".join(f"{axis}={form[axis]}" for axis in sorted(form)) if isinstance(form, dict) else str(form)
+
+
+def tuning_section(analysis: Analysis) -> str:
+    """As shipped against tuned, per problem and mode: each side's latency and form, the speedup. ""
+    for a run without shipped rows."""
+    table = analysis.shipped
+    if not len(table):
+        return ""
+    parts = ["### As shipped against tuned", SHIPPED_RULES]
+    for (problem, mode), group in table.groupby(["problem", "mode"], sort=False):
+        rows = [[r["layer"], int(r["window"]), _form_cell(r, "shipped_s", "shipped_status", _ms),
+                 _form_text(r["shipped_form"]), _form_cell(r, "tuned_s", "tuned_status", _ms),
+                 _form_text(r["tuned_form"]), r["tuned_source"],
+                 "—" if _missing(r["speedup"]) else _x(r["speedup"])]
+                for r in (pd.Series(record) for record in group.to_dict("records"))]
+        parts += [f"#### {mode}, {_problem_label(problem, analysis.problems)}",
+                  markdown_table(["layer", "k", "shipped ms", "shipped form", "tuned ms", "tuned form", "source",
+                                  "speedup"], rows)]
+    return "\n\n".join(parts)
 
 
 def forms_section(analysis: Analysis) -> str:

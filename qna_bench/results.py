@@ -45,6 +45,13 @@ SCHEMA = pa.schema(
         # the form measured: eager, or a torch.compile mode (qna_bench.compile_mode); null in files from
         # before the column, which read as eager
         ("compile_mode", pa.string()),
+        # tuned: the layer in the form its tuner chose; shipped: as built (`as_shipped=true`); null in files
+        # from before the column, which read as tuned (qna_bench.forms)
+        ("tuning", pa.string()),
+        # the form that ran, each choice by axis as JSON ({"gemm": "conv1x1"}, QnA's {"plan": ..., "gemm": ...})
+        # and where it came from: tuned, cache, default (as built) or forced
+        ("form", pa.string()),
+        ("form_source", pa.string()),
         # problem
         ("batch", pa.int64()),
         ("height", pa.int64()),

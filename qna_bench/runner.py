@@ -24,6 +24,7 @@ from qna_bench import results, rounds
 from qna_bench.budget import time_limits
 from qna_bench.compile_mode import EAGER
 from qna_bench.environment import Environment
+from qna_bench.forms import SHIPPED, TUNED
 from qna_bench.identity import is_current, point_identity
 from qna_bench.measure.canary import is_slow
 from qna_bench.measure.probes import MachineProbes, machine_probes
@@ -68,14 +69,17 @@ def plan_sweep(
     modes: Sequence[str],
     problems: Sequence[Problem],
     compile_modes: Sequence[str] = (EAGER,),
+    as_shipped: bool = False,
 ) -> list[SweepPoint]:
-    """The product problems × windows × modes × layers × compile modes, in that nesting order: the
-    layers of one problem, window and mode, a layer's eager and compiled forms among them, are timed
-    together, so the two sides of a ratio share the seconds they ran in."""
+    """The product problems × windows × modes × layers × compile modes, in that nesting order, each
+    layer in its tuned form and, with ``as_shipped``, a layer that has forms to choose also as built:
+    the layers of one problem, window and mode, every form of a layer among them, are timed together,
+    so the two sides of a ratio share the seconds they ran in."""
     return [
-        SweepPoint(layer, problem.replace(window=window, mode=mode), compile_mode)
+        SweepPoint(layer, problem.replace(window=window, mode=mode), compile_mode, tuning)
         for problem, window, mode, layer, compile_mode in itertools.product(problems, windows, modes, layers,
                                                                             compile_modes)
+        for tuning in ((TUNED, SHIPPED) if as_shipped and layer.forms else (TUNED,))
     ]
 
 
@@ -132,7 +136,7 @@ def run_sweep(
     stream = stream or sys.stderr  # looked up per call: a caller may have redirected it
     run_id = uuid.uuid4().hex[:12]
     count = settings.rounds
-    keys = [point_identity(p.layer, p.problem, env, settings, p.compile_mode) for p in points]
+    keys = [point_identity(p.layer, p.problem, env, settings, p.compile_mode, p.tuning) for p in points]
     key_of = {id(p): identity["point_key"] for p, identity in zip(points, keys)}
     rows: dict[str, dict[str, Any]] = {}
     if resume:
@@ -219,7 +223,7 @@ def run_sweep(
 
 def _layer_group(point: SweepPoint) -> tuple[str, str, Problem]:
     """A layer's form on a problem at any window: what a failure at one window says about the larger."""
-    return point.layer.name, point.compile_mode, point.problem.replace(window=0)
+    return point.layer.name, point.compile_mode, point.tuning, point.problem.replace(window=0)
 
 
 def _group_label(points: Sequence[SweepPoint], round_index: int, count: int) -> str:
@@ -256,7 +260,7 @@ def _measure_round(
     pid = None
     for attempt in range(2):
         started = time.perf_counter()
-        outcome = worker.run_together([(p.layer.name, p.compile_mode) for p in points], points[0].problem, run_id,
+        outcome = worker.run_together([(p.layer.name, p.compile_mode, p.tuning) for p in points], points[0].problem, run_id,
                                       limit_s, first_round=first_round)
         pid = worker.pid
         if isinstance(outcome, WorkerLost):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from qna_bench.analysis import FORM_COLUMN, latest_rows, layer_label, settings
+from qna_bench.analysis import FORM_COLUMN, TUNING_COLUMN, latest_rows, layer_label, settings
 
 MIB = 2**20
 
@@ -31,7 +31,7 @@ def _block(setting: dict, mode: str, rows: pd.DataFrame) -> str:
         f"{mode}: B={setting['batch']}, {setting['height']}×{setting['width']}, C={setting['channels']}, "
         f"{setting['heads']} heads, {setting['dtype']}, {setting['device_name']}, {setting['threads']} threads"
     )
-    labels = [layer_label(layer, mode) for layer, mode in zip(rows["layer"], rows[FORM_COLUMN])]
+    labels = [layer_label(*names) for names in zip(rows["layer"], rows[FORM_COLUMN], rows[TUNING_COLUMN])]
     cells = rows.assign(cell=rows.apply(_cell, axis=1), layer=labels).pivot_table(
         index="layer", columns="window", values="cell", aggfunc="first"
     )

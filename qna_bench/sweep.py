@@ -193,7 +193,7 @@ def _settings(cfg: DictConfig) -> tuple[MeasureSettings, int | None]:
         canary=_flag(measure.canary, "measure.canary"),
         slow_canary_share=float(_number(measure.slow_canary_share, "measure.slow_canary_share")),
         cpu_heap=_choice(measure.cpu_heap, "measure.cpu_heap", CPU_HEAPS),
-        qna_tune=_choice(cfg.qna.tune, "qna.tune", TUNES),
+        tune=_choice(cfg.tune, "tune", TUNES),
     )
     return settings, int(cap_gib * 2**30) if cap_gib else None
 
@@ -235,6 +235,7 @@ def plan_from_config(cfg: DictConfig) -> SweepPlan:
     windows = checked(_positive_ints, cfg.windows, "windows")
     modes = checked(_modes, cfg.modes)
     compile_modes = checked(_compile_modes, cfg.compile)
+    as_shipped = checked(_flag, cfg.as_shipped, "as_shipped")
     problems = checked(_problems, cfg)
     settings_and_cap = checked(_settings, cfg)
     resume = checked(_flag, cfg.resume, "resume")
@@ -243,7 +244,7 @@ def plan_from_config(cfg: DictConfig) -> SweepPlan:
     if messages:
         raise BadInput(messages)
     settings, cap = settings_and_cap
-    points = plan_sweep(layers, windows, modes, problems, compile_modes)
+    points = plan_sweep(layers, windows, modes, problems, compile_modes, as_shipped)
     errors = sweep_errors(points)
     skipped: list[str] = []
     if errors:

@@ -119,10 +119,10 @@ class PointWorker:
         return dataclasses.replace(rows, layer_index=None) if isinstance(rows, WorkerLost) else rows[0]
 
     def run_together(
-        self, layers: Sequence[tuple[str, str]], problem: Problem, run_id: str, timeout_s: float | None, *,
+        self, layers: Sequence[tuple[str, ...]], problem: Problem, run_id: str, timeout_s: float | None, *,
         first_round: bool = True,
     ) -> list[dict[str, Any]] | WorkerLost:
-        """The rows of ``layers`` ((layer name, compile mode) pairs) on one problem, timed in alternating
+        """The rows of ``layers`` ((layer name, compile mode[, tuning]) tuples) on one problem, timed in alternating
         blocks (`qna_bench.point.run_points`), or `WorkerLost`. ``timeout_s`` is the hard limit of one
         layer: each layer's preparation gets it, and their timing together gets it once per layer."""
         if self._process is None:
@@ -207,7 +207,7 @@ def _serve(conn: Connection, setup: WorkerSetup) -> None:
                 layers, problem, run_id, first_round = conn.recv()
             except EOFError:
                 return
-            points = [SweepPoint(get_layer(name), problem, compile_mode) for name, compile_mode in layers]
+            points = [SweepPoint(get_layer(name), problem, *form) for name, *form in layers]
             if not warmed_up:  # with the eager form: compiling is the point's own first call
                 warm_up_process(points[0], setup.settings)
                 warmed_up = True

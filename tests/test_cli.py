@@ -125,7 +125,7 @@ BAD_INPUTS = [
     (["measure.rounds=0"], "measure.rounds=0: must be a positive number"),
     (["measure.rounds=1.5"], "measure.rounds=1.5: must be a positive integer"),
     (["resume=maybe"], "resume='maybe': allowed values are true, false"),
-    (["qna.tune=sometimes"], "qna.tune='sometimes': allowed values are cached, always, off"),
+    (["tune=sometimes"], "tune='sometimes': allowed values are cached, always, off"),
     (["results_dir=/proc/forbidden/place"], "results_dir=/proc/forbidden/place: cannot create it"),
 ]
 if not __import__("torch").cuda.is_available():

@@ -58,13 +58,13 @@ def _build(name: str, problem: Problem) -> torch.nn.Module:
 
 def _forward_macs(name: str, problem: Problem) -> tuple[int | None, str]:
     """Multiply-adds of one forward counted by `FlopCounterMode` (FLOPs / 2), and the count's method.
-    QnA layers run their default plan (``qna.tune=off``: direct windowed sums, as the published
+    QnA layers run their default plan (``tune=off``: direct windowed sums, as the published
     figures count them), chosen before the counted call."""
     spec = get_layer(name)
     model = spec.build(problem)
     images = problem.make_input(spec.layout)
     if spec.prepare is not None:
-        spec.prepare(model, images, problem, MeasureSettings(threads=torch.get_num_threads(), qna_tune="off"))
+        spec.prepare(model, images, problem, MeasureSettings(threads=torch.get_num_threads(), tune="off"))
 
     def forward() -> None:
         with torch.inference_mode():

@@ -308,14 +308,14 @@ def test_tune_always_times_again_despite_the_cache(qna_plan_cache: Path) -> None
 @pytest.mark.parametrize("tune", TUNES)
 def test_a_qna_row_records_its_plan_and_the_tune_setting(tune: str) -> None:
     problem = Problem(batch=1, height=12, width=12, channels=8, heads=2, window=7, mode="train")
-    settings = MeasureSettings(threads=1, min_run_time_s=0.01, min_replicates=1, memory=False, qna_tune=tune)
+    settings = MeasureSettings(threads=1, min_run_time_s=0.01, min_replicates=1, memory=False, tune=tune)
     row = run_point(SweepPoint(get_layer("qna"), problem), settings, read_environment("cpu"), "run")
     assert row["status"] == "ok", row["reason"]
     flags = json.loads(row["layer_flags"])
     assert flags["tune"] == tune and flags["plan_fell_back"] is False
     assert flags["plan_source"] == {"off": "default"}.get(tune, "tuned")
     assert set(flags["plan"]) >= {"convolutions", "numerators", "numerator_grads", "kernel_grads"}
-    assert json.loads(row["measure_settings"])["qna_tune"] == tune
+    assert json.loads(row["measure_settings"])["tune"] == tune
     assert row["flops"] == pytest.approx(row["flops_analytic"], rel=0.02)  # the closed form counts the plan
 
 

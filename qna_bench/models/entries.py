@@ -92,11 +92,11 @@ def regularisation(module: nn.Module) -> dict[str, float]:
 
 
 def prepare_qna_layers(module: nn.Module, x: torch.Tensor, problem: Problem, settings: Any) -> None:
-    """Every QnA layer of a model chooses its plan under ``qna.tune`` in one untimed call (forward, or
+    """Every QnA layer of a model chooses its plan under ``tune`` in one untimed call (forward, or
     forward and backward in train mode) before the model's first measured call."""
     for layer in module.modules():
         if isinstance(layer, QnA):
-            layer.tune = settings.qna_tune
+            layer.tune = settings.tune
     if problem.mode != "train":
         with torch.inference_mode():
             module(x)
@@ -153,6 +153,7 @@ def _qna_vit_entry(name: str, config: QnAViTConfig, description: str) -> None:
     register_layer(
         name,
         role="subject",
+        forms=("plan", "gemm"),
         implementation="qna_bench.models.qna_vit.QnAViT: qna_bench.qna.QnA (fast) + window self-attention",
         description=description,
         constraints=constraints,
@@ -200,6 +201,7 @@ def _timm_entry(
     register_layer(
         name,
         role=role,
+        forms=("gemm",),
         implementation=f"timm.create_model({timm_name!r}, pretrained=False, drop_rate=0, drop_path_rate=0)",
         description=description,
         constraints=lambda problem: image_constraints(problem, name),
@@ -261,6 +263,7 @@ def _build_nat(problem: Problem) -> nn.Module:
 register_layer(
     "nat_tiny",
     role="peer",
+    forms=("gemm",),
     implementation="qna_bench.models.nat.NAT: natten.NeighborhoodAttention2D (flex-fna eager on CPU)",
     description=(
         "NAT-Tiny on natten (7×7 neighbourhoods, no rpb in natten 0.21): published 28M params, 4.3 GMACs; "

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _disable_current_modes
 
+from qna_bench.forms import GEMM, PLAN, FormChoice
 from qna_bench.qna.attention import qna_attention_packed, run_plan, wants_grad
 from qna_bench.qna.official import load_official_params
 from qna_bench.qna.plans import Plan, get_plan, plan_names
@@ -213,7 +214,8 @@ class QnA(nn.Module):
     def _chosen_plan(self, x: Tensor, train: bool) -> PlanChoice:
         if self.plan is not None:
             return PlanChoice(get_plan(self.plan, x.device).resolved(self.stride, train), train, "forced")
-        key = plan_key(x, self.features, self.heads, self.num_queries, self.window, self.stride, train)
+        key = plan_key(x, self.features, self.heads, self.num_queries, self.window, self.stride, train,
+                       bias=self.value_proj.bias is not None)
         remembered = self._choices.get((key, self.plan, self.tune))
         if remembered is None:
             # The candidates' calls are the tuner's work, not the layer's: a FLOP counter or any other
@@ -230,24 +232,26 @@ class QnA(nn.Module):
 
     def _timed_call(self, packed: Tensor) -> CallWith:
         """``call_with(plan, train)``: one call of the core on copies of this call's inputs, forward only
-        or forward and backward (with a fixed random output gradient)."""
+        or forward and backward (with a fixed random output gradient); it returns the output, and in
+        train the gradients of the packed input and the two kernels, for the tuner to check."""
         params = [p.detach().requires_grad_(p.requires_grad) for p in (self.rpe_bias, self.query_mixing)]
         grads: list[Tensor] = []
 
-        def call_with(plan: Plan, train: bool) -> Callable[[], None]:
-            def call() -> None:
+        def call_with(plan: Plan, train: bool) -> Callable[[], list[Tensor | None]]:
+            def call() -> list[Tensor | None]:
                 if not train:
                     with torch.no_grad():
-                        qna_attention_packed(packed, *params, self.stride, plan)
-                    return
+                        return [qna_attention_packed(packed, *params, self.stride, plan)[0]]
                 with torch.enable_grad():
                     leaf = packed.requires_grad_()
                     z, _ = qna_attention_packed(leaf, *params, self.stride, plan)
                     if not grads:
                         grads.append(torch.randn_like(z))
                     z.backward(grads[0])
+                outputs = [z.detach(), *(t.grad for t in (leaf, *params))]
                 for t in (leaf, *params):
                     t.grad = None
+                return outputs
 
             return call
 
@@ -265,14 +269,16 @@ class QnA(nn.Module):
                      tuple(_leaf(t) for t in (z, self.out_proj.weight.to(x.dtype), out_bias))]
         leaves = [t for call in calls for t in call if t is not None]
 
-        def project_with(form: Projection, train: bool) -> Callable[[], None]:
-            def call() -> None:
+        def project_with(form: Projection, train: bool) -> Callable[[], list[Tensor | None]]:
+            def call() -> list[Tensor | None]:
                 with torch.set_grad_enabled(train):
                     outputs = [project(inputs, weight, bias, form) for inputs, weight, bias in calls]
                     if train:
                         torch.autograd.backward(outputs, [torch.ones_like(out) for out in outputs])
+                grads = [leaf.grad for leaf in leaves]
                 for leaf in leaves:
                     leaf.grad = None
+                return [out.detach() for out in outputs] + grads
 
             return call
 
@@ -286,6 +292,15 @@ class QnA(nn.Module):
         self._check_input(x)
         self.plan_choice = self._choose(x, train)
         return self.plan_choice
+
+    def form_choice(self) -> FormChoice | None:
+        """The form the fast form runs (`qna_bench.forms`): its plan and its projections' GEMM, with where
+        they came from; None for the reference form or before any choice."""
+        choice = self.plan_choice
+        if self.impl != "fast" or choice is None:
+            return None
+        return FormChoice({PLAN: choice.plan.name, GEMM: choice.plan.projections}, choice.source,
+                          choice.tune_seconds, choice.timings_s, choice.refused)
 
     @property
     def plan_fell_back(self) -> bool:

@@ -1,13 +1,16 @@
-"""Choosing a plan per key, in the manner of cudnn.benchmark and Triton's autotune: on the first call
-of a key the candidate plans (`candidate_plans`) are timed at the call's real shape, the fastest wins,
-and the choice is kept in a JSON cache on disk (one file per key, written atomically).
+"""Choosing a plan per key, in the manner of cudnn.benchmark and Triton's autotune, through the project's
+one tuner (`qna_bench.tuner`: each candidate proved equal to the default plan, warmed, pruned, then timed
+in interleaved rounds, with the canary around it).
 
-The winning plan's projections are then timed in each form (`qna_bench.qna.projection`), on the same
-key. The key is the device (name and instruction set), threads, torch version, the qna package's code
-version, dtype, shape, window, stride and mode. ``tune``: ``cached`` reads the cache and times only on
-a miss, ``always`` times again (and rewrites the cache), ``off`` takes `default_plan` and times nothing.
-The cache lives in ``$QNA_BENCH_CACHE_DIR`` (default ``~/.cache/qna_bench``); a file that is corrupt
-or names another key or an unknown plan is ignored and rewritten.
+Two stages, each on the calls it decides: the plans (every plan of the key's mode, so train is decided on
+whole forward-and-backward calls of the core), then the winner's projections in each form
+(`qna_bench.qna.projection`), which run before and after the core whatever the plan. The key is the
+device (name and instruction set), threads, torch version, the qna package's code version, dtype,
+shape, the projections' input channels and bias, window, stride, mode and the candidate set.
+``tune``: ``cached`` reads the cache and times only on a miss, ``always`` times again (and rewrites the
+cache), ``off`` takes `default_plan` and times nothing. The cache lives in ``$QNA_BENCH_CACHE_DIR``
+(default ``~/.cache/qna_bench``); a file that is corrupt or names another key or an unknown plan is
+ignored and rewritten; a tuning whose canary ran slow is used but not written.
 """
 
 from __future__ import annotations
@@ -15,48 +18,32 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 
-from qna_bench import disk_cache
+from qna_bench import tuner
 from qna_bench.environment import device_name
+from qna_bench.measure.canary import canary_seconds
 from qna_bench.qna.plans import Plan, candidate_plans, default_plan, get_plan
 from qna_bench.qna.projection import PROJECTIONS, Projection
+from qna_bench.tuner import TUNES, Candidate, Timer, Tune, time_call
 
-Tune = Literal["cached", "always", "off"]
-TUNES: tuple[str, ...] = get_args(Tune)
-PlanSource = Literal["tuned", "cache", "default", "forced"]
+__all__ = ["TUNES", "Tune", "Timer", "time_call"]
+
+PlanSource = tuner.FormSource
 CACHE_SUBDIR = "qna-plans"
-# Timing, in two stages: the forward passes' forms by forward calls (cheap), then, in train mode, the
-# backward's among the plans that share the forward's winning forms, by forward and backward calls.
-# Each stage: one warm call, one timed call per candidate, one more for those within this factor of
-# the best; the best single call wins. A QnA(128, 128, 4) forward at B=8, 56x56 on a 2-core CPU takes
-# 0.05-0.15 s and a train step 0.15-0.4 s: a key costs 0.5 s (forward) to 2 s (train) once per
-# machine, then the cache.
-RECHECK_FACTOR = 1.15
 
-# One call of a candidate in seconds: ``timer(plan, call)``. Tests stub it.
-Timer = Callable[[Plan, Callable[[], None]], float]
-# ``call_with(plan, train)``: one call of the layer at the key's shape with ``plan``, forward only
-# (``train=False``) or forward and backward.
-CallWith = Callable[[Plan, bool], Callable[[], None]]
-# ``project_with(form, train)``: one call of the layer's two projections at the key's shape in ``form``.
-ProjectWith = Callable[[Projection, bool], Callable[[], None]]
-
-
-def time_call(plan: Plan, call: Callable[[], None]) -> float:
-    """Seconds of one ``call`` (synchronised on CUDA)."""
-    start = time.perf_counter()
-    call()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+# ``call_with(plan, train)``: one call of the layer's core at the key's shape with ``plan``, forward only
+# (``train=False``) or forward and backward; it returns the tensors a plan must reproduce (the output,
+# and in train the gradients).
+CallWith = Callable[[Plan, bool], Callable[[], Sequence[torch.Tensor]]]
+# ``project_with(form, train)``: one call of the layer's two projections at the key's shape in ``form``,
+# returning their outputs (and in train their gradients).
+ProjectWith = Callable[[Projection, bool], Callable[[], Sequence[torch.Tensor]]]
 
 
 @functools.cache
@@ -89,19 +76,22 @@ class PlanKey:
     window: int
     stride: int
     mode: str  # forward or train
+    in_channels: int = 0
+    bias: bool = False
+    # The plans and projection forms timed for this key: a new candidate tunes afresh.
+    candidates: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "shape": list(self.shape)}
-
-    def file_name(self) -> str:
-        return hashlib.sha1(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:20] + ".json"
+        return {**self.__dict__, "shape": list(self.shape), "candidates": list(self.candidates)}
 
 
 def plan_key(
-    x: torch.Tensor, features: int, heads: int, num_queries: int, window: int, stride: int, train: bool
+    x: torch.Tensor, features: int, heads: int, num_queries: int, window: int, stride: int, train: bool,
+    bias: bool = False,
 ) -> PlanKey:
     """The key of a call on ``x`` (B, H, W, C_in) of a QnA with ``features`` (F) split into ``heads``."""
-    batch, height, width, _ = x.shape
+    batch, height, width, in_channels = x.shape
+    candidates = tuple(p.name for p in ordered_candidates(x.device, window, stride, train)) + PROJECTIONS
     return PlanKey(
         device=device_key(x.device),
         threads=torch.get_num_threads(),
@@ -112,6 +102,9 @@ def plan_key(
         window=window,
         stride=stride,
         mode="train" if train else "forward",
+        in_channels=in_channels,
+        bias=bias,
+        candidates=candidates,
     )
 
 
@@ -124,6 +117,7 @@ class PlanChoice:
     source: PlanSource
     tune_seconds: float = 0.0
     timings_s: tuple[tuple[str, float], ...] = ()
+    refused: tuple[tuple[str, str], ...] = ()
     # `Plan.spec` of ``plan``, made once here: a compiled call passes it to the core without tracing it
     spec: str = field(init=False, repr=False, compare=False)
 
@@ -131,73 +125,64 @@ class PlanChoice:
         object.__setattr__(self, "spec", self.plan.spec())
 
 
-def cache_dir() -> Path:
-    """Where chosen plans are kept: `CACHE_SUBDIR` of the project's disk cache (``$QNA_BENCH_CACHE_DIR``)."""
-    return disk_cache.cache_dir() / CACHE_SUBDIR
+def ordered_candidates(device: torch.device | str, window: int, stride: int, train: bool) -> list[Plan]:
+    """`candidate_plans` of the call, the default plan (the reference every other must equal) first."""
+    plans = candidate_plans(device, window, stride, train)
+    default = default_plan(device, window, stride, train)
+    return sorted(plans, key=lambda plan: plan.forms != default.forms)
 
 
-def read_cached(key: PlanKey, device: torch.device, train: bool, stride: int) -> Plan | None:
-    """The cached plan of ``key``, or None when there is none or the file is corrupt or foreign."""
-    path = cache_dir() / key.file_name()
+def read_cached(key: PlanKey, device: torch.device, train: bool, stride: int) -> PlanChoice | None:
+    """The cached choice of ``key``, or None when there is none or the file is corrupt or foreign."""
+    entry = tuner.read_choice(CACHE_SUBDIR, key.as_dict())
     try:
-        entry = json.loads(path.read_text())
-        if entry["key"] != key.as_dict():
-            return None
-        projections = entry.get("projections", "linear")
+        projections = entry["projections"]
         if projections not in PROJECTIONS:
             return None
-        return dataclasses.replace(get_plan(entry["plan"], device).resolved(stride, train), projections=projections)
-    except (OSError, ValueError, KeyError, TypeError):
+        plan = dataclasses.replace(get_plan(entry["plan"], device).resolved(stride, train), projections=projections)
+        timings = tuple((str(k), float(v)) for k, v in entry.get("timings_s", {}).items())
+    except (KeyError, TypeError, ValueError):
         return None
+    return PlanChoice(plan, train, "cache", timings_s=timings)
 
 
 def write_cached(key: PlanKey, choice: PlanChoice) -> None:
-    """Keep ``choice`` for ``key``: written to a temporary file and renamed over the old one."""
-    entry = {"key": key.as_dict(), "plan": choice.plan.name, "projections": choice.plan.projections,
-             "timings_s": dict(choice.timings_s)}
-    disk_cache.write_json_atomic(cache_dir() / key.file_name(), entry)
-
-
-def time_plans(candidates: list[Plan], calls: list[Callable[[], None]], timer: Timer) -> list[float]:
-    """The best time of each candidate's ``call`` (one warm call, then `RECHECK_FACTOR`)."""
-    timer(candidates[0], calls[0])  # warm: the first call of a shape pays for allocations
-    best = [timer(plan, call) for plan, call in zip(candidates, calls)]
-    fastest = min(best)
-    for i, (plan, call) in enumerate(zip(candidates, calls)):
-        if best[i] <= RECHECK_FACTOR * fastest:
-            best[i] = min(best[i], timer(plan, call))
-    return best
+    tuner.write_choice(CACHE_SUBDIR, key.as_dict(), {
+        "plan": choice.plan.name, "projections": choice.plan.projections, "timings_s": dict(choice.timings_s),
+        "refused": dict(choice.refused)})
 
 
 def tune_plan(
-    device: torch.device, window: int, stride: int, train: bool, call_with: CallWith, timer: Timer,
-    project_with: ProjectWith | None = None,
-) -> PlanChoice:
-    """Time the candidates of a call in two stages (see `RECHECK_FACTOR`), then the winner's projections
-    in each form (with ``project_with``), and return the fastest."""
-    started = time.perf_counter()
-    timings: list[tuple[str, float]] = []
-    forward = candidate_plans(device, window, stride, train=False)
-    winner = forward[0]
-    if len(forward) > 1:
-        best = time_plans(forward, [call_with(plan, False) for plan in forward], timer)
-        winner = forward[best.index(min(best))]
-        timings += [(f"forward {plan.name}", t) for plan, t in zip(forward, best)]
-    if train:
-        shared = [p for p in candidate_plans(device, window, stride, train=True)
-                  if p.resolved(stride, False).forms == winner.forms]
-        winner = shared[0]
-        if len(shared) > 1:
-            best = time_plans(shared, [call_with(plan, True) for plan in shared], timer)
-            winner = shared[best.index(min(best))]
-            timings += [(f"train {plan.name}", t) for plan, t in zip(shared, best)]
+    key: PlanKey, device: torch.device, stride: int, train: bool, call_with: CallWith, timer: Timer,
+    project_with: ProjectWith | None = None, canary: tuner.Canary | None = None,
+) -> tuple[PlanChoice, bool]:
+    """Tune the plans, then the winner's projections (with ``project_with``); the choice, and whether its
+    canary allows keeping it."""
+    dtype = getattr(torch, key.dtype)
+    quiet = tuner.quiet_canary(key.device, key.threads)
+    plans = ordered_candidates(device, key.window, stride, train)
+    stage = "train" if train else "forward"
+    by_name = {plan.name: plan for plan in plans}
+    tuned = tuner.tune([Candidate(plan.name, call_with(plan, train), {"plan": plan.name}) for plan in plans],
+                       dtype, timer=timer, canary=canary, quiet_canary_s=quiet)
+    winner = by_name[tuned.winner]
+    timings = [(f"{stage} {name}", t) for name, t in tuned.medians_s]
+    refused = list(tuned.refused)
+    seconds, keep = tuned.seconds, tuned.keep
+    outcomes = [tuned]
     if project_with is not None:
-        variants = [dataclasses.replace(winner, projections=form) for form in PROJECTIONS]
-        best = time_plans(variants, [project_with(form, train) for form in PROJECTIONS], timer)
-        winner = variants[best.index(min(best))]
-        timings += [(f"projections {form}", t) for form, t in zip(PROJECTIONS, best)]
-    seconds = time.perf_counter() - started if timings else 0.0
-    return PlanChoice(winner, train, "tuned", seconds, tuple(timings))
+        forms = tuner.tune([Candidate(form, project_with(form, train), {"gemm": form}) for form in PROJECTIONS],
+                           dtype, timer=timer, canary=canary, quiet_canary_s=quiet)
+        winner = dataclasses.replace(winner, projections=forms.winner)
+        timings += [(f"projections {name}", t) for name, t in forms.medians_s]
+        refused += [(f"projections {name}", why) for name, why in forms.refused]
+        seconds, keep = seconds + forms.seconds, keep and forms.keep
+        outcomes.append(forms)
+    for outcome in outcomes:
+        tuner.note_canary(key.device, key.threads, outcome)
+    timed = bool(timings) and (len(plans) > 1 or project_with is not None)
+    choice = PlanChoice(winner, train, "tuned", seconds if timed else 0.0, tuple(timings), tuple(refused))
+    return choice, keep
 
 
 def choose_plan(
@@ -209,9 +194,10 @@ def choose_plan(
     call_with: CallWith,
     timer: Timer = time_call,
     project_with: ProjectWith | None = None,
+    canary: tuner.Canary | None = None,
 ) -> PlanChoice:
     """The plan for ``key`` under the ``tune`` setting; times candidates with ``call_with`` (and the
-    projections with ``project_with``) on a miss."""
+    projections with ``project_with``) on a miss. ``canary``: None times the canary on ``device``."""
     if tune not in TUNES:
         raise ValueError(f"tune={tune!r}: QnA's tune is one of {', '.join(TUNES)}")
     if tune == "off":
@@ -219,7 +205,10 @@ def choose_plan(
     if tune == "cached":
         cached = read_cached(key, device, train, stride)
         if cached is not None:
-            return PlanChoice(cached, train, "cache")
-    choice = tune_plan(device, key.window, stride, train, call_with, timer, project_with)
-    write_cached(key, choice)
+            return cached
+    if canary is None:
+        canary = functools.partial(canary_seconds, device)
+    choice, keep = tune_plan(key, device, stride, train, call_with, timer, project_with, canary)
+    if keep:
+        write_cached(key, choice)
     return choice

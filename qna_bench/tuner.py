@@ -1,0 +1,245 @@
+"""Choosing the fastest of a layer's forms, as a measurement: the one tuner that QnA's plans and every
+peer's forms (`qna_bench.forms`) go through.
+
+In the manner of `triton.testing.do_bench`, and stricter where a tuner has been wrong here:
+1. **Proof before time.** Each candidate's first call (untimed: it pays for compilation, oneDNN
+   primitives, FFT plans) returns the tensors its form must reproduce (the output and, in train, the
+   gradients); they are compared with the first candidate's, the form as built. A form that differs
+   beyond its dtype's tolerance, or raises, is refused and never timed; the refusal is logged with the
+   difference.
+2. **Warm, then prune.** One more untimed call each, then one timed call each; candidates slower than
+   `PRUNE_FACTOR` × the fastest of those calls leave the race.
+3. **Interleaved rounds.** The rest are timed in `ROUNDS` rounds, one block each per round (calls enough
+   to last `BLOCK_S`), the order rotated every round; the lowest median over rounds wins.
+4. **A quiet machine.** The canary (`qna_bench.measure.canary`) is timed before and after. A tuning whose
+   canary ran more than `SLOW_CANARY_SHARE` slower than the quietest canary this machine has shown is used
+   but not kept on disk (`Tuning.keep` is False).
+
+The choices are kept on disk per key (`read_choice`, `write_choice`: one JSON file per key, written
+atomically) in ``$QNA_BENCH_CACHE_DIR``; the key names everything the speed of the candidates depends on,
+the candidate set included, so a new candidate tunes afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+
+from qna_bench import disk_cache
+
+Tune = Literal["cached", "always", "off"]
+TUNES: tuple[str, ...] = get_args(Tune)
+# Where a layer's form came from: timed now, read from the disk cache, as built (`tune=off`, or nothing
+# to choose), or named by the caller.
+FormSource = Literal["tuned", "cache", "default", "forced"]
+FORM_SOURCES: tuple[str, ...] = get_args(FormSource)
+
+WARM_CALLS = 2  # the proof's call and one more, untimed
+PRUNE_FACTOR = 2.0
+ROUNDS = 3
+# A block's calls last at least this long: sub-millisecond candidates are timed over several calls.
+BLOCK_S = 0.02
+SLOW_CANARY_SHARE = 0.3
+# How far a form's tensors may stray from the as-built form's: the largest difference over the largest
+# magnitude of the reference, per tensor. fp32: FFT against direct sums differ by ~1e-6 of the maximum.
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 4e-2}
+
+log = logging.getLogger(__name__)
+
+# One call of a candidate in seconds: ``timer(candidate, call)``. Tests stub it.
+Timer = Callable[["Candidate", Callable[[], Any]], float]
+# The canary's seconds (a fixed small product on the tuning's device); tests stub it.
+Canary = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One form to time: its name, what it chooses (``form``, by axis) and one call of the layer in that
+    form, returning the tensors that must equal the as-built form's."""
+
+    name: str
+    run: Callable[[], Sequence[torch.Tensor]]
+    form: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The outcome: the winner's name, each timed candidate's median seconds (pruned ones: their one
+    timed call), the refused forms with why, the seconds the tuning took, and whether to keep it."""
+
+    winner: str
+    medians_s: tuple[tuple[str, float], ...]
+    refused: tuple[tuple[str, str], ...]
+    seconds: float
+    canary_s: tuple[float, float] | None
+    keep: bool
+
+
+def time_call(candidate: Candidate, call: Callable[[], Any]) -> float:
+    """Seconds of one ``call`` (synchronised on CUDA)."""
+    start = time.perf_counter()
+    call()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return TOLERANCE.get(dtype, TOLERANCE[torch.float32])
+
+
+def difference(tensors: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float | str:
+    """The largest relative difference of ``tensors`` from ``reference`` (per tensor: the largest absolute
+    difference over the reference's largest magnitude), or why they cannot be compared."""
+    if len(tensors) != len(reference):
+        return f"{len(tensors)} tensors where the form as built gives {len(reference)}"
+    worst = 0.0
+    for index, (got, want) in enumerate(zip(tensors, reference)):
+        if got is None or want is None:
+            if got is not want:
+                return f"tensor {index} is None on one side only"
+            continue
+        if got.shape != want.shape:
+            return f"tensor {index} has shape {tuple(got.shape)}, the form as built {tuple(want.shape)}"
+        got, want = got.detach().double(), want.detach().double()
+        if not torch.isfinite(got).all() and not torch.equal(torch.isfinite(got), torch.isfinite(want)):
+            return f"tensor {index} has non-finite values the form as built has not"
+        finite = torch.isfinite(want)
+        scale = want[finite].abs().max().item() if finite.any() else 0.0
+        gap = (got[finite] - want[finite]).abs().max().item() if finite.any() else 0.0
+        worst = max(worst, gap / scale if scale > 0 else gap)
+    return worst
+
+
+def _outputs(value: Any) -> list[torch.Tensor]:
+    tensors = [value] if isinstance(value, torch.Tensor) or value is None else list(value)
+    return [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in tensors]
+
+
+def _block(candidate: Candidate, timer: Timer, calls: int) -> float:
+    """Mean seconds of ``calls`` timed calls of ``candidate``."""
+    return sum(timer(candidate, candidate.run) for _ in range(calls)) / calls
+
+
+def tune(
+    candidates: Sequence[Candidate],
+    dtype: torch.dtype,
+    *,
+    timer: Timer = time_call,
+    canary: Canary | None = None,
+    quiet_canary_s: float | None = None,
+    rounds: int = ROUNDS,
+) -> Tuning:
+    """Prove, warm, prune and time ``candidates`` (the first is the form as built, the reference) and
+    return the fastest; see the module's docstring. ``quiet_canary_s``: the quietest canary seen on this
+    machine before (None: this tuning's own quieter canary)."""
+    if not candidates:
+        raise ValueError("tune: no candidates")
+    started = time.perf_counter()
+    before = canary() if canary is not None else None
+    reference: list[torch.Tensor] | None = None
+    racing: list[Candidate] = []
+    refused: list[tuple[str, str]] = []
+    for candidate in candidates:
+        try:
+            outputs = _outputs(candidate.run())
+        except Exception as exc:  # noqa: BLE001 - a form that cannot run is refused, not fatal
+            if reference is None:
+                raise
+            refused.append((candidate.name, f"raised {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
+            log.warning("form %s refused: %s", candidate.name, refused[-1][1])
+            continue
+        if reference is None:
+            reference = outputs
+        else:
+            gap = difference(outputs, reference)
+            if isinstance(gap, str) or gap > tolerance(dtype):
+                why = gap if isinstance(gap, str) else f"differs from the form as built by {gap:.3g} (tolerance {tolerance(dtype):.0e})"
+                refused.append((candidate.name, why))
+                log.warning("form %s refused: %s", candidate.name, why)
+                continue
+        racing.append(candidate)
+    del reference
+    medians: dict[str, float] = {}
+    if len(racing) > 1:
+        for candidate in racing:
+            for _ in range(WARM_CALLS - 1):
+                timer(candidate, candidate.run)
+        first = {c.name: timer(c, c.run) for c in racing}
+        fastest = min(first.values())
+        pruned = [c for c in racing if first[c.name] > PRUNE_FACTOR * fastest]
+        medians.update({c.name: first[c.name] for c in pruned})
+        racing = [c for c in racing if c not in pruned]
+        calls = {c.name: max(1, min(50, round(BLOCK_S / max(first[c.name], 1e-9)))) for c in racing}
+        times: dict[str, list[float]] = {c.name: [] for c in racing}
+        for index in range(rounds):
+            shift = index % len(racing)
+            for candidate in racing[shift:] + racing[:shift]:
+                times[candidate.name].append(_block(candidate, timer, calls[candidate.name]))
+        medians.update({name: statistics.median(values) for name, values in times.items()})
+    winner = min(racing, key=lambda c: medians.get(c.name, 0.0)).name
+    after = canary() if canary is not None else None
+    keep = True
+    canaries = None
+    if before is not None and after is not None:
+        canaries = (before, after)
+        quiet = min(x for x in (quiet_canary_s, before, after) if x is not None)
+        keep = max(before, after) <= (1.0 + SLOW_CANARY_SHARE) * quiet
+        if not keep:
+            log.warning("the canary ran %.2fx its quietest during this tuning: its choice is used, not cached",
+                        max(before, after) / quiet)
+    ordered = tuple((c.name, medians[c.name]) for c in candidates if c.name in medians)
+    return Tuning(winner, ordered, tuple(refused), time.perf_counter() - started, canaries, keep)
+
+
+# --------------------------------------------------------------------------------------------------
+# The disk cache of choices, and of the machine's quietest canary
+
+
+def key_file(key: Mapping[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20] + ".json"
+
+
+def read_choice(subdir: str, key: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The entry kept for ``key`` under ``subdir`` of the disk cache, or None (missing, corrupt, foreign)."""
+    path = disk_cache.cache_dir() / subdir / key_file(key)
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(entry, dict) or entry.get("key") != json.loads(json.dumps(key, default=str)):
+        return None
+    return entry
+
+
+def write_choice(subdir: str, key: Mapping[str, Any], entry: Mapping[str, Any]) -> None:
+    """Keep ``entry`` for ``key`` (written to a temporary file and renamed over the old one)."""
+    disk_cache.write_json_atomic(disk_cache.cache_dir() / subdir / key_file(key),
+                                 {"key": json.loads(json.dumps(key, default=str)), **entry})
+
+
+_CANARY_STORE = "quiet-canary"
+
+
+def quiet_canary(device_key: str, threads: int) -> float | None:
+    """The quietest canary this machine has shown at these threads (from earlier tunings), or None."""
+    value = disk_cache.JsonStore(_CANARY_STORE).get(f"{device_key} | {threads}")
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def note_canary(device_key: str, threads: int, tuning: Tuning) -> None:
+    """Remember this tuning's canary where it is the quietest yet."""
+    if tuning.canary_s is None:
+        return
+    seen = quiet_canary(device_key, threads)
+    quietest = min(tuning.canary_s)
+    if seen is None or quietest < seen:
+        disk_cache.JsonStore(_CANARY_STORE).put(f"{device_key} | {threads}", quietest)
