@@ -10,13 +10,18 @@ next time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 CACHE_DIR_ENV = "QNA_BENCH_CACHE_DIR"
+# A sweep's own store, for the length of the sweep (`run_cache`): what its workers choose there holds for
+# every round of the sweep, also where it is not kept for later runs (a tuning on a busy machine).
+RUN_CACHE_DIR_ENV = "QNA_BENCH_RUN_CACHE_DIR"
 
 
 def cache_dir() -> Path:
@@ -26,6 +31,27 @@ def cache_dir() -> Path:
         return Path(configured).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "qna_bench"
+
+
+def run_cache_dir() -> Path | None:
+    """The running sweep's own store (`run_cache`), or None outside a sweep."""
+    configured = os.environ.get(RUN_CACHE_DIR_ENV)
+    return Path(configured) if configured else None
+
+
+@contextlib.contextmanager
+def run_cache() -> Iterator[Path]:
+    """A store for the length of a sweep, in a temporary folder its worker processes inherit."""
+    previous = os.environ.get(RUN_CACHE_DIR_ENV)
+    with tempfile.TemporaryDirectory(prefix="qna_bench_run_") as folder:
+        os.environ[RUN_CACHE_DIR_ENV] = folder
+        try:
+            yield Path(folder)
+        finally:
+            if previous is None:
+                os.environ.pop(RUN_CACHE_DIR_ENV, None)
+            else:
+                os.environ[RUN_CACHE_DIR_ENV] = previous
 
 
 class JsonStore:

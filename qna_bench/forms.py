@@ -227,10 +227,11 @@ def products_in(
 
 def prepare_forms(
     module: nn.Module, x: Tensor, problem: Problem, layer: str, code_version: str, tune: str,
-    timer: tuner.Timer = tuner.time_call,
+    timer: tuner.Timer = tuner.time_call, canary: tuner.Canary | None = None,
 ) -> FormChoice:
     """Choose and apply ``module``'s GEMM form under ``tune`` (cached, always, off), before its first
-    measured call; the choice is kept on the module (`choice_of`).
+    measured call; the choice is kept on the module (`choice_of`). ``canary``: None times the canary on the
+    problem's device.
 
     A GEMM form changes the pointwise products alone, so they are what it is proved and timed on, as
     QnA's projections are: each product on the input it gets in one forward call of the layer (captured
@@ -256,15 +257,14 @@ def prepare_forms(
     device_key = key["device"]
     tuning = tuner.tune(
         [tuner.Candidate(form, products_in(form, captured, train), {GEMM: form}) for form in candidates],
-        problem.torch_dtype, timer=timer, canary=functools.partial(canary_seconds, problem.torch_device),
+        problem.torch_dtype, timer=timer, canary=canary or functools.partial(canary_seconds, problem.torch_device),
         quiet_canary_s=tuner.quiet_canary(device_key, key["threads"]))
     del captured
     tuner.note_canary(device_key, key["threads"], tuning)
     set_gemm(module, None if tuning.winner == shipped else tuning.winner)
     choice = FormChoice({GEMM: tuning.winner}, "tuned", tuning.seconds, tuning.medians_s, tuning.refused)
-    if tuning.keep:
-        tuner.write_choice(CACHE_SUBDIR, key, {"form": dict(choice.form), "timings_s": dict(choice.timings_s),
-                                               "refused": dict(choice.refused)})
+    tuner.write_choice(CACHE_SUBDIR, key, {"form": dict(choice.form), "timings_s": dict(choice.timings_s),
+                                           "refused": dict(choice.refused)}, tuning.keep)
     return _keep(module, choice)
 
 
@@ -280,7 +280,10 @@ def choice_of(module: nn.Module) -> FormChoice | None:
     return getattr(module, _CHOICE_ATTRIBUTE, None)
 
 
-def form_columns(module: nn.Module) -> tuple[str, str]:
-    """A row's ``form`` (the choices by axis, as JSON) and ``form_source``."""
+def form_columns(module: nn.Module) -> dict[str, Any]:
+    """A row's ``form`` (the choices by axis, as JSON), ``form_source`` and ``tune_s`` (the seconds its
+    choices took to time: the layer's own and those of every layer inside it that chooses its own form)."""
     choice = choice_of(module) or FormChoice({}, "default")
-    return choice.record(), choice.source
+    inner = [m.form_choice() for m in module.modules() if m is not module and _owns_its_forms(m)]
+    seconds = choice.tune_seconds + sum(c.tune_seconds for c in inner if c is not None)
+    return {"form": choice.record(), "form_source": choice.source, "tune_s": round(seconds, 4)}

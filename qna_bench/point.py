@@ -222,7 +222,7 @@ def prepare_point(
                 layer.prepare(module, x, problem, dataclasses.replace(settings, tune=tune))
             if GEMM in layer.forms:
                 prepare_forms(module, x, problem, layer.name, row["code_version"], tune)
-            row["form"], row["form_source"] = form_columns(module)
+            row.update(form_columns(module))
             if layer.analytic_flops is not None:
                 row["flops_analytic"] = layer.closed_form_flops(problem, module)
             if layer.analytic_bytes is not None:

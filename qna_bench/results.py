@@ -52,6 +52,8 @@ SCHEMA = pa.schema(
         # and where it came from: tuned, cache, default (as built) or forced
         ("form", pa.string()),
         ("form_source", pa.string()),
+        # seconds the layer's forms took to time before its first call (0 from the cache)
+        ("tune_s", pa.float64()),
         # problem
         ("batch", pa.int64()),
         ("height", pa.int64()),

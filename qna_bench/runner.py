@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from qna_bench import results, rounds
+from qna_bench import disk_cache, results, rounds
 from qna_bench.budget import time_limits
 from qna_bench.compile_mode import EAGER
 from qna_bench.environment import Environment
@@ -133,6 +133,15 @@ def run_sweep(
     (`qna_bench.identity.is_current`) with a final status is not measured again, and a current ``ok`` row
     with fewer rounds than asked for gets the rounds it lacks.
     """
+    with disk_cache.run_cache():  # every round of the sweep runs the forms its first round chose
+        return _run_sweep(points, results_path, settings, env, resume=resume, memory_cap_bytes=memory_cap_bytes,
+                          cap_memory=cap_memory, stream=stream)
+
+
+def _run_sweep(
+    points: Sequence[SweepPoint], results_path: Path, settings: MeasureSettings, env: Environment, *,
+    resume: bool, memory_cap_bytes: int | None, cap_memory: bool, stream: TextIO | None,
+) -> SweepOutcome:
     stream = stream or sys.stderr  # looked up per call: a caller may have redirected it
     run_id = uuid.uuid4().hex[:12]
     count = settings.rounds
@@ -338,6 +347,9 @@ def _with_round(
         values["processes"] = (row.get("processes") or 1) + int(new_process)
         values["canary_s"] = [*(row.get("canary_s") or []), *(measured.get("canary_s") or [])] or None
         values["slow_rounds"] = (row.get("slow_rounds") or 0) + (measured.get("slow_rounds") or 0)
+        if measured.get("form") != row.get("form"):  # the run's own store makes this rare: say so where it happens
+            note = f"round {round_index + 1} ran the form {measured.get('form')}"
+            values["reason"] = f"{row['reason']}; {note}" if row["reason"] else note
     else:
         note = f"round {round_index + 1}: {measured['status']}: {measured['reason']}"
         values["reason"] = f"{row['reason']}; {note}" if row["reason"] else note

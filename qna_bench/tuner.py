@@ -208,22 +208,31 @@ def key_file(key: Mapping[str, Any]) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20] + ".json"
 
 
+def _stores() -> list[Path]:
+    run = disk_cache.run_cache_dir()
+    return [*([run] if run is not None else []), disk_cache.cache_dir()]
+
+
 def read_choice(subdir: str, key: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The entry kept for ``key`` under ``subdir`` of the disk cache, or None (missing, corrupt, foreign)."""
-    path = disk_cache.cache_dir() / subdir / key_file(key)
-    try:
-        entry = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(entry, dict) or entry.get("key") != json.loads(json.dumps(key, default=str)):
-        return None
-    return entry
+    """The entry kept for ``key`` under ``subdir``, from the running sweep's own store first, then the
+    disk cache; None where neither has a sound one (missing, corrupt, foreign)."""
+    wanted = json.loads(json.dumps(key, default=str))
+    for store in _stores():
+        try:
+            entry = json.loads((store / subdir / key_file(key)).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(entry, dict) and entry.get("key") == wanted:
+            return entry
+    return None
 
 
-def write_choice(subdir: str, key: Mapping[str, Any], entry: Mapping[str, Any]) -> None:
-    """Keep ``entry`` for ``key`` (written to a temporary file and renamed over the old one)."""
-    disk_cache.write_json_atomic(disk_cache.cache_dir() / subdir / key_file(key),
-                                 {"key": json.loads(json.dumps(key, default=str)), **entry})
+def write_choice(subdir: str, key: Mapping[str, Any], entry: Mapping[str, Any], keep: bool = True) -> None:
+    """Keep ``entry`` for ``key`` in the running sweep's store (its later rounds run the same form), and
+    with ``keep`` in the disk cache too (each written to a temporary file and renamed over the old one)."""
+    record = {"key": json.loads(json.dumps(key, default=str)), **entry}
+    for store in _stores()[: None if keep else -1]:
+        disk_cache.write_json_atomic(store / subdir / key_file(key), record)
 
 
 _CANARY_STORE = "quiet-canary"

@@ -293,10 +293,10 @@ def test_a_layer_stuck_while_its_group_is_prepared_is_named_and_its_peers_measur
         pid, calls = 7, []
 
         def run_together(self, layers, problem, run_id, limit_s, first_round=True):
-            self.calls.append([name for name, _ in layers])
+            self.calls.append([name for name, *_ in layers])
             if len(self.calls) == 1:
                 return WorkerLost(killed=True, exitcode=None, layer_index=1)
-            return [{"status": "ok", "layer": name, "point_seconds": 0.1} for name, _ in layers]
+            return [{"status": "ok", "layer": name, "point_seconds": 0.1} for name, *_ in layers]
 
     stand_in = LosesTheSecondLayer()
     points = [SweepPoint(get_layer(name), problem) for name in ("conv_dw", "fault_native_hang", "swin")]

@@ -146,10 +146,10 @@ def read_cached(key: PlanKey, device: torch.device, train: bool, stride: int) ->
     return PlanChoice(plan, train, "cache", timings_s=timings)
 
 
-def write_cached(key: PlanKey, choice: PlanChoice) -> None:
+def write_cached(key: PlanKey, choice: PlanChoice, keep: bool = True) -> None:
     tuner.write_choice(CACHE_SUBDIR, key.as_dict(), {
         "plan": choice.plan.name, "projections": choice.plan.projections, "timings_s": dict(choice.timings_s),
-        "refused": dict(choice.refused)})
+        "refused": dict(choice.refused)}, keep)
 
 
 def tune_plan(
@@ -209,6 +209,5 @@ def choose_plan(
     if canary is None:
         canary = functools.partial(canary_seconds, device)
     choice, keep = tune_plan(key, device, stride, train, call_with, timer, project_with, canary)
-    if keep:
-        write_cached(key, choice)
+    write_cached(key, choice, keep)
     return choice

@@ -1,0 +1,189 @@
+"""The one tuner (`qna_bench.tuner`) and the forms it chooses for every layer (`qna_bench.forms`): proof
+before time, warm calls, interleaved rounds, the canary, the disk cache; with stubbed timers, never a
+timed assertion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from qna_bench import forms, tuner
+from qna_bench.problem import Problem
+from qna_bench.qna import QnA
+from qna_bench.qna import tuning as qna_tuning
+from qna_bench.registry import get_layer, list_layers
+
+
+class ScriptedTimer:
+    """Seconds per candidate name: ``first`` for each candidate's first timed call, then ``steady``."""
+
+    def __init__(self, steady: dict[str, float], first: dict[str, float] | None = None) -> None:
+        self.steady, self.first = steady, first or {}
+        self.calls: list[str] = []
+
+    def __call__(self, candidate: tuner.Candidate, call: object) -> float:
+        seen = candidate.name in self.calls
+        self.calls.append(candidate.name)
+        if not seen and candidate.name in self.first:
+            return self.first[candidate.name]
+        return self.steady.get(candidate.name, 1.0)
+
+
+def constant(value: float):
+    out = torch.full((4,), value)
+    return tuner.Candidate(f"c{value}", lambda: [out])
+
+
+def test_a_candidate_slow_only_on_its_first_call_wins() -> None:
+    """Compilation, primitive creation, autotuning: a first call 10x slower says nothing of the steady one."""
+    candidates = [tuner.Candidate(name, lambda: [torch.ones(3)]) for name in ("shipped", "compiled", "other")]
+    timer = ScriptedTimer({"shipped": 1.0, "compiled": 0.5, "other": 0.8}, first={"compiled": 5.0})
+    outcome = tuner.tune(candidates, torch.float32, timer=timer)
+    assert outcome.winner == "compiled"
+    assert dict(outcome.medians_s)["compiled"] == 0.5
+    assert timer.calls.count("compiled") >= 1 + tuner.ROUNDS  # warmed, then timed in every round
+
+
+def test_candidates_are_timed_in_rotated_interleaved_rounds() -> None:
+    candidates = [tuner.Candidate(name, lambda: [torch.ones(1)]) for name in "abc"]
+    timer = ScriptedTimer({"a": 0.3, "b": 0.3, "c": 0.3})
+    tuner.tune(candidates, torch.float32, timer=timer)
+    rounds = timer.calls[-len(candidates) * tuner.ROUNDS:]  # one call a block: each lasts over BLOCK_S
+    assert rounds == ["a", "b", "c", "b", "c", "a", "c", "a", "b"][: len(rounds)]
+
+
+def test_a_form_that_gives_a_different_output_is_refused_before_it_is_timed(caplog) -> None:
+    wrong = tuner.Candidate("wrong", lambda: [torch.ones(4) * 1.01])
+    raises = tuner.Candidate("raises", lambda: (_ for _ in ()).throw(RuntimeError("no kernel for this shape")))
+    timer = ScriptedTimer({"wrong": 0.01, "raises": 0.01, "right": 0.5})
+    with caplog.at_level("WARNING", logger="qna_bench.tuner"):
+        outcome = tuner.tune([tuner.Candidate("shipped", lambda: [torch.ones(4)]), wrong, raises,
+                              tuner.Candidate("right", lambda: [torch.ones(4) * (1 + 1e-6)])], torch.float32, timer=timer)
+    assert "wrong" not in timer.calls and "raises" not in timer.calls
+    assert outcome.winner == "right"
+    refused = dict(outcome.refused)
+    assert "differs from the form as built by 0.01" in refused["wrong"] and "no kernel" in refused["raises"]
+    assert "form wrong refused" in caplog.text
+
+
+def test_a_tuning_with_a_slow_canary_is_kept_only_when_the_machine_was_quiet() -> None:
+    candidates = [tuner.Candidate(name, lambda: [torch.ones(1)]) for name in ("a", "b")]
+    canaries = iter([1.0e-3, 1.6e-3])
+    noisy = tuner.tune(candidates, torch.float32, timer=ScriptedTimer({}), canary=lambda: next(canaries),
+                       quiet_canary_s=1.0e-3)
+    assert not noisy.keep and noisy.canary_s == (1.0e-3, 1.6e-3)
+    quiet = tuner.tune(candidates, torch.float32, timer=ScriptedTimer({}), canary=lambda: 1.1e-3, quiet_canary_s=1.0e-3)
+    assert quiet.keep
+
+
+def test_qna_does_not_cache_a_tuning_whose_canary_ran_slow(qna_plan_cache: Path) -> None:
+    module = QnA(8, 8, 2, window=5)
+    x = torch.randn(2, 9, 9, 8)
+    key = qna_tuning.plan_key(x, 8, 2, 2, 5, 1, False)
+    canaries = iter([1e-3, 5e-3])
+    choice = qna_tuning.choose_plan(key, x.device, 1, False, "cached", module._timed_call(module._values_and_scores(x)),
+                                    ScriptedTimer({}), canary=lambda: next(canaries))
+    assert choice.source == "tuned"
+    assert not list((qna_plan_cache / qna_tuning.CACHE_SUBDIR).glob("*.json"))
+
+
+def test_a_changed_candidate_set_tunes_again(qna_plan_cache: Path, monkeypatch) -> None:
+    x = torch.randn(2, 9, 9, 8)
+    before = qna_tuning.plan_key(x, 8, 2, 2, 5, 1, True)
+    full = qna_tuning.candidate_plans
+    monkeypatch.setattr(qna_tuning, "candidate_plans", lambda *a, **k: full(*a, **k)[:-1])
+    after = qna_tuning.plan_key(x, 8, 2, 2, 5, 1, True)
+    assert after != before and tuner.key_file(after.as_dict()) != tuner.key_file(before.as_dict())
+    problem = Problem(batch=1, height=6, width=6, channels=8, heads=2, window=3)
+    assert forms.form_key("swin", "v", problem, ["linear", "conv1x1"]) != forms.form_key("swin", "v", problem, ["linear"])
+
+
+def test_qna_decides_train_on_every_train_plan_not_the_forward_winner(qna_plan_cache: Path) -> None:
+    """The forward's winner does not bound the train candidates: every plan runs its whole train step."""
+    timer = ScriptedTimer({"fft": 0.1, "fused": 0.5, "direct": 0.4})
+    module = QnA(8, 8, 2, window=5)
+    module.timer = timer
+    module(torch.randn(2, 9, 9, 8, requires_grad=True)).sum().backward()
+    timed = set(timer.calls)
+    assert {p.name for p in qna_tuning.ordered_candidates("cpu", 5, 1, True)} <= timed
+    assert module.plan_flags()["plan_name"] == "fft"
+
+
+# --------------------------------------------------------------------------------------------------
+# The GEMM form of every layer that declares one
+
+
+GEMM_LAYERS = [name for name in list_layers() if forms.GEMM in get_layer(name).forms and get_layer(name).prepare is None]
+
+
+def _as_built_and_swapped(name: str, mode: str, form: str):
+    spec = get_layer(name)
+    problem = Problem(batch=1, height=7, width=7, channels=8, heads=2, window=3, dtype="float64", mode=mode)
+    if spec.unsupported_reason(problem) is not None:
+        pytest.skip(spec.unsupported_reason(problem))
+    module = spec.build(problem)
+    x = problem.make_input(spec.layout)
+    step = lambda: forms._step(module, x, problem)()  # noqa: E731
+    reference = step()
+    forms.set_gemm(module, form)
+    return reference, step(), module
+
+
+def test_every_layer_with_a_gemm_form_declares_pointwise_products() -> None:
+    for name in GEMM_LAYERS:
+        spec = get_layer(name)
+        problem = Problem(batch=1, height=7, width=7, channels=8, heads=2, window=3)
+        assert forms.has_pointwise(spec.build(problem)), name
+
+
+@pytest.mark.parametrize("mode", ["forward", "train"])
+@pytest.mark.parametrize("name", GEMM_LAYERS)
+def test_every_gemm_form_equals_the_layer_as_built(name: str, mode: str) -> None:
+    """fp64, output and every gradient: a swapped library computes the same products."""
+    for form in forms.GEMM_FORMS:
+        reference, swapped, module = _as_built_and_swapped(name, mode, form)
+        assert forms.gemm_of(module) == form
+        gap = tuner.difference(swapped, reference)
+        assert not isinstance(gap, str) and gap < 1e-10, (name, mode, form, gap)
+
+
+def test_a_swap_keeps_the_parameters_and_the_originals_come_back() -> None:
+    module = nn.Sequential(nn.Linear(4, 6), nn.Conv2d(6, 3, 1), nn.Conv2d(3, 3, 3))
+    params = list(module.parameters())
+    forms.set_gemm(module, "conv1x1")
+    assert isinstance(module[0], forms.PointwiseProduct) and not isinstance(module[1], forms.PointwiseProduct)
+    assert not isinstance(module[2], forms.PointwiseProduct)  # a 3x3 convolution is no pointwise product
+    assert list(module.parameters()) == params
+    forms.set_gemm(module, None)
+    assert type(module[0]) is nn.Linear and type(module[1]) is nn.Conv2d
+
+
+def test_qna_keeps_its_own_projections() -> None:
+    """QnA runs its projections through its own plan: the generic GEMM form leaves its Linears alone."""
+    assert not forms.has_pointwise(QnA(8, 8, 2))
+    outer = nn.Sequential(nn.Linear(8, 8), QnA(8, 8, 2))
+    assert [name for _, name, _ in forms.pointwise_slots(outer)] == ["0"]
+
+
+def test_prepare_forms_tunes_caches_and_reads_the_cache(qna_plan_cache: Path) -> None:
+    problem = Problem(batch=1, height=8, width=8, channels=8, heads=2, window=3, mode="train")
+    spec = get_layer("swin_fused")
+
+    def prepared(tune: str, timer):
+        module = spec.build(problem)
+        return module, forms.prepare_forms(module, problem.make_input(spec.layout), problem, "swin_fused", "v", tune,
+                                           timer=timer, canary=lambda: 1e-3)
+
+    module, choice = prepared("cached", ScriptedTimer({"linear": 0.4, "conv1x1": 0.2}))
+    assert choice.form == {"gemm": "conv1x1"} and choice.source == "tuned" and forms.gemm_of(module) == "conv1x1"
+    assert json.loads(forms.form_columns(module)[0]) == {"gemm": "conv1x1"}
+    assert len(list((qna_plan_cache / forms.CACHE_SUBDIR).glob("*.json"))) == 1
+    refuse = ScriptedTimer({})
+    module, choice = prepared("cached", lambda c, call: refuse.calls.append(c.name) or 1.0)
+    assert choice.source == "cache" and forms.gemm_of(module) == "conv1x1" and not refuse.calls
+    module, choice = prepared("off", refuse)
+    assert choice.source == "default" and choice.form == {"gemm": "linear"} and forms.gemm_of(module) == "linear"
