@@ -24,9 +24,12 @@ _OPERANDS: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 def _operands(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     key = str(device)
     if key not in _OPERANDS:
-        generator = torch.Generator().manual_seed(0)
-        a, b = (torch.randn(CANARY_SIZE, CANARY_SIZE, generator=generator).to(device) for _ in range(2))
-        _OPERANDS[key] = (a, b, torch.empty_like(a))
+        # Normal tensors even when first asked for under inference mode (a tuner inside a layer's call):
+        # inference tensors could not be written by a canary outside it.
+        with torch.inference_mode(False):
+            generator = torch.Generator().manual_seed(0)
+            a, b = (torch.randn(CANARY_SIZE, CANARY_SIZE, generator=generator).to(device) for _ in range(2))
+            _OPERANDS[key] = (a, b, torch.empty_like(a))
     return _OPERANDS[key]
 
 

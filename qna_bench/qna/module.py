@@ -142,6 +142,8 @@ class QnA(nn.Module):
         self.tune: Tune = tune
         self.projections = projections
         self.timer: Timer = time_call
+        # The canary timed around a tuning (None: the real one, `qna_bench.measure.canary`); tests stub it.
+        self.canary: Callable[[], float] | None = None
         self.plan_choice: PlanChoice | None = None
         self._fell_back: Tensor | bool = False  # the last fast call's flag, read by `plan_fell_back`
         self._choices: dict[tuple[PlanKey, str | None, str], PlanChoice] = {}
@@ -225,7 +227,7 @@ class QnA(nn.Module):
                     packed = self._values_and_scores(x)
                 remembered = choose_plan(
                     key, x.device, self.stride, train, self.tune, self._timed_call(packed), self.timer,
-                    self._timed_projections(x.detach(), packed.shape[:3]),
+                    self._timed_projections(x.detach(), packed.shape[:3]), self.canary,
                 )
             self._choices[(key, self.plan, self.tune)] = remembered
         return remembered
