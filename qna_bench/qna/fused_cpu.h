@@ -223,6 +223,29 @@ __attribute__((always_inline)) inline void sweep(Vec<T, W> (&acc)[S][BV], int64_
     }
 }
 
+// `sweep` over every vector of a row for `sets` coefficient sets, two sets at a time: coef(n, set) is
+// set `set`'s row of per-head coefficients at entry n, row(n, v) vector v of entry n's row; after each
+// block, done.template operator()<S, BV>(set0, v0, head, acc) takes the sums of sets set0.. over the
+// vectors v0.. (their first heads in head).
+template <typename T, int W, int HPV, typename Coef, typename Row, typename Done>
+__attribute__((always_inline)) inline void sweep_row(int64_t sets, int64_t vectors, int64_t dim, int64_t count,
+                                                     Coef coef, Row row, Done done) {
+    auto group = [&]<int S>(int64_t set0) {
+        for_blocks<S>(vectors, [&]<int BV>(int64_t v0) {
+            int64_t head[BV];
+            heads_of<W, HPV, BV>(v0, dim, head);
+            Vec<T, W> acc[S][BV];
+            sweep<T, W, HPV, S, BV>(
+                acc, count, head, [&](int64_t n, int set) { return coef(n, set0 + set); },
+                [&](int64_t n, int v) { return row(n, v0 + v); });
+            done.template operator()<S, BV>(set0, v0, head, acc);
+        });
+    };
+    int64_t set0 = 0;
+    for (; set0 + 2 <= sets; set0 += 2) group.template operator()<2>(set0);
+    if (set0 < sets) group.template operator()<1>(set0);
+}
+
 // The per-pixel rows of Q*h factors (exp-scores, denominators, kernels at a tap) run in vectors of the
 // widest lanes, kRowLanes, over rows padded to whole vectors in the loops' own buffers: the lanes past
 // Q*h carry whatever lies there and are never read back. Tensors the loops do not own are read through

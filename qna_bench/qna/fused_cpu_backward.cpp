@@ -83,30 +83,20 @@ void backward_outputs(const T* __restrict grad_z, const T* __restrict exp_scores
                             ++count;
                         }
                         T* gk = g_num_kernel + (ty * s.window + tx) * row;
-                        auto queries_from = [&]<int S>(int64_t q0) {
-                            for_blocks<S>(vectors, [&]<int BV>(int64_t v0) {
-                                int64_t head[BV];
-                                heads_of<W, HPV, BV>(v0, dim, head);
-                                Vec<T, W> acc[S][BV];
-                                const T* g = grad_z + v0 * W;
-                                const T* v = packed + v0 * W;
-                                sweep<T, W, HPV, S, BV>(
-                                    acc, count, head,
-                                    [&](int64_t n, int set) { return coefs.data() + n * row + (q0 + set) * heads; },
-                                    [&](int64_t n, int k) {
-                                        return load<T, W>(g + outs[n] * features + k * W) *
-                                               load<T, W>(v + ins[n] * s.pixel_stride + k * W);
-                                    });
+                        sweep_row<T, W, HPV>(
+                            s.queries, vectors, dim, count,
+                            [&](int64_t n, int64_t q) { return coefs.data() + n * row + q * heads; },
+                            [&](int64_t n, int64_t k) {
+                                return load<T, W>(grad_z + outs[n] * features + k * W) *
+                                       load<T, W>(packed + ins[n] * s.pixel_stride + k * W);
+                            },
+                            [&]<int S, int BV>(int64_t q0, int64_t, const int64_t* head, Vec<T, W> (&acc)[S][BV]) {
                                 for (int set = 0; set < S; ++set) {
                                     for (int k = 0; k < BV; ++k) {
                                         add_head_sums<T, W, HPV>(acc[set][k], gk + (q0 + set) * heads + head[k]);
                                     }
                                 }
                             });
-                        };
-                        int64_t q0 = 0;
-                        for (; q0 + 2 <= s.queries; q0 += 2) queries_from.template operator()<2>(q0);
-                        if (q0 < s.queries) queries_from.template operator()<1>(q0);
                     }
                 }
             }
@@ -154,16 +144,11 @@ void backward_inputs(const T* __restrict grad_z, const T* __restrict exp_scores,
                     std::copy_n(exp_scores + i * qh, qh, e_row.data());
                     const T* v = packed + i * s.pixel_stride;
                     T* gp = grad_packed + i * (features + qh);
-                    auto queries_from = [&]<int S>(int64_t q0) {
-                        for_blocks<S>(vectors, [&]<int BV>(int64_t v0) {
-                            int64_t head[BV];
-                            heads_of<W, HPV, BV>(v0, dim, head);
-                            Vec<T, W> acc[S][BV];
-                            const T* g = grad_z + v0 * W;
-                            sweep<T, W, HPV, S, BV>(
-                                acc, count, head,
-                                [&](int64_t n, int set) { return coefs.data() + n * row + (q0 + set) * heads; },
-                                [&](int64_t n, int k) { return load<T, W>(g + out[n] * features + k * W); });
+                    sweep_row<T, W, HPV>(
+                        s.queries, vectors, dim, count,
+                        [&](int64_t n, int64_t q) { return coefs.data() + n * row + q * heads; },
+                        [&](int64_t n, int64_t k) { return load<T, W>(grad_z + out[n] * features + k * W); },
+                        [&]<int S, int BV>(int64_t q0, int64_t v0, const int64_t* head, Vec<T, W> (&acc)[S][BV]) {
                             for (int k = 0; k < BV; ++k) {
                                 T* gv = gp + (v0 + k) * W;
                                 const Vec<T, W> values = load<T, W>(v + (v0 + k) * W);
@@ -176,10 +161,6 @@ void backward_inputs(const T* __restrict grad_z, const T* __restrict exp_scores,
                                 store<T, W>(gv, grad);
                             }
                         });
-                    };
-                    int64_t q0 = 0;
-                    for (; q0 + 2 <= s.queries; q0 += 2) queries_from.template operator()<2>(q0);
-                    if (q0 < s.queries) queries_from.template operator()<1>(q0);
                     for (int64_t j = 0; j < qh; ++j) gp[features + j] = (dots[j] + g_exp[j]) * e[j];
                 }
             }

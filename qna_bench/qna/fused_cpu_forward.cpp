@@ -58,26 +58,17 @@ void forward(const T* __restrict exp_scores, const T* __restrict packed, const T
                         }
                     }
                     const int64_t* pixel = win.pixel.data();
-                    auto sets_from = [&]<int S>(int64_t set0) {
-                        for_blocks<S>(vectors, [&]<int BV>(int64_t v0) {
-                            int64_t head[BV];
-                            heads_of<W, HPV, BV>(v0, dim, head);
-                            Vec<T, W> acc[S][BV];
-                            const T* rows = packed + v0 * W;
-                            sweep<T, W, HPV, S, BV>(
-                                acc, count, head,
-                                [&](int64_t n, int set) { return coefs.data() + (n * sets + set0 + set) * set_row; },
-                                [&](int64_t n, int v) { return load<T, W>(rows + pixel[n] * s.pixel_stride + v * W); });
+                    sweep_row<T, W, HPV>(
+                        sets, vectors, dim, count,
+                        [&](int64_t n, int64_t set) { return coefs.data() + (n * sets + set) * set_row; },
+                        [&](int64_t n, int64_t v) { return load<T, W>(packed + pixel[n] * s.pixel_stride + v * W); },
+                        [&]<int S, int BV>(int64_t set0, int64_t v0, const int64_t*, Vec<T, W> (&acc)[S][BV]) {
                             for (int set = 0; set < S; ++set) {
                                 const int64_t k = set0 + set;
                                 T* out = k == 0 ? z + o * features : partials + (o * s.partials + k - 1) * features;
                                 for (int v = 0; v < BV; ++v) store<T, W>(out + (v0 + v) * W, acc[set][v]);
                             }
                         });
-                    };
-                    int64_t set0 = 0;
-                    for (; set0 + 2 <= sets; set0 += 2) sets_from.template operator()<2>(set0);
-                    if (set0 < sets) sets_from.template operator()<1>(set0);
                 }
             }
         }
