@@ -78,6 +78,36 @@ def test_every_cpu_plan_forced_matches_the_reference_in_fp64(plan: str, stride: 
     assert_plan_matches_the_reference(plan, stride, "cpu")
 
 
+@pytest.mark.parametrize("head_dim", [1, 5, 8, 16, 24, 32, 48])
+def test_every_cpu_plan_forced_is_exact_at_every_head_size(head_dim: int) -> None:
+    """4 heads of ``head_dim`` channels (in the fused loops: a head spanning whole vectors, several heads
+    a vector, or plain scalars), fp64 and fp32, strides 1 and 2, a window wider than the map's height:
+    output and every gradient against the fp64 reference."""
+    torch.manual_seed(head_dim)
+    heads, window = 4, 5
+    inputs = [
+        torch.randn(1, 4, 6, 2 * heads, dtype=torch.float64),
+        torch.randn(1, 4, 6, heads * head_dim, dtype=torch.float64),
+        torch.randn(2, heads, window, window, dtype=torch.float64) * 0.5,
+        torch.randn(2, heads, window, window, dtype=torch.float64),
+    ]
+    for plan in CPU_PLANS:
+        for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+            for stride in (1, 2):
+                fast = [t.to(dtype).clone().requires_grad_() for t in inputs]
+                exact = [t.clone().requires_grad_() for t in inputs]
+                out = qna_attention(*fast, stride=stride, plan=plan)
+                expected = qna_attention_reference(*exact, stride=stride)
+                grad_out = torch.randn_like(expected)
+                out.backward(grad_out.to(dtype))
+                expected.backward(grad_out)
+                where = f"{plan} {dtype} stride {stride} d={head_dim}"
+                torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol, msg=where)
+                for name, a, b in zip(("scores", "values", "rpe_bias", "query_mixing"), fast, exact, strict=True):
+                    scale = max(b.grad.abs().max().item(), 1.0)
+                    torch.testing.assert_close(a.grad.double(), b.grad, rtol=tol, atol=tol * scale, msg=f"{where} {name}")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("stride", [1, 2])

@@ -210,11 +210,13 @@ def _fused_backward(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """`_fast_backward` in the fused CPU loops (`fused_backward`), from z and the queries' shares of it that
     the fused forward kept: the same outputs."""
-    rpe_exp = _kernels(rpe_bias, exp_scores.dtype)
-    mixing_w = mixing.to(rpe_exp.dtype)
+    dtype = exp_scores.dtype
+    rpe_exp = _kernels(rpe_bias, dtype).contiguous()
+    mixing_w = mixing.to(dtype)
+    z = z.to(dtype).contiguous() if shares.shape[3] < rpe_bias.shape[0] else shares  # z is read only then
     g_packed, g_den_kernel, g_value_kernel = fused_backward(
-        grad_z, exp_scores, packed.to(exp_scores.dtype).contiguous(), den, z, shares, rpe_exp, rpe_exp * mixing_w,
-        stride, need_kernel_grad,
+        grad_z.to(dtype).contiguous(), exp_scores, packed.to(dtype).contiguous(), den, z, shares, rpe_exp,
+        (rpe_exp * mixing_w).contiguous(), stride, need_kernel_grad,
     )
     if not need_kernel_grad:
         return g_packed, None, None
@@ -257,7 +259,8 @@ def _fast_core(
     rpe_exp = _kernels(rpe_bias, exp_scores.dtype)
     if chosen.numerators == "fused":
         z, den, shares = fused_forward(
-            exp_scores, packed.to(exp_scores.dtype).contiguous(), rpe_exp, rpe_exp * mixing.to(rpe_exp.dtype),
+            exp_scores, packed.to(exp_scores.dtype).contiguous(), rpe_exp.contiguous(),
+            (rpe_exp * mixing.to(rpe_exp.dtype)).contiguous(),
             stride, UNDERFLOW_DENOMINATOR[exp_scores.dtype], shares_kept(chosen, rpe_bias.shape[0], packed.dtype),
         )
         underflow, resolved = underflowed(den), False

@@ -1,15 +1,24 @@
 // QnA's windowed softmax core as direct loops over each window, for CPUs (`qna_bench.qna.fused_cpu`
-// compiles fused_cpu_forward.cpp and fused_cpu_backward.cpp into one library and calls it through
-// ctypes): one sweep over the taps computes a pixel's denominators and numerators together, the
-// backward takes two more, and nothing of size k^2 per pixel is stored. This header: the shapes, the
-// accumulators and the window sweeps both files share.
+// compiles every fused_cpu*.cpp into one library and calls it through ctypes): per output pixel, one
+// sweep over the taps for the denominators and the coefficients, one over the channels for the
+// numerators; the backward takes two more; nothing of size k^2 per pixel outlives its pixel. This
+// header: the shapes, the vectors, the window sweeps and the per-thread sums both files share.
 //
 // Layouts (row-major): E (B, H, W, Q*h) exp(s - m); values read from `packed` (B, H, W, ps), the first
-// F channels of each pixel; den_kernel and num_kernel (k, k, Q*h): exp(b) and exp(b) * mixing, tap-major;
-// z and grad_z (B, OH, OW, F); den (B, OH, OW, Q*h); grad_packed (B, H, W, F + Q*h). Input pixel of
-// output o and tap t: o * stride - pad + t, zero outside the image.
+// F channels of each pixel, head-major (channel = head * d + i); den_kernel and num_kernel (k, k, Q*h):
+// exp(b) and exp(b) * mixing, tap-major; z and grad_z (B, OH, OW, F); den (B, OH, OW, Q*h);
+// grad_packed (B, H, W, F + Q*h). Input pixel of output o and tap t: o * stride - pad + t, zero outside
+// the image.
+//
+// Vectors: the channels of a pixel's row are swept in vectors of W lanes, W the widest power of two no
+// wider than the target's vectors (64 bytes with AVX-512, 32 with AVX, else 16: SSE2, NEON) that divides
+// F and either divides the head size d (a head is d / W vectors, its coefficient broadcast) or is a
+// multiple of it, at most kMaxHeadsPerVector heads (a vector holds W / d heads, its coefficients spread
+// lane by lane). W = 1 (plain scalars) fits every shape.
 
 #pragma once
+
+#include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -17,6 +26,15 @@
 #include <vector>
 
 namespace qna_fused {
+
+#if defined(__AVX512F__)
+inline constexpr int kVectorBytes = 64;
+#elif defined(__AVX__)
+inline constexpr int kVectorBytes = 32;
+#else
+inline constexpr int kVectorBytes = 16;
+#endif
+inline constexpr int kMaxHeadsPerVector = 4;
 
 // partials: the queries whose share of z, num / den (B, OH, OW, partials, F), the forward keeps for the
 // backward (the queries less one, whose share is z less the others'; or all of them).
@@ -26,6 +44,11 @@ struct Shape {
     int64_t head_dim() const { return features / heads; }
     int64_t taps() const { return window * window; }
 };
+
+inline Shape make_shape(const int64_t* dims) {
+    return Shape{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6],
+                 dims[7], dims[8], dims[9], dims[10], dims[11], dims[12]};
+}
 
 // The input index along one axis of output `o` at tap `t`, or -1 outside the image.
 inline int64_t input_at(int64_t o, int64_t t, const Shape& s, int64_t size) {
@@ -41,86 +64,15 @@ inline int64_t output_at(int64_t i, int64_t t, const Shape& s, int64_t out_size)
     return o < out_size ? o : -1;
 }
 
-typedef float floats64 __attribute__((vector_size(64)));
-typedef double doubles64 __attribute__((vector_size(64)));
-template <typename T> struct Vector64;
-template <> struct Vector64<float> { using type = floats64; };
-template <> struct Vector64<double> { using type = doubles64; };
-
-// One head's channels as an accumulator: NV vectors of 64 bytes held in registers (GCC's vector
-// extension, lowered to the widest the target has), or, with NV = 0, any number of channels in memory.
-template <typename T, int NV>
-struct HeadAcc {
-    using Vec = typename Vector64<T>::type;
-    static constexpr int lanes = 64 / sizeof(T);
-    Vec v[NV];
-    void resize(int64_t) {}
-    static Vec load(const T* x) { Vec r; std::memcpy(&r, x, sizeof(Vec)); return r; }
-    void zero() { for (int i = 0; i < NV; ++i) v[i] = Vec{}; }
-    void axpy(T c, const T* x) { for (int i = 0; i < NV; ++i) v[i] += c * load(x + i * lanes); }
-    void axpy(T c, const HeadAcc& x) { for (int i = 0; i < NV; ++i) v[i] += c * x.v[i]; }
-    void scale(T c) { for (int i = 0; i < NV; ++i) v[i] *= c; }
-    void set(const T* x) { for (int i = 0; i < NV; ++i) v[i] = load(x + i * lanes); }
-    void axpy_product(T c, const HeadAcc& x, const T* y) {
-        for (int i = 0; i < NV; ++i) v[i] += c * (x.v[i] * load(y + i * lanes));
-    }
-    T dot(const T* x) const {
-        Vec sum = v[0] * load(x);
-        for (int i = 1; i < NV; ++i) sum += v[i] * load(x + i * lanes);
-        return total(sum);
-    }
-    T sum() const {
-        Vec sum = v[0];
-        for (int i = 1; i < NV; ++i) sum += v[i];
-        return total(sum);
-    }
-    static T total(Vec sum) {
-        T part[lanes];
-        std::memcpy(part, &sum, sizeof(sum));
-        for (int width = lanes / 2; width > 0; width /= 2) {
-            for (int l = 0; l < width; ++l) part[l] += part[l + width];
-        }
-        return part[0];
-    }
-    void store(T* x) const { std::memcpy(x, v, sizeof(v)); }
-};
-
-template <typename T>
-struct HeadAcc<T, 0> {
-    std::vector<T> v;
-    void resize(int64_t dim) { v.assign(dim, T(0)); }
-    void zero() { std::fill(v.begin(), v.end(), T(0)); }
-    void axpy(T c, const T* x) { for (size_t d = 0; d < v.size(); ++d) v[d] += c * x[d]; }
-    void axpy(T c, const HeadAcc& x) { for (size_t d = 0; d < v.size(); ++d) v[d] += c * x.v[d]; }
-    void scale(T c) { for (T& x : v) x *= c; }
-    void set(const T* x) { std::copy(x, x + v.size(), v.begin()); }
-    void axpy_product(T c, const HeadAcc& x, const T* y) {
-        for (size_t d = 0; d < v.size(); ++d) v[d] += c * (x.v[d] * y[d]);
-    }
-    T dot(const T* x) const {
-        T total = 0;
-        for (size_t d = 0; d < v.size(); ++d) total += v[d] * x[d];
-        return total;
-    }
-    T sum() const {
-        T total = 0;
-        for (size_t d = 0; d < v.size(); ++d) total += v[d];
-        return total;
-    }
-    void store(T* x) const { std::copy(v.begin(), v.end(), x); }
-};
-
 // The (pixel, tap) pairs of one window: the input pixels an output reads, or the outputs whose
-// windows read an input, each with the tap that links them.
+// windows read an input, each with the tap that links them. Sized once per thread.
 struct Window {
     std::vector<int64_t> pixel, tap;
     int64_t size = 0;
     explicit Window(int64_t taps) : pixel(taps), tap(taps) {}
-    // The input pixels that output (b, oy, ox) reads.
     void inputs_of(int64_t b, int64_t oy, int64_t ox, const Shape& s) {
         collect(b, oy, ox, s, input_at, s.height, s.width);
     }
-    // The outputs whose windows read input (b, iy, ix).
     void outputs_of(int64_t b, int64_t iy, int64_t ix, const Shape& s) {
         collect(b, iy, ix, s, output_at, s.out_h, s.out_w);
     }
@@ -142,93 +94,201 @@ private:
     }
 };
 
-// Queries accumulated in one sweep over a window (their coefficients differ, the rows they scale do not),
-// each in two accumulators (even and odd taps): independent chains of fused multiply-adds that hide
-// their latency and share each row's loads.
-constexpr int kQueryGroup = 2;
-constexpr int kChains = 2;
+// W lanes of T (GCC's vector extension), and integer lanes of T's size for shuffles.
+template <typename T> struct Lane;
+template <> struct Lane<float> { using index = int32_t; };
+template <> struct Lane<double> { using index = int64_t; };
+template <typename T, int W> struct VecOf {
+    typedef T type __attribute__((vector_size(W * sizeof(T))));
+    typedef typename Lane<T>::index index __attribute__((vector_size(W * sizeof(T))));
+};
+template <typename T, int W> using Vec = typename VecOf<T, W>::type;
+template <typename T, int W> using Index = typename VecOf<T, W>::index;
 
-// result[u] = sum over n < size of coef(n, u) * row(n), for the queries u < count (<= kQueryGroup) of a
-// group, and sums[u] the same sum of den_coef(n, u). The accumulators are locals, so that the compiler
-// keeps them in registers.
-template <typename T, int NV, typename Coef, typename DenCoef, typename Row>
-__attribute__((always_inline)) inline void accumulate(HeadAcc<T, NV>* result, T* sums, int count, int64_t size,
-                                                      int64_t dim, Coef coef, DenCoef den_coef, Row row) {
-    HeadAcc<T, NV> acc[kChains][kQueryGroup];
-    T partial[kChains][kQueryGroup] = {};
-    for (auto& chain : acc) {
-        for (auto& a : chain) {
-            a.resize(dim);
-            a.zero();
-        }
+template <typename T, int W> __attribute__((always_inline)) inline Vec<T, W> load(const T* x) {
+    Vec<T, W> r;
+    std::memcpy(&r, x, sizeof(r));
+    return r;
+}
+template <typename T, int W> __attribute__((always_inline)) inline void store(T* x, Vec<T, W> v) {
+    std::memcpy(x, &v, sizeof(v));
+}
+
+// A vector of the coefficients of the heads it holds, from c[0..HPV): lane l takes c[l / (W / HPV)].
+// With HPV > 1 it loads c[0..W) (a whole vector, then one shuffle in registers): c lies in a buffer
+// padded past its rows.
+template <typename T, int W, int HPV> __attribute__((always_inline)) inline Vec<T, W> spread(const T* c) {
+    if constexpr (HPV == 1) {
+        return Vec<T, W>{} + *c;
+    } else {
+        const Vec<T, W> r = load<T, W>(c);
+        Index<T, W> mask;
+        for (int l = 0; l < W; ++l) mask[l] = l / (W / HPV);
+        return __builtin_shuffle(r, mask);
     }
-    int64_t n = 0;
-    for (; n + kChains <= size; n += kChains) {
-        for (int c = 0; c < kChains; ++c) {
-            const T* x = row(n + c);
-            for (int u = 0; u < kQueryGroup; ++u) {
-                if (u < count) {
-                    partial[c][u] += den_coef(n + c, u);
-                    acc[c][u].axpy(coef(n + c, u), x);
+}
+
+// out[k] += the sum of lanes [k * W / HPV, (k + 1) * W / HPV) of x, for the HPV heads of the vector:
+// a tree of shuffles, the same order every call.
+template <typename T, int W, int HPV> __attribute__((always_inline)) inline void add_head_sums(Vec<T, W> x, T* out) {
+    constexpr int segment = W / HPV;
+    for (int offset = segment / 2; offset > 0; offset /= 2) {
+        Index<T, W> mask;
+        for (int l = 0; l < W; ++l) mask[l] = (l % segment) + offset < segment ? l + offset : l;
+        x += __builtin_shuffle(x, mask);
+    }
+    for (int k = 0; k < HPV; ++k) out[k] += x[k * segment];
+}
+
+// The vector layout of a shape: W lanes, HPV heads per vector (1 where a head spans whole vectors).
+struct Layout {
+    int lanes, heads_per_vector;
+};
+
+template <typename T> Layout layout_of(const Shape& s) {
+    const int64_t dim = s.head_dim();
+    for (int w = kVectorBytes / int(sizeof(T)); w > 1; w /= 2) {
+        if (s.features % w != 0) continue;
+        if (dim % w == 0) return {w, 1};
+        if (w % dim == 0 && w / dim <= kMaxHeadsPerVector) return {w, int(w / dim)};
+    }
+    return {1, 1};
+}
+
+// Calls `run.template operator()<W, HPV>()` with the shape's layout.
+template <typename T, typename Run> void by_layout(const Shape& s, Run run) {
+    constexpr int widest = kVectorBytes / int(sizeof(T));
+    const Layout l = layout_of<T>(s);
+    auto pick = [&]<int W>() {
+        if constexpr (W > 1) {
+            if (l.lanes == W) {
+                switch (l.heads_per_vector) {
+                    case 1: run.template operator()<W, 1>(); return true;
+                    case 2: if constexpr (W >= 2) { run.template operator()<W, 2>(); return true; } break;
+                    case 4: if constexpr (W >= 4) { run.template operator()<W, 4>(); return true; } break;
+                    default: break;
                 }
             }
         }
+        return false;
+    };
+    const bool done = pick.template operator()<widest>() || pick.template operator()<widest / 2>() ||
+                      pick.template operator()<widest / 4>() || pick.template operator()<widest / 8>();
+    if (!done) run.template operator()<1, 1>();
+}
+
+// Coefficient sets accumulated in one sweep (each its own accumulators over the same rows), and the
+// vectors of a block: 8 accumulators, independent chains of fused multiply-adds that hide their latency
+// and share each row's loads.
+inline constexpr int kAccumulators = 8;
+
+// Calls `body.template operator()<BV>(v0)` over the `vectors` vectors of a row in blocks of BV, the
+// widest first (kAccumulators / S), the rest in halves.
+template <int S, typename Body> __attribute__((always_inline)) inline void for_blocks(int64_t vectors, Body body) {
+    constexpr int full = kAccumulators / S;
+    int64_t v0 = 0;
+    for (; v0 + full <= vectors; v0 += full) body.template operator()<full>(v0);
+    if constexpr (full >= 8) {
+        if (v0 + 4 <= vectors) { body.template operator()<4>(v0); v0 += 4; }
     }
-    for (; n < size; ++n) {
-        const T* x = row(n);
-        for (int u = 0; u < kQueryGroup; ++u) {
-            if (u < count) {
-                partial[0][u] += den_coef(n, u);
-                acc[0][u].axpy(coef(n, u), x);
+    if constexpr (full >= 4) {
+        if (v0 + 2 <= vectors) { body.template operator()<2>(v0); v0 += 2; }
+    }
+    if constexpr (full >= 2) {
+        if (v0 + 1 <= vectors) { body.template operator()<1>(v0); v0 += 1; }
+    }
+}
+
+// The first head of each vector v0.. of a block (in heads from head 0).
+template <int W, int HPV, int BV> inline void heads_of(int64_t v0, int64_t dim, int64_t* head) {
+    for (int v = 0; v < BV; ++v) head[v] = HPV == 1 ? (v0 + v) * W / dim : (v0 + v) * HPV;
+}
+
+// acc[s][v] = sum over n < count of spread(coef(n, s) + head[v]) * row(n, v), for S coefficient sets
+// (coef(n, s): the set's row of per-head coefficients) and the BV vectors of a block (row(n, v): the
+// block's vector v of entry n).
+template <typename T, int W, int HPV, int S, int BV, typename Coef, typename Row>
+__attribute__((always_inline)) inline void sweep(Vec<T, W> (&acc)[S][BV], int64_t count, const int64_t* head,
+                                                 Coef coef, Row row) {
+    for (auto& set : acc) {
+        for (auto& a : set) a = Vec<T, W>{};
+    }
+    for (int64_t n = 0; n < count; ++n) {
+        Vec<T, W> x[BV];
+        for (int v = 0; v < BV; ++v) x[v] = row(n, v);
+        for (int s = 0; s < S; ++s) {
+            const T* c = coef(n, s);
+            for (int v = 0; v < BV; ++v) acc[s][v] += spread<T, W, HPV>(c + head[v]) * x[v];
+        }
+    }
+}
+
+// `sweep` over every vector of a row for `sets` coefficient sets, two sets at a time: coef(n, set) is
+// set `set`'s row of per-head coefficients at entry n, row(n, v) vector v of entry n's row; after each
+// block, done.template operator()<S, BV>(set0, v0, head, acc) takes the sums of sets set0.. over the
+// vectors v0.. (their first heads in head).
+template <typename T, int W, int HPV, typename Coef, typename Row, typename Done>
+__attribute__((always_inline)) inline void sweep_row(int64_t sets, int64_t vectors, int64_t dim, int64_t count,
+                                                     Coef coef, Row row, Done done) {
+    auto group = [&]<int S>(int64_t set0) {
+        for_blocks<S>(vectors, [&]<int BV>(int64_t v0) {
+            int64_t head[BV];
+            heads_of<W, HPV, BV>(v0, dim, head);
+            Vec<T, W> acc[S][BV];
+            sweep<T, W, HPV, S, BV>(
+                acc, count, head, [&](int64_t n, int set) { return coef(n, set0 + set); },
+                [&](int64_t n, int v) { return row(n, v0 + v); });
+            done.template operator()<S, BV>(set0, v0, head, acc);
+        });
+    };
+    int64_t set0 = 0;
+    for (; set0 + 2 <= sets; set0 += 2) group.template operator()<2>(set0);
+    if (set0 < sets) group.template operator()<1>(set0);
+}
+
+// The per-pixel rows of Q*h factors (exp-scores, denominators, kernels at a tap) run in vectors of the
+// widest lanes, kRowLanes, over rows padded to whole vectors in the loops' own buffers: the lanes past
+// Q*h carry whatever lies there and are never read back. Tensors the loops do not own are read through
+// `load_upto`, which stops at their end.
+template <typename T> inline constexpr int kRowLanes = kVectorBytes / int(sizeof(T));
+
+inline int64_t padded(int64_t n, int64_t lanes) { return (n + lanes - 1) / lanes * lanes; }
+
+template <typename T> __attribute__((always_inline)) inline Vec<T, kRowLanes<T>> load_upto(const T* x, const T* end) {
+    constexpr int L = kRowLanes<T>;
+    if (x + L <= end) return load<T, L>(x);
+    Vec<T, L> r{};
+    for (int l = 0; x + l < end; ++l) r[l] = x[l];
+    return r;
+}
+
+// A (taps, Q*h) kernel copied into rows padded to whole vectors, zeros in the padding.
+template <typename T> std::vector<T> padded_rows(const T* kernel, int64_t rows, int64_t width) {
+    const int64_t stride = padded(width, kRowLanes<T>);
+    std::vector<T> out(rows * stride + kRowLanes<T>, T(0));
+    for (int64_t r = 0; r < rows; ++r) std::copy_n(kernel + r * width, width, out.data() + r * stride);
+    return out;
+}
+
+// Per-thread sums of (taps, Q*h) kernel gradients in padded rows, added in thread order once the
+// threads are done: the same bits every call with the same threads (the static schedule gives each
+// thread the same rows).
+template <typename T> struct ThreadSums {
+    std::vector<T> sums;
+    int64_t rows, width, stride, size;
+    ThreadSums(int threads, int64_t rows, int64_t width)
+        : rows(rows), width(width), stride(padded(width, kRowLanes<T>)), size(rows * stride + kRowLanes<T>) {
+        sums.assign(int64_t(threads) * size, T(0));
+    }
+    T* mine() { return sums.data() + omp_get_thread_num() * size; }
+    void write_to(T* out) const {
+        std::fill(out, out + rows * width, T(0));
+        for (int64_t t = 0; t * size < int64_t(sums.size()); ++t) {
+            for (int64_t r = 0; r < rows; ++r) {
+                for (int64_t j = 0; j < width; ++j) out[r * width + j] += sums[t * size + r * stride + j];
             }
         }
     }
-    for (int u = 0; u < kQueryGroup; ++u) {
-        if (u >= count) break;
-        sums[u] = partial[0][u];
-        result[u] = acc[0][u];
-        for (int c = 1; c < kChains; ++c) {
-            sums[u] += partial[c][u];
-            result[u].axpy(T(1), acc[c][u]);
-        }
-    }
-}
-
-// The numerators and denominators of one output pixel's window for the queries q0.. of head h:
-// nums[u] = sum_n w(t_n) E(i_n) v_h(i_n), dens[u] = sum_n exp(b)(t_n) E(i_n).
-template <typename T, int NV>
-__attribute__((always_inline)) inline void window_sums(HeadAcc<T, NV>* nums, const Window& win, const T* exp_scores, const T* packed,
-                 const T* den_kernel, const T* num_kernel, const Shape& s, int64_t h, int64_t q0, T* dens) {
-    const int64_t qh = s.qh(), dim = s.head_dim();
-    const int count = int(std::min<int64_t>(kQueryGroup, s.queries - q0));
-    const int64_t* pixel = win.pixel.data();
-    const int64_t* tap = win.tap.data();
-    const int64_t j0 = q0 * s.heads + h;
-    auto at = [&](int64_t, int u) { return j0 + u * s.heads; };
-    accumulate(
-        nums, dens, count, win.size, dim,
-        [&](int64_t n, int u) { return num_kernel[tap[n] * qh + at(n, u)] * exp_scores[pixel[n] * qh + at(n, u)]; },
-        [&](int64_t n, int u) { return den_kernel[tap[n] * qh + at(n, u)] * exp_scores[pixel[n] * qh + at(n, u)]; },
-        [&](int64_t n) { return packed + pixel[n] * s.pixel_stride + h * dim; });
-}
-
-inline Shape make_shape(const int64_t* dims) {
-    return Shape{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6],
-                 dims[7], dims[8], dims[9], dims[10], dims[11], dims[12]};
-}
-
-// Calls `run.template operator()<NV>()` with NV the number of 64-byte vectors of a head's channels
-// (1, 2, 4 or 8), or 0 where they do not fill whole vectors.
-template <typename T, typename Run>
-void by_head_vectors(const Shape& s, Run run) {
-    const int64_t bytes = s.head_dim() * int64_t(sizeof(T));
-    switch (bytes % 64 == 0 ? bytes / 64 : 0) {
-        case 1: run.template operator()<1>(); break;
-        case 2: run.template operator()<2>(); break;
-        case 4: run.template operator()<4>(); break;
-        case 8: run.template operator()<8>(); break;
-        default: run.template operator()<0>(); break;
-    }
-}
+};
 
 }  // namespace qna_fused

@@ -6,158 +6,162 @@
 namespace qna_fused {
 namespace {
 
-// The numerator kernels' gradients from one row of outputs (b, oy), added to grad (k, k, Q*h): at tap
-// t, sum over the row of E(i) / den(o) * (g_z(o) . v(i)), kept per channel in registers along the row
-// and summed over each head's channels once per tap. Needs the row's 1 / den in inv_den.
-template <typename T, int NV>
-void numerator_kernel_grads_of_row(const T* __restrict grad_z, const T* __restrict exp_scores,
-                                   const T* __restrict packed, const T* __restrict inv_den, const Shape& s,
-                                   int64_t b, int64_t oy, T* __restrict grad) {
-    const int64_t qh = s.qh(), dim = s.head_dim();
-    HeadAcc<T, NV> g;
-    g.resize(dim);
-    for (int64_t h = 0; h < s.heads; ++h) {
-        for (int64_t q0 = 0; q0 < s.queries; q0 += kQueryGroup) {
-            const int count = int(std::min<int64_t>(kQueryGroup, s.queries - q0));
-            const int64_t j0 = q0 * s.heads + h;
-            for (int64_t ty = 0; ty < s.window; ++ty) {
-                const int64_t iy = input_at(oy, ty, s, s.height);
-                if (iy < 0) continue;
-                for (int64_t tx = 0; tx < s.window; ++tx) {
-                    HeadAcc<T, NV> acc[kQueryGroup];
-                    for (auto& a : acc) {
-                        a.resize(dim);
-                        a.zero();
-                    }
-                    for (int64_t ox = 0; ox < s.out_w; ++ox) {
-                        const int64_t ix = input_at(ox, tx, s, s.width);
-                        if (ix < 0) continue;
-                        const int64_t o = (b * s.out_h + oy) * s.out_w + ox;
-                        const int64_t i = (b * s.height + iy) * s.width + ix;
-                        g.set(grad_z + o * s.features + h * dim);
-                        const T* v = packed + i * s.pixel_stride + h * dim;
-                        for (int u = 0; u < kQueryGroup; ++u) {
-                            if (u < count) {
-                                const int64_t j = j0 + u * s.heads;
-                                acc[u].axpy_product(exp_scores[i * qh + j] * inv_den[o * qh + j], g, v);
-                            }
-                        }
-                    }
-                    for (int u = 0; u < count; ++u) grad[(ty * s.window + tx) * qh + j0 + u * s.heads] += acc[u].sum();
-                }
-            }
-        }
-    }
-}
-
-// Pass 1, per output pixel: the denominators' gradients and both kernel gradients. With
-// g_num = g_z / den, dL/dden = -g_z . y / den for each query's share y = num / den of z (kept by the
-// forward, the last one z less the others), and the numerator kernel's gradient at tap t is
-// sum_o E(i) (g_z(o) . v(i)) / den (`numerator_kernel_grads_of_row`).
-template <typename T, int NV>
+// Pass 1, per row of outputs (b, oy). With g_num = g_z / den: dL/dden = -g_z . y / den for each
+// query's share y = num / den of z (kept by the forward, the last one z less the others); the
+// denominators' kernel gradient at tap t is sum_o dL/dden(o) E(i); the numerators' kernel gradient at
+// tap t is sum_o E(i) / den(o) (g_z(o) . v(i)), kept per channel in registers along the row and summed
+// over each head's channels once per tap. Each thread adds the kernel gradients into its own sums.
+template <typename T, int W, int HPV>
 void backward_outputs(const T* __restrict grad_z, const T* __restrict exp_scores, const T* __restrict packed,
                       const T* __restrict den, const T* __restrict z, const T* __restrict partials, const Shape s,
                       bool kernel_grads, T* __restrict inv_den, T* __restrict grad_den,
                       T* __restrict grad_den_kernel, T* __restrict grad_num_kernel, int threads) {
-    const int64_t qh = s.qh(), dim = s.head_dim(), taps = s.taps();
-    std::fill(grad_den_kernel, grad_den_kernel + taps * qh, T(0));
-    std::fill(grad_num_kernel, grad_num_kernel + taps * qh, T(0));
+    constexpr int L = kRowLanes<T>;
+    const int64_t qh = s.qh(), heads = s.heads, dim = s.head_dim(), taps = s.taps(), features = s.features;
+    const int64_t vectors = features / W, shares = s.partials, row = padded(qh, L);
+    const T* e_end = exp_scores + s.batch * s.height * s.width * qh;
+    const T* inv_end = inv_den + s.batch * s.out_h * s.out_w * qh;
+    ThreadSums<T> den_sums(kernel_grads ? threads : 0, taps, qh), num_sums(kernel_grads ? threads : 0, taps, qh);
 #pragma omp parallel num_threads(threads)
     {
-        HeadAcc<T, NV> g, last;
-        g.resize(dim);
-        last.resize(dim);
         Window win(taps);
-        std::vector<T> g_den_kernel(kernel_grads ? taps * qh : 0), g_num_kernel(kernel_grads ? taps * qh : 0);
+        std::vector<T> dots(qh), gd_row(row + L), coefs(s.out_w * row + L);
+        std::vector<int64_t> outs(s.out_w), ins(s.out_w);
+        T* g_den_kernel = kernel_grads ? den_sums.mine() : nullptr;
+        T* g_num_kernel = kernel_grads ? num_sums.mine() : nullptr;
 #pragma omp for collapse(2) schedule(static)
         for (int64_t b = 0; b < s.batch; ++b) {
             for (int64_t oy = 0; oy < s.out_h; ++oy) {
                 for (int64_t ox = 0; ox < s.out_w; ++ox) {
                     const int64_t o = (b * s.out_h + oy) * s.out_w + ox;
-                    win.inputs_of(b, oy, ox, s);
-                    const int64_t* pixel = win.pixel.data();
-                    const int64_t* tap = win.tap.data();
-                    T* inv = inv_den + o * qh;
-                    T* gd = grad_den + o * qh;
+                    T* __restrict inv = inv_den + o * qh;
+                    T* __restrict gd = grad_den + o * qh;
                     for (int64_t j = 0; j < qh; ++j) inv[j] = T(1) / den[o * qh + j];
-                    for (int64_t h = 0; h < s.heads; ++h) {
-                        g.set(grad_z + o * s.features + h * dim);
-                        auto share = [&](int64_t q) { return partials + (o * s.partials + q) * s.features + h * dim; };
-                        if (s.partials < s.queries) {
-                            last.set(z + o * s.features + h * dim);
-                            for (int64_t q = 0; q < s.partials; ++q) last.axpy(T(-1), share(q));
+                    std::fill(dots.begin(), dots.end(), T(0));
+                    for (int64_t v = 0; v < vectors; ++v) {
+                        int64_t head[1];
+                        heads_of<W, HPV, 1>(v, dim, head);
+                        const Vec<T, W> g = load<T, W>(grad_z + o * features + v * W);
+                        Vec<T, W> last = shares < s.queries ? load<T, W>(z + o * features + v * W) : Vec<T, W>{};
+                        for (int64_t q = 0; q < shares; ++q) {
+                            const Vec<T, W> share = load<T, W>(partials + (o * shares + q) * features + v * W);
+                            add_head_sums<T, W, HPV>(g * share, dots.data() + q * heads + head[0]);
+                            last -= share;
                         }
-                        for (int64_t q = 0; q < s.queries; ++q) {
-                            const int64_t j = q * s.heads + h;
-                            const T dot = q < s.partials ? g.dot(share(q)) : last.dot(grad_z + o * s.features + h * dim);
-                            gd[j] = -dot * inv[j];
-                        }
+                        if (shares < s.queries) add_head_sums<T, W, HPV>(g * last, dots.data() + shares * heads + head[0]);
                     }
+                    for (int64_t q = shares + 1; q < s.queries; ++q) {
+                        std::copy_n(dots.data() + shares * heads, heads, dots.data() + q * heads);
+                    }
+                    for (int64_t j = 0; j < qh; ++j) gd_row[j] = gd[j] = -dots[j] * inv[j];
                     if (!kernel_grads) continue;
+                    win.inputs_of(b, oy, ox, s);
                     for (int64_t n = 0; n < win.size; ++n) {
-                        const T* e = exp_scores + pixel[n] * qh;
-                        T* gk = g_den_kernel.data() + tap[n] * qh;
-                        for (int64_t j = 0; j < qh; ++j) gk[j] += gd[j] * e[j];
+                        T* gk = g_den_kernel + win.tap[n] * row;
+                        for (int64_t j = 0; j < row; j += L) {
+                            const Vec<T, L> e = load_upto(exp_scores + win.pixel[n] * qh + j, e_end);
+                            store<T, L>(gk + j, load<T, L>(gk + j) + load<T, L>(gd_row.data() + j) * e);
+                        }
                     }
                 }
-                if (kernel_grads) {
-                    numerator_kernel_grads_of_row<T, NV>(grad_z, exp_scores, packed, inv_den, s, b, oy, g_num_kernel.data());
+                if (!kernel_grads) continue;
+                for (int64_t ty = 0; ty < s.window; ++ty) {
+                    const int64_t iy = input_at(oy, ty, s, s.height);
+                    if (iy < 0) continue;
+                    for (int64_t tx = 0; tx < s.window; ++tx) {
+                        int64_t count = 0;
+                        for (int64_t ox = 0; ox < s.out_w; ++ox) {
+                            const int64_t ix = input_at(ox, tx, s, s.width);
+                            if (ix < 0) continue;
+                            const int64_t o = (b * s.out_h + oy) * s.out_w + ox, i = (b * s.height + iy) * s.width + ix;
+                            outs[count] = o;
+                            ins[count] = i;
+                            for (int64_t j = 0; j < row; j += L) {
+                                store<T, L>(coefs.data() + count * row + j,
+                                            load_upto(exp_scores + i * qh + j, e_end) * load_upto(inv_den + o * qh + j, inv_end));
+                            }
+                            ++count;
+                        }
+                        T* gk = g_num_kernel + (ty * s.window + tx) * row;
+                        sweep_row<T, W, HPV>(
+                            s.queries, vectors, dim, count,
+                            [&](int64_t n, int64_t q) { return coefs.data() + n * row + q * heads; },
+                            [&](int64_t n, int64_t k) {
+                                return load<T, W>(grad_z + outs[n] * features + k * W) *
+                                       load<T, W>(packed + ins[n] * s.pixel_stride + k * W);
+                            },
+                            [&]<int S, int BV>(int64_t q0, int64_t, const int64_t* head, Vec<T, W> (&acc)[S][BV]) {
+                                for (int set = 0; set < S; ++set) {
+                                    for (int k = 0; k < BV; ++k) {
+                                        add_head_sums<T, W, HPV>(acc[set][k], gk + (q0 + set) * heads + head[k]);
+                                    }
+                                }
+                            });
+                    }
                 }
-            }
-        }
-        if (kernel_grads) {
-#pragma omp critical
-            for (int64_t j = 0; j < taps * qh; ++j) {
-                grad_den_kernel[j] += g_den_kernel[j];
-                grad_num_kernel[j] += g_num_kernel[j];
             }
         }
     }
+    den_sums.write_to(grad_den_kernel);
+    num_sums.write_to(grad_num_kernel);
 }
 
-// Pass 2, per input pixel: gathers g_num * w and dL/dden * exp(b) over the outputs whose windows read
-// it, then writes the values' gradient and the exp-scores' gradient times E (the scores' gradient).
-template <typename T, int NV>
+// Pass 2, per input pixel: gathers g_num * exp(b) * mixing and dL/dden * exp(b) over the outputs whose
+// windows read it, per query, then writes the values' gradient (the queries' sums times E) and the
+// exp-scores' gradient times E (the scores' gradient).
+template <typename T, int W, int HPV>
 void backward_inputs(const T* __restrict grad_z, const T* __restrict exp_scores, const T* __restrict packed,
                      const T* __restrict inv_den, const T* __restrict grad_den, const T* __restrict den_kernel,
                      const T* __restrict num_kernel, const Shape s, T* __restrict grad_packed, int threads) {
-    const int64_t qh = s.qh(), dim = s.head_dim(), features = s.features;
+    constexpr int L = kRowLanes<T>;
+    const int64_t qh = s.qh(), heads = s.heads, dim = s.head_dim(), features = s.features, vectors = features / W;
+    const int64_t row = padded(qh, L), taps = s.taps(), outputs = s.batch * s.out_h * s.out_w * qh;
+    const T *inv_end = inv_den + outputs, *gd_end = grad_den + outputs;
+    const std::vector<T> kd = padded_rows(den_kernel, taps, qh), kn = padded_rows(num_kernel, taps, qh);
 #pragma omp parallel num_threads(threads)
     {
-        HeadAcc<T, NV> nums[kQueryGroup];
-        for (auto& a : nums) a.resize(dim);
-        HeadAcc<T, NV> grad_values;
-        grad_values.resize(dim);
-        Window win(s.taps());
-        T g_exp[kQueryGroup];
+        Window win(taps);
+        std::vector<T> coefs(taps * row + L), dots(qh), g_exp(row + L), e_row(row + L);
 #pragma omp for collapse(2) schedule(static)
         for (int64_t b = 0; b < s.batch; ++b) {
             for (int64_t iy = 0; iy < s.height; ++iy) {
                 for (int64_t ix = 0; ix < s.width; ++ix) {
                     const int64_t i = (b * s.height + iy) * s.width + ix;
                     win.outputs_of(b, iy, ix, s);
+                    const int64_t count = win.size;
                     const int64_t* out = win.pixel.data();
-                    const int64_t* tap = win.tap.data();
+                    std::fill(dots.begin(), dots.end(), T(0));
+                    for (int64_t j = 0; j < row; j += L) {
+                        Vec<T, L> sum{};
+                        for (int64_t n = 0; n < count; ++n) {
+                            const int64_t t = win.tap[n] * row + j, at = out[n] * qh + j;
+                            store<T, L>(coefs.data() + n * row + j, load<T, L>(kn.data() + t) * load_upto(inv_den + at, inv_end));
+                            sum += load<T, L>(kd.data() + t) * load_upto(grad_den + at, gd_end);
+                        }
+                        store<T, L>(g_exp.data() + j, sum);
+                    }
+                    const T* e = e_row.data();  // padded for `spread`
+                    std::copy_n(exp_scores + i * qh, qh, e_row.data());
                     const T* v = packed + i * s.pixel_stride;
                     T* gp = grad_packed + i * (features + qh);
-                    for (int64_t h = 0; h < s.heads; ++h) {
-                        grad_values.zero();
-                        for (int64_t q0 = 0; q0 < s.queries; q0 += kQueryGroup) {
-                            const int64_t j0 = q0 * s.heads + h;
-                            accumulate(
-                                nums, g_exp, int(std::min<int64_t>(kQueryGroup, s.queries - q0)), win.size, dim,
-                                [&](int64_t n, int u) { return num_kernel[tap[n] * qh + j0 + u * s.heads] * inv_den[out[n] * qh + j0 + u * s.heads]; },
-                                [&](int64_t n, int u) { return den_kernel[tap[n] * qh + j0 + u * s.heads] * grad_den[out[n] * qh + j0 + u * s.heads]; },
-                                [&](int64_t n) { return grad_z + out[n] * features + h * dim; });
-                            for (int64_t q = q0; q < std::min<int64_t>(s.queries, q0 + kQueryGroup); ++q) {
-                                const int64_t j = q * s.heads + h;
-                                const T e = exp_scores[i * qh + j];
-                                gp[features + j] = (nums[q - q0].dot(v + h * dim) + g_exp[q - q0]) * e;
-                                grad_values.axpy(e, nums[q - q0]);
+                    sweep_row<T, W, HPV>(
+                        s.queries, vectors, dim, count,
+                        [&](int64_t n, int64_t q) { return coefs.data() + n * row + q * heads; },
+                        [&](int64_t n, int64_t k) { return load<T, W>(grad_z + out[n] * features + k * W); },
+                        [&]<int S, int BV>(int64_t q0, int64_t v0, const int64_t* head, Vec<T, W> (&acc)[S][BV]) {
+                            for (int k = 0; k < BV; ++k) {
+                                T* gv = gp + (v0 + k) * W;
+                                const Vec<T, W> values = load<T, W>(v + (v0 + k) * W);
+                                Vec<T, W> grad = q0 == 0 ? Vec<T, W>{} : load<T, W>(gv);
+                                for (int set = 0; set < S; ++set) {
+                                    const int64_t j = (q0 + set) * heads + head[k];
+                                    add_head_sums<T, W, HPV>(acc[set][k] * values, dots.data() + j);
+                                    grad += spread<T, W, HPV>(e + j) * acc[set][k];
+                                }
+                                store<T, W>(gv, grad);
                             }
-                        }
-                        grad_values.store(gp + h * dim);
-                    }
+                        });
+                    for (int64_t j = 0; j < qh; ++j) gp[features + j] = (dots[j] + g_exp[j]) * e[j];
                 }
             }
         }
@@ -171,10 +175,10 @@ void run_backward(const T* gz, const T* e, const T* p, const T* den, const T* z,
                   const T* wk, const int64_t* dims, int kernel_grads, T* inv_den, T* grad_den, T* grad_rk, T* grad_wk,
                   T* grad_packed, int threads) {
     const Shape s = make_shape(dims);
-    by_head_vectors<T>(s, [&]<int NV>() {
-        backward_outputs<T, NV>(gz, e, p, den, z, partials, s, kernel_grads != 0, inv_den, grad_den, grad_rk,
-                                grad_wk, threads);
-        backward_inputs<T, NV>(gz, e, p, inv_den, grad_den, rk, wk, s, grad_packed, threads);
+    by_layout<T>(s, [&]<int W, int HPV>() {
+        backward_outputs<T, W, HPV>(gz, e, p, den, z, partials, s, kernel_grads != 0, inv_den, grad_den, grad_rk,
+                                    grad_wk, threads);
+        backward_inputs<T, W, HPV>(gz, e, p, inv_den, grad_den, rk, wk, s, grad_packed, threads);
     });
 }
 

@@ -1,45 +1,74 @@
-// The forward sweep of the fused loops (see fused_cpu.h): per output pixel and head, the numerators
-// and denominators of every query, divided as they are written; the first `partials` queries' shares of
-// z are kept for the backward.
+// The forward sweep of the fused loops (see fused_cpu.h). Per output pixel: the denominators and each
+// tap's per-head coefficients in one sweep over the window; then z as one sum over the window with the
+// queries' coefficients already divided by their denominators and added (one accumulator per channel,
+// whatever the number of queries), and the first `partials` queries' shares of z, kept for the
+// backward, each a coefficient set of its own.
 
 #include "fused_cpu.h"
 
 namespace qna_fused {
 namespace {
 
-template <typename T, int NV>
+template <typename T, int W, int HPV>
 void forward(const T* __restrict exp_scores, const T* __restrict packed, const T* __restrict den_kernel,
              const T* __restrict num_kernel, const Shape s, T threshold, T* __restrict z, T* __restrict den,
              T* __restrict partials, int threads) {
-    const int64_t qh = s.qh(), dim = s.head_dim();
+    constexpr int L = kRowLanes<T>;
+    const int64_t qh = s.qh(), heads = s.heads, dim = s.head_dim(), taps = s.taps(), features = s.features;
+    const int64_t sets = 1 + s.partials, vectors = features / W, row = padded(qh, L), set_row = padded(heads, L);
+    const T* e_end = exp_scores + s.batch * s.height * s.width * qh;
+    const std::vector<T> kd = padded_rows(den_kernel, taps, qh), kn = padded_rows(num_kernel, taps, qh);
 #pragma omp parallel num_threads(threads)
     {
-        HeadAcc<T, NV> nums[kQueryGroup];
-        for (auto& a : nums) a.resize(dim);
-        HeadAcc<T, NV> out;
-        out.resize(dim);
-        Window win(s.taps());
-        T dens[kQueryGroup];
+        Window win(taps);
+        // per tap: exp(b) * mixing * E for every query and head, then the sets' coefficients
+        std::vector<T> raw(taps * row + L), coefs(taps * sets * set_row + L), d(row + L), inv(row + L);
 #pragma omp for collapse(2) schedule(static)
         for (int64_t b = 0; b < s.batch; ++b) {
             for (int64_t oy = 0; oy < s.out_h; ++oy) {
                 for (int64_t ox = 0; ox < s.out_w; ++ox) {
                     const int64_t o = (b * s.out_h + oy) * s.out_w + ox;
                     win.inputs_of(b, oy, ox, s);
-                    for (int64_t h = 0; h < s.heads; ++h) {
-                        out.zero();
-                        for (int64_t q0 = 0; q0 < s.queries; q0 += kQueryGroup) {
-                            window_sums(nums, win, exp_scores, packed, den_kernel, num_kernel, s, h, q0, dens);
-                            for (int64_t q = q0; q < std::min<int64_t>(s.queries, q0 + kQueryGroup); ++q) {
-                                const T d = dens[q - q0];
-                                den[o * qh + q * s.heads + h] = d;
-                                nums[q - q0].scale(T(1) / (d < threshold ? T(1) : d));
-                                out.axpy(T(1), nums[q - q0]);
-                                if (q < s.partials) nums[q - q0].store(partials + (o * s.partials + q) * s.features + h * dim);
+                    const int64_t count = win.size;
+                    for (int64_t j = 0; j < row; j += L) {
+                        Vec<T, L> sum{};
+                        for (int64_t n = 0; n < count; ++n) {
+                            const Vec<T, L> e = load_upto(exp_scores + win.pixel[n] * qh + j, e_end);
+                            sum += load<T, L>(kd.data() + win.tap[n] * row + j) * e;
+                            store<T, L>(raw.data() + n * row + j, load<T, L>(kn.data() + win.tap[n] * row + j) * e);
+                        }
+                        store<T, L>(d.data() + j, sum);
+                        const Vec<T, L> one = Vec<T, L>{} + T(1);
+                        store<T, L>(inv.data() + j, one / (sum < threshold ? one : sum));
+                    }
+                    std::copy_n(d.data(), qh, den + o * qh);
+                    for (int64_t n = 0; n < count; ++n) {
+                        const T* r = raw.data() + n * row;
+                        T* c = coefs.data() + n * sets * set_row;
+                        for (int64_t h = 0; h < heads; h += L) {
+                            Vec<T, L> sum = load<T, L>(r + h) * load<T, L>(inv.data() + h);
+                            for (int64_t q = 1; q < s.queries; ++q) {
+                                sum += load<T, L>(r + q * heads + h) * load<T, L>(inv.data() + q * heads + h);
+                            }
+                            store<T, L>(c + h, sum);
+                            for (int64_t p = 0; p < s.partials; ++p) {
+                                store<T, L>(c + (1 + p) * set_row + h,
+                                            load<T, L>(r + p * heads + h) * load<T, L>(inv.data() + p * heads + h));
                             }
                         }
-                        out.store(z + o * s.features + h * dim);
                     }
+                    const int64_t* pixel = win.pixel.data();
+                    sweep_row<T, W, HPV>(
+                        sets, vectors, dim, count,
+                        [&](int64_t n, int64_t set) { return coefs.data() + (n * sets + set) * set_row; },
+                        [&](int64_t n, int64_t v) { return load<T, W>(packed + pixel[n] * s.pixel_stride + v * W); },
+                        [&]<int S, int BV>(int64_t set0, int64_t v0, const int64_t*, Vec<T, W> (&acc)[S][BV]) {
+                            for (int set = 0; set < S; ++set) {
+                                const int64_t k = set0 + set;
+                                T* out = k == 0 ? z + o * features : partials + (o * s.partials + k - 1) * features;
+                                for (int v = 0; v < BV; ++v) store<T, W>(out + (v0 + v) * W, acc[set][v]);
+                            }
+                        });
                 }
             }
         }
@@ -52,11 +81,15 @@ template <typename T>
 void run_forward(const T* e, const T* p, const T* rk, const T* wk, const int64_t* dims, double threshold, T* z,
                  T* den, T* partials, int threads) {
     const Shape s = make_shape(dims);
-    by_head_vectors<T>(s, [&]<int NV>() { forward<T, NV>(e, p, rk, wk, s, T(threshold), z, den, partials, threads); });
+    by_layout<T>(s, [&]<int W, int HPV>() {
+        forward<T, W, HPV>(e, p, rk, wk, s, T(threshold), z, den, partials, threads);
+    });
 }
 
 }  // namespace
 }  // namespace qna_fused
+
+extern "C" int qna_vector_bytes() { return qna_fused::kVectorBytes; }
 
 extern "C" void qna_forward_f32(const float* e, const float* p, const float* rk, const float* wk, const int64_t* dims,
                                 double threshold, float* z, float* den, float* partials, int threads) {
