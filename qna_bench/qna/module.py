@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from qna_bench.forms import GEMM, PLAN, FormChoice
 from qna_bench.qna.attention import qna_attention_packed, run_plan, wants_grad
+from qna_bench.qna.fused_cpu import compile_flags, vector_bytes
 from qna_bench.qna.official import load_official_params
 from qna_bench.qna.plans import Plan, get_plan, plan_names
 from qna_bench.qna.projection import PROJECTIONS, Projection, project
@@ -323,6 +324,7 @@ class QnA(nn.Module):
             "plan_source": choice.source,
             "tune_seconds": round(choice.tune_seconds, 4),
             "plan_fell_back": self.plan_fell_back,
+            **({"fused_build": f"{compile_flags()}; {vector_bytes()}-byte vectors"} if choice.plan.uses_fused else {}),
         }
 
     def forward(self, x: Tensor) -> Tensor:

@@ -28,6 +28,7 @@ import torch
 from qna_bench import tuner
 from qna_bench.environment import device_name
 from qna_bench.measure.canary import canary_seconds
+from qna_bench.qna.fused_cpu import compile_flags
 from qna_bench.qna.plans import Plan, candidate_plans, default_plan, get_plan
 from qna_bench.qna.projection import PROJECTIONS, Projection
 from qna_bench.tuner import TUNES, Candidate, Timer, Tune, time_call
@@ -78,6 +79,9 @@ class PlanKey:
     mode: str  # forward or train
     in_channels: int = 0
     bias: bool = False
+    # How the fused CPU loops are compiled here (`fused_cpu.compile_flags`: QNA_BENCH_CXXFLAGS included): an
+    # AVX2 build of them on an AVX-512 machine is another machine for the plans.
+    kernel_build: str = ""
     # The plans and projection forms timed for this key: a new candidate tunes afresh.
     candidates: tuple[str, ...] = ()
 
@@ -104,6 +108,7 @@ def plan_key(
         mode="train" if train else "forward",
         in_channels=in_channels,
         bias=bias,
+        kernel_build=compile_flags() if x.device.type == "cpu" else "",
         candidates=candidates,
     )
 
