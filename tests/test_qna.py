@@ -465,7 +465,7 @@ def test_split_logits_in_inference_mode_match_grad_mode(plan: str) -> None:
     x = split_image(torch.randn(1, 9, 12, 8), module, 150.0)
     with torch.inference_mode():
         out = module(x)
-    torch.testing.assert_close(out, module(x).detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, module(x).detach(), rtol=1e-6, atol=1e-6 * max(1.0, out.abs().max().item()))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -693,15 +693,18 @@ def test_depthwise_convolutions_run_channels_last(stride: int) -> None:
 
 @pytest.mark.parametrize("plan", available_plans("cpu"))
 def test_inference_mode_matches_grad_mode(plan: str) -> None:
-    """Bit for bit, with the plan forced: a tuned module may choose different plans for the two modes
-    (forward and train are different keys), whose roundings differ."""
+    """With the plan forced (a tuned module may choose different plans for the two modes, forward and
+    train being different keys): bit for bit, but for the fused loops, whose grad-mode forward sweeps z
+    together with the query's share it keeps for the backward (two accumulator sets per block, another
+    instantiation of the sweep), so z rounds differently: within fp32's rounding of the output there."""
     module = make_qna(torch.float32, in_channels=8, features=8, heads=2, window=5, stride=2, plan=plan)
     x = torch.randn(2, 11, 10, 8)
     with_graph = module(x)
     assert with_graph.grad_fn is not None
     with torch.inference_mode():
         inference = module(x)
-    torch.testing.assert_close(inference, with_graph.detach(), rtol=0, atol=0)
+    rounding = 2e-7 * inference.abs().max().item() if plan == "fused" else 0.0
+    torch.testing.assert_close(inference, with_graph.detach(), rtol=0, atol=rounding)
 
 
 def test_functional_forms_agree_without_module() -> None:

@@ -60,16 +60,25 @@ def assert_plan_matches_the_reference(plan: str, stride: int, device: str) -> No
             torch.randn(2, 2, window, window, dtype=torch.float64) * 0.5,
             torch.randn(2, 2, window, window, dtype=torch.float64),
         ]
-        fast = [t.clone().to(device).requires_grad_() for t in inputs]
-        exact = [t.clone().requires_grad_() for t in inputs]
-        out = qna_attention(*fast, stride=stride, plan=plan)
-        expected = qna_attention_reference(*exact, stride=stride)
-        grad_out = torch.randn_like(expected)
-        out.backward(grad_out.to(device))
-        expected.backward(grad_out)
-        torch.testing.assert_close(out.cpu(), expected, rtol=1e-10, atol=1e-10)
-        for name, a, b in zip(("scores", "values", "rpe_bias", "query_mixing"), fast, exact, strict=True):
-            torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-9, atol=1e-9, msg=f"{plan} k={window} grad {name}")
+        assert_matches_the_reference(inputs, plan, stride, device, torch.float64, f"{plan} k={window}")
+
+
+def assert_matches_the_reference(inputs: list[torch.Tensor], plan: str, stride: int, device: str, dtype: torch.dtype,
+                                 where: str) -> None:
+    """``plan`` on ``inputs`` (fp64: scores, values, rpe bias, query mixing) in ``dtype`` on ``device``: its
+    output and every gradient against the fp64 reference (gradients relative to their largest value)."""
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    fast = [t.to(device=device, dtype=dtype).clone().requires_grad_() for t in inputs]
+    exact = [t.clone().requires_grad_() for t in inputs]
+    out = qna_attention(*fast, stride=stride, plan=plan)
+    expected = qna_attention_reference(*exact, stride=stride)
+    grad_out = torch.randn_like(expected)
+    out.backward(grad_out.to(device=device, dtype=dtype))
+    expected.backward(grad_out)
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=tol, atol=tol, msg=where)
+    for name, a, b in zip(("scores", "values", "rpe_bias", "query_mixing"), fast, exact, strict=True):
+        scale = max(b.grad.abs().max().item(), 1.0)
+        torch.testing.assert_close(a.grad.cpu().double(), b.grad, rtol=tol, atol=tol * scale, msg=f"{where} grad {name}")
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -92,20 +101,9 @@ def test_every_cpu_plan_forced_is_exact_at_every_head_size(head_dim: int) -> Non
         torch.randn(2, heads, window, window, dtype=torch.float64),
     ]
     for plan in CPU_PLANS:
-        for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+        for dtype in (torch.float64, torch.float32):
             for stride in (1, 2):
-                fast = [t.to(dtype).clone().requires_grad_() for t in inputs]
-                exact = [t.clone().requires_grad_() for t in inputs]
-                out = qna_attention(*fast, stride=stride, plan=plan)
-                expected = qna_attention_reference(*exact, stride=stride)
-                grad_out = torch.randn_like(expected)
-                out.backward(grad_out.to(dtype))
-                expected.backward(grad_out)
-                where = f"{plan} {dtype} stride {stride} d={head_dim}"
-                torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol, msg=where)
-                for name, a, b in zip(("scores", "values", "rpe_bias", "query_mixing"), fast, exact, strict=True):
-                    scale = max(b.grad.abs().max().item(), 1.0)
-                    torch.testing.assert_close(a.grad.double(), b.grad, rtol=tol, atol=tol * scale, msg=f"{where} {name}")
+                assert_matches_the_reference(inputs, plan, stride, "cpu", dtype, f"{plan} {dtype} stride {stride} d={head_dim}")
 
 
 @pytest.mark.cuda
