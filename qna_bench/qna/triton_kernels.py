@@ -12,8 +12,10 @@ accuracy: rounded at |m|, it shifts every probability by eps * |m|, 1e-5 in fp32
 Accumulation is fp32 (fp64 for fp64).
 
 Layouts: ``scores`` (B, H, W, Nq*h) with channel n*h + head, ``values`` (B, H, W, h*d) head-major,
-``rpe_bias`` and ``query_mixing`` (Nq, h, k, k). A program owns a tile of pixels of one image and one
-head; the channel block is the vector dimension, so value loads are contiguous in NHWC.
+``rpe_bias`` and ``query_mixing`` (Nq, h, k, k). A program owns one head and a tile of the batch's
+pixels flattened (image, pixel), so a tile may span images and only grid axis 0 grows with the batch and
+the heads; the channel block is the vector dimension, so value loads are contiguous in NHWC. Addresses
+are 64-bit (`_flat`): a (B, H, W, C) tensor passes 2^31 elements long before its pixel count does.
 """
 
 from __future__ import annotations
