@@ -237,10 +237,11 @@ def qna_backward_kernel(s_ptr, v_ptr, b_ptr, w_ptr, g_ptr, max_ptr, inv_ptr, del
     F = HEADS * D
     class_w = (W - px + STRIDE - 1) // STRIDE
     count = tl.cdiv(_flat(B, 0, 1, ((H + STRIDE - 1) // STRIDE) * ((W + STRIDE - 1) // STRIDE)), BLOCK_P)
-    head, tile, b, p, _ = _tile(count, ((H - py + STRIDE - 1) // STRIDE) * class_w, BLOCK_P)
-    p_ok = b < B
-    y = py + STRIDE * (p // class_w)
-    x = px + STRIDE * (p % class_w)
+    class_pixels = ((H - py + STRIDE - 1) // STRIDE) * class_w  # 0 for a class past a map of one row or column
+    head, tile, b, p, _ = _tile(count, tl.maximum(class_pixels, 1), BLOCK_P)
+    p_ok = (b < B) & (class_pixels > 0)
+    y = py + STRIDE * (p // tl.maximum(class_w, 1))
+    x = px + STRIDE * (p % tl.maximum(class_w, 1))
     offs_n = tl.arange(0, NQ_P)
     n_ok = offs_n < NQ
     offs_d = tl.arange(0, HEAD_D)
