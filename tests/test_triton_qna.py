@@ -173,7 +173,7 @@ def test_the_partials_pre_hook_resizes_and_zeroes_the_buffer_for_its_tile() -> N
 
     assert all(config.pre_hook is _size_partials for config in qna_backward_kernel.configs)
     part = torch.full((3, 2, 2, 2, 3, 3), 7.0)
-    nargs = dict(part_ptr=part, v_ptr=torch.empty(2, 9, 11, 8), H=9, W=11, STRIDE=2)
+    nargs = dict(part_ptr=part, B=2, H=9, W=11, STRIDE=2)
     for block_p, rows in ((16, 16), (32, 8), (256, 4)):
         _size_partials({**nargs, "BLOCK_P": block_p})
         assert part.shape == (rows, 2, 2, 2, 3, 3) and rows == partial_rows(2, 9, 11, 2, block_p)

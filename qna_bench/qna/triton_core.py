@@ -55,7 +55,7 @@ def _launch_args(scores: Tensor, values: Tensor, rpe_bias: Tensor, stride: int) 
     """The problem's sizes as the kernels take them."""
     batch, height, width, features = values.shape
     num_queries, heads, window, _ = rpe_bias.shape
-    wide = torch.float64 in (scores.dtype, values.dtype, rpe_bias.dtype)
+    wide = _accumulator(scores, values, rpe_bias) == torch.float64
     return dict(
         B=batch, H=height, W=width, OH=qna_output_size(height, window, stride),
         OW=qna_output_size(width, window, stride), HEADS=heads, D=features // heads, NQ=num_queries, K=window,

@@ -68,7 +68,7 @@ def _size_partials(nargs: dict) -> None:
     zeroed: at stride 2 a program writes only the taps of its parity class.
     """
     part = nargs["part_ptr"]
-    rows = partial_rows(nargs["v_ptr"].shape[0], nargs["H"], nargs["W"], nargs["STRIDE"], nargs["BLOCK_P"])
+    rows = partial_rows(nargs["B"], nargs["H"], nargs["W"], nargs["STRIDE"], nargs["BLOCK_P"])
     part.resize_(rows, *part.shape[1:]).zero_()
 
 
