@@ -84,3 +84,24 @@ def test_the_core_ops_pass_torch_library_opcheck(plan: str) -> None:
     backward_args = (torch.randn_like(z), *(a.detach() for a in args[:3]), exp_scores.detach(), den.detach(),
                      underflow, fell_back, z.detach(), shares.detach(), 1, spec, True)
     torch.library.opcheck(_fast_core_backward_op, backward_args)
+
+
+def test_the_triton_ops_fake_kernels_give_the_real_outputs_layouts() -> None:
+    """What torch.compile sees of the Triton core (`qna_bench::triton_forward` / `triton_backward`) without
+    running it: z in the inputs' promoted dtype, the statistics in fp32 (fp64 for fp64), gradients like
+    their inputs. The interpreter's tests run the ops themselves (opcheck, graph breaks)."""
+    pytest.importorskip("triton")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from qna_bench.qna.triton_core import triton_backward, triton_forward
+
+    for dtype, stats_dtype in ((torch.bfloat16, torch.float32), (torch.float64, torch.float64)):
+        with FakeTensorMode():
+            scores, values = torch.empty(3, 9, 11, 4, dtype=dtype), torch.empty(3, 9, 11, 8, dtype=dtype)
+            bias, mixing = torch.empty(2, 2, 5, 5, dtype=dtype), torch.empty(2, 2, 5, 5, dtype=dtype)
+            z, stats = triton_forward(scores, values, bias, mixing, 2)
+            grads = triton_backward(torch.empty_like(z), scores, values, bias, mixing, stats, 2)
+            assert (z.shape, z.dtype) == ((3, 5, 6, 8), dtype)
+            assert (stats.shape, stats.dtype) == ((2, 3, 5, 6, 4), stats_dtype)
+            for grad, like in zip(grads, (scores, values, bias, mixing), strict=True):
+                assert (grad.shape, grad.dtype) == (like.shape, like.dtype)
