@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -173,11 +174,9 @@ def _explained(relative: float, share: float | None, others: float | None, slowd
 
 
 def _others(shares: dict[str, float], layer: str) -> float | None:
-    values = sorted(v for name, v in shares.items() if name != layer)
-    if not values:
-        return None
-    middle = len(values) // 2
-    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+    """The median share of the compute roof of the layers other than ``layer``."""
+    values = [v for name, v in shares.items() if name != layer]
+    return statistics.median(values) if values else None
 
 
 def excuse(points: Sequence[PointComparison], layers: Sequence[LayerChange], machine: MachineChange,
