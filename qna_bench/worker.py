@@ -16,6 +16,7 @@ import gc
 import importlib
 import multiprocessing
 import signal
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -162,8 +163,8 @@ class PointWorker:
         if self._process is None:
             return
         if self._process.pid is not None and not self._busy and self._conn is not None:
-            # An idle worker ends on its own when its pipe closes, releasing what it holds: killed, it
-            # would leave the semaphore of torch's tqdm lock to the resource tracker, which warns about it.
+            # An idle worker ends on its own when its pipe closes, releasing what it holds (a killed one
+            # leaves any named semaphore it registered to the resource tracker, which warns about it).
             self._conn.close()
             self._conn = None
             self._process.join(timeout=EXIT_GRACE_S)
@@ -191,8 +192,21 @@ def _die_with_parent() -> None:
         pass
 
 
+def _thread_lock_for_progress_bars() -> None:
+    """tqdm guards its bars with a multiprocessing lock, a named semaphore that a spawned process registers
+    with the sweep's resource tracker; torch.compile's progress bar creates it (inductor's
+    ``AsyncCompile.wait``). A worker killed at its hard limit never unregisters it, and the tracker warns
+    of a "leaked semaphore" when the sweep ends. A worker's bars are its own, so a thread lock will do."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    tqdm.set_lock(threading.RLock())
+
+
 def _serve(conn: Connection, setup: WorkerSetup) -> None:
     _die_with_parent()
+    _thread_lock_for_progress_bars()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the sweep's to handle: it kills this process
     for module in setup.layer_modules:
         importlib.import_module(module)

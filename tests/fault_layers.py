@@ -86,6 +86,22 @@ class Exits(nn.Module):
         os._exit(3)
 
 
+class ProgressThenHang(NativeHang):
+    """Opens a tqdm progress bar, as torch.compile does while it compiles, then hangs like `NativeHang`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from tqdm import tqdm
+
+        with tqdm(total=1, disable=True):
+            pass
+        return super().forward(x)
+
+
+@register_layer("fault_progress_hang", **_FAULT)
+def build_progress_hang(problem: Problem) -> nn.Module:
+    return ProgressThenHang()
+
+
 @register_layer("fault_native_hang", **_FAULT)
 def build_native_hang(problem: Problem) -> nn.Module:
     return NativeHang()

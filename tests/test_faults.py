@@ -159,6 +159,27 @@ def test_a_point_stuck_in_native_code_is_killed_at_the_hard_limit_and_the_next_r
     assert row["status"] == "ok" and row["layer"] == "conv_dw"
 
 
+# A sweep whose worker is killed at its hard limit, as the sweep's process sees it: the worker opened a
+# progress bar (as torch.compile does), and the resource tracker reports at the process's end.
+_KILL_AT_HARD_LIMIT = """
+from qna_bench.environment import read_environment
+from qna_bench.point import MeasureSettings
+from qna_bench.problem import Problem
+from qna_bench.worker import PointWorker, WorkerSetup
+settings = MeasureSettings(threads=1, min_run_time_s=0.01, min_replicates=1, point_budget_s=None)
+with PointWorker(WorkerSetup(("fault_layers",), settings, read_environment("cpu"), None, False)) as worker:
+    print(worker.run("fault_progress_hang", Problem(batch=1, height=10, width=9, channels=8, heads=2), "t", timeout_s=2))
+"""
+
+
+def test_a_worker_killed_at_its_hard_limit_leaves_no_resource_tracker_warning():
+    done = subprocess.run([sys.executable, "-c", _KILL_AT_HARD_LIMIT], capture_output=True, text=True, timeout=300,
+                          env=_env(), cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "WorkerLost(killed=True" in done.stdout
+    assert "resource_tracker" not in done.stderr and "leaked" not in done.stderr, done.stderr[-3000:]
+
+
 def test_a_worker_that_dies_becomes_an_error_row_and_the_sweep_goes_on(tmp_path):
     done = _run("layers=[fault_exits,conv_dw]", "windows=3", "modes=forward", *FAST, f"results_dir={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]
