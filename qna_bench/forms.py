@@ -264,7 +264,7 @@ def prepare_forms(
     set_gemm(module, None if tuning.winner == shipped else tuning.winner)
     choice = FormChoice({GEMM: tuning.winner}, "tuned", tuning.seconds, tuning.medians_s, tuning.refused)
     tuner.write_choice(CACHE_SUBDIR, key, {"form": dict(choice.form), "timings_s": dict(choice.timings_s),
-                                           "refused": dict(choice.refused)}, tuning.keep)
+                                           "refused": dict(choice.refused), "tune_s": choice.tune_seconds}, tuning.keep)
     return _keep(module, choice)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from qna_bench import disk_cache, results, rounds
+from qna_bench import disk_cache, results, rounds, tuner
 from qna_bench.budget import time_limits
 from qna_bench.compile_mode import EAGER
 from qna_bench.environment import Environment
@@ -133,9 +133,16 @@ def run_sweep(
     (`qna_bench.identity.is_current`) with a final status is not measured again, and a current ``ok`` row
     with fewer rounds than asked for gets the rounds it lacks.
     """
-    with disk_cache.run_cache():  # every round of the sweep runs the forms its first round chose
-        return _run_sweep(points, results_path, settings, env, resume=resume, memory_cap_bytes=memory_cap_bytes,
-                          cap_memory=cap_memory, stream=stream)
+    with disk_cache.run_cache() as store:  # every round of the sweep runs the forms its first round chose
+        started = time.perf_counter()
+        outcome = _run_sweep(points, results_path, settings, env, resume=resume, memory_cap_bytes=memory_cap_bytes,
+                             cap_memory=cap_memory, stream=stream)
+        keys, seconds = tuner.tuned_in(store)
+        if keys:
+            wall = time.perf_counter() - started
+            print(f"tuning: {keys} keys chose their forms in {seconds:.1f} s, {seconds / wall:.1%} of the sweep's "
+                  f"{wall:.0f} s", file=stream or sys.stderr)
+        return outcome
 
 
 def _run_sweep(

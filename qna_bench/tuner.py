@@ -236,6 +236,18 @@ def write_choice(subdir: str, key: Mapping[str, Any], entry: Mapping[str, Any], 
         disk_cache.write_json_atomic(store / subdir / key_file(key), record)
 
 
+def tuned_in(store: Path) -> tuple[int, float]:
+    """The choices a store holds and the seconds their tunings took (a sweep's own store: every key the
+    sweep tuned, in whichever process, its workers' warm-up included)."""
+    seconds = []
+    for path in store.glob("*/*.json"):
+        try:
+            seconds.append(float(json.loads(path.read_text()).get("tune_s", 0.0)))
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+    return len(seconds), sum(seconds)
+
+
 _CANARY_STORE = "quiet-canary"
 
 

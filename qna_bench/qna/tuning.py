@@ -154,7 +154,7 @@ def read_cached(key: PlanKey, device: torch.device, train: bool, stride: int) ->
 def write_cached(key: PlanKey, choice: PlanChoice, keep: bool = True) -> None:
     tuner.write_choice(CACHE_SUBDIR, key.as_dict(), {
         "plan": choice.plan.name, "projections": choice.plan.projections, "timings_s": dict(choice.timings_s),
-        "refused": dict(choice.refused)}, keep)
+        "refused": dict(choice.refused), "tune_s": choice.tune_seconds}, keep)
 
 
 def tune_plan(
