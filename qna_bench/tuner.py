@@ -7,8 +7,8 @@ In the manner of `triton.testing.do_bench`, and stricter where a tuner has been 
    gradients); they are compared with the first candidate's, the form as built. A form that differs
    beyond its dtype's tolerance, or raises, is refused and never timed; the refusal is logged with the
    difference.
-2. **Warm, then prune.** One more untimed call each, then one timed call each; candidates slower than
-   `PRUNE_FACTOR` × the fastest of those calls leave the race.
+2. **Then prune.** One timed call each, the second call of each (the first paid its one-off costs);
+   candidates slower than `PRUNE_FACTOR` × the fastest of those calls leave the race.
 3. **Interleaved rounds.** The rest are timed in `ROUNDS` rounds, one block each per round (calls enough
    to last `BLOCK_S`), the order rotated every round; the lowest median over rounds wins.
 4. **A quiet machine.** The canary (`qna_bench.measure.canary`) is timed before and after. A tuning whose
@@ -43,8 +43,9 @@ TUNES: tuple[str, ...] = get_args(Tune)
 FormSource = Literal["tuned", "cache", "default", "forced"]
 FORM_SOURCES: tuple[str, ...] = get_args(FormSource)
 
-WARM_CALLS = 2  # the proof's call and one more, untimed
-PRUNE_FACTOR = 2.0
+# A candidate's second call over this factor of the fastest second call leaves: a 2-core CPU's slow spells
+# moved one call by up to ~30%, and at large windows the slow plans cost seconds a call.
+PRUNE_FACTOR = 1.5
 ROUNDS = 3
 # A block's calls last at least this long: sub-millisecond candidates are timed over several calls.
 BLOCK_S = 0.02
@@ -171,9 +172,6 @@ def tune(
     del reference
     medians: dict[str, float] = {}
     if len(racing) > 1:
-        for candidate in racing:
-            for _ in range(WARM_CALLS - 1):
-                timer(candidate, candidate.run)
         first = {c.name: timer(c, c.run) for c in racing}
         fastest = min(first.values())
         pruned = [c for c in racing if first[c.name] > PRUNE_FACTOR * fastest]

@@ -19,33 +19,42 @@ from qna_bench.registry import get_layer, list_layers
 
 
 class ScriptedTimer:
-    """Seconds per candidate name: ``first`` for each candidate's first timed call, then ``steady``."""
+    """Seconds per candidate name (1.0 unless given), without running anything; records its calls."""
 
-    def __init__(self, steady: dict[str, float], first: dict[str, float] | None = None) -> None:
-        self.steady, self.first = steady, first or {}
+    def __init__(self, steady: dict[str, float]) -> None:
+        self.steady = steady
         self.calls: list[str] = []
 
     def __call__(self, candidate: tuner.Candidate, call: object) -> float:
-        seen = candidate.name in self.calls
         self.calls.append(candidate.name)
-        if not seen and candidate.name in self.first:
-            return self.first[candidate.name]
         return self.steady.get(candidate.name, 1.0)
 
 
-def constant(value: float):
-    out = torch.full((4,), value)
-    return tuner.Candidate(f"c{value}", lambda: [out])
+class CountedCalls:
+    """A candidate's calls, counted; a timer that runs the call and bills it by its index (the first call
+    of ``compiled`` 10x its steady cost, as a compiling or autotuning first call is)."""
+
+    def __init__(self, steady: dict[str, float]) -> None:
+        self.steady, self.count = steady, dict.fromkeys(steady, 0)
+
+    def candidate(self, name: str) -> tuner.Candidate:
+        def run() -> list[torch.Tensor]:
+            self.count[name] += 1
+            return [torch.ones(3)]
+        return tuner.Candidate(name, run)
+
+    def timer(self, candidate: tuner.Candidate, call) -> float:
+        call()
+        first = candidate.name == "compiled" and self.count[candidate.name] == 1
+        return self.steady[candidate.name] * (10 if first else 1)
 
 
 def test_a_candidate_slow_only_on_its_first_call_wins() -> None:
     """Compilation, primitive creation, autotuning: a first call 10x slower says nothing of the steady one."""
-    candidates = [tuner.Candidate(name, lambda: [torch.ones(3)]) for name in ("shipped", "compiled", "other")]
-    timer = ScriptedTimer({"shipped": 1.0, "compiled": 0.5, "other": 0.8}, first={"compiled": 5.0})
-    outcome = tuner.tune(candidates, torch.float32, timer=timer)
-    assert outcome.winner == "compiled"
-    assert dict(outcome.medians_s)["compiled"] == 0.5
-    assert timer.calls.count("compiled") >= 1 + tuner.ROUNDS  # warmed, then timed in every round
+    calls = CountedCalls({"shipped": 1.0, "compiled": 0.5, "other": 0.8})
+    outcome = tuner.tune([calls.candidate(name) for name in calls.steady], torch.float32, timer=calls.timer)
+    assert outcome.winner == "compiled" and dict(outcome.medians_s)["compiled"] == 0.5
+    assert calls.count["compiled"] >= 2 + tuner.ROUNDS  # proved (untimed), pruned on its second call, every round
 
 
 def test_candidates_are_timed_in_rotated_interleaved_rounds() -> None:
