@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from qna_bench.compile_mode import COMPILE_MODES, EAGER, form_label, mode_of
+from qna_bench.labels import COMPILE_MODES, EAGER, ROLES, form_label, mode_of
+from qna_bench.layer_facts import find_layer, role_of
 from qna_bench.noise import NoiseFloor, crossed_line, noise_floor
-from qna_bench.registry import ROLES, find_layer, role_of
 from qna_bench.roofline import roofline_frame
 from qna_bench.rounds import ratio_spread, round_times
 

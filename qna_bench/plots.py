@@ -36,8 +36,8 @@ from qna_bench.analysis import (
 )
 from qna_bench.results import read_results
 from qna_bench.roofline import level_roofs
+from qna_bench.text import MIB, image_size, shape_label
 
-MIB = 2**20
 ROLE_LABELS = {SUBJECT: "under test", "reference": "reference", "baseline": "baseline"}
 # Sized to read on a laptop screen and stay well under 200 KB a file.
 DPI = 100
@@ -52,8 +52,7 @@ NO_NUMBER = "× on the bottom edge: no number at that window (timeout, oom, skip
 def shape_title(setting: dict, with_context: bool = False) -> str:
     return (
         (f"{setting['device_name']}, {setting['threads']} threads, torch {setting['torch_version']}: " if with_context else "")
-        + f"B={setting['batch']}, {setting['height']}×{setting['width']}, C={setting['channels']}, "
-        f"{setting['heads']} heads, {setting['dtype']}"
+        + f"{shape_label(setting)}, {setting['dtype']}"
         + (f", stride {setting['stride']}" if setting["stride"] != 1 else "")
         + (f", dilation {setting['dilation']}" if setting["dilation"] != 1 else "")
     )
@@ -432,7 +431,7 @@ def models_figure(source: Analysis | pd.DataFrame) -> Figure | None:
             ax.invert_yaxis()
             ax.margins(x=0.2)
             shape = shapes.loc[problem]
-            _style_axes(ax, f"{shape['height']}×{shape['width']} images, batch {shape['batch']}, {shape['dtype']}, "
+            _style_axes(ax, f"{image_size(shape)} images, batch {shape['batch']}, {shape['dtype']}, "
                         f"{shape['threads']} threads ({problem})", label, "")
             ax.grid(True, axis="x", alpha=0.3)
             ax.grid(False, axis="y")

@@ -47,13 +47,13 @@ from qna_bench.analysis import (
     with_roles,
 )
 from qna_bench.analysis import missing as _missing
-from qna_bench.compile_mode import form_label, is_compiled, mode_of
+from qna_bench.labels import form_label, is_compiled, mode_of
 from qna_bench.measure.canary import CANARY_SIZE
 from qna_bench.qna.plans import PASSES
 from qna_bench.results import STATUSES, read_results
+from qna_bench.text import MIB, image_size, shape_label
 
 REPORT_FILE = "report.md"
-MIB = 2**20
 
 RULES = f"""\
 Roles are declared in the layer registry (`python -m qna_bench.registry`): the **subject** is QnA (`qna`),
@@ -113,7 +113,7 @@ def _spread(row: pd.Series, column: str) -> str:
 
 def _problem_label(problem: str, problems: pd.DataFrame) -> str:
     shape = problems.set_index("problem").loc[problem]
-    return f"{shape['height']}×{shape['width']}, C={shape['channels']}, {shape['heads']} heads ({problem})"
+    return f"{shape_label(shape, batch=False)} ({problem})"
 
 
 def _k_list(windows: Iterable[int]) -> str:
@@ -318,7 +318,7 @@ def header_section(analysis: Analysis) -> str:
         rows = data[data["problem"] == shape["problem"]]
         problems.append([
             shape["problem"], shape["device_name"], shape["dtype"], shape["threads"], shape["torch_version"],
-            shape["batch"], f"{shape['height']}×{shape['width']}", shape["channels"], shape["heads"], shape["head_dim"],
+            shape["batch"], image_size(shape), shape["channels"], shape["heads"], shape["head_dim"],
             shape["stride"], shape["dilation"], ", ".join(mode_order(rows["mode"].unique())),
             _k_list(rows["window"]),
         ])
@@ -859,7 +859,7 @@ def models_section(analysis: Analysis) -> str:
     modes = mode_order(models["mode"].unique())
     for problem, here in models.groupby("problem", sort=False):
         shape = analysis.problems.set_index("problem").loc[problem]
-        parts.append(f"### {shape['height']}×{shape['width']} images, batch {shape['batch']}, {shape['dtype']}, "
+        parts.append(f"### {image_size(shape)} images, batch {shape['batch']}, {shape['dtype']}, "
                      f"{shape['threads']} threads ({problem})")
         rows = []
         for layer, own in here.groupby("layer", sort=False):

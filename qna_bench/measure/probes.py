@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from qna_bench.disk_cache import JsonStore
 from qna_bench.environment import device_name, utc_now
 from qna_bench.memcap import available_bytes
+from qna_bench.text import MIB
 
 # Probe sizes at scale 1; each doubling of the scale doubles the work.
 GEMM_ROWS, GEMM_INNER = 256, 2048
@@ -215,7 +216,7 @@ def triad_probe(device: torch.device, dtype: torch.dtype, working_set_bytes: int
 
 
 def _mib(size: int) -> str:
-    return f"{size / 2**20:.3g} MiB"
+    return f"{size / MIB:.3g} MiB"
 
 
 def parse_size(text: str) -> int:
