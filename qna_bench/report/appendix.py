@@ -13,27 +13,17 @@ from qna_bench.analysis import (
     with_roles,
 )
 from qna_bench.analysis import missing as _missing
+from qna_bench.plots.specs import CAPTIONS
 from qna_bench.report.cells import _fmt, _problem_label, markdown_table
 
 
 def figures_section(figures: Sequence[Path | str]) -> str:
     if not figures:
         return ""
-    captions = {
-        "headline": "QnA against the strongest attention peer at each window (dash-dot: the claimed factor)",
-        "latency": "Median latency vs window: QnA, each family's best implementation, the best baseline",
-        "latency_all": "Median latency vs window, every layer",
-        "memory": "Peak memory vs window: QnA, each family's best implementation, the best baseline",
-        "memory_all": "Peak memory vs window, every layer",
-        "ratio_to_qna": "Each layer relative to QnA (dash-dot: the claimed factor)",
-        "pareto": "Latency vs peak memory, marker size: window",
-        "models": "Whole models: images/s and peak memory",
-        "roofline": "Roofline: achieved FLOP/s against arithmetic intensity under the probed roofs",
-    }
     lines = ["## Figures"]
     for figure in figures:
         name = Path(figure).name
-        lines.append(f"![{captions.get(Path(figure).stem, name)}]({name})")
+        lines.append(f"![{CAPTIONS.get(Path(figure).stem, name)}]({name})")
     return "\n\n".join(lines)
 
 
