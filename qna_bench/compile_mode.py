@@ -6,13 +6,11 @@ shapes, compiled on the point's first (warm-up) call.
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
-
 import torch
 
-CompileMode = Literal["eager", "default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"]
-COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
-EAGER = "eager"
+from qna_bench.labels import COMPILE_MODES, EAGER, CompileMode, form_label, is_compiled, mode_of
+
+__all__ = ["COMPILE_MODES", "EAGER", "CompileMode", "form_label", "is_compiled", "mode_of"]
 # Modes that capture CUDA graphs, which need a CUDA device.
 CUDA_GRAPH_MODES = ("reduce-overhead",)
 # Where torch.compile's own failures come from (tracing, lowering, code generation).
@@ -40,20 +38,6 @@ def graph_breaks() -> int:
     from torch._dynamo.utils import counters
 
     return int(sum(counters["graph_break"].values()))
-
-
-def mode_of(value: Any) -> str:
-    """A row's compile mode: rows written before the column, or with it null, ran eager."""
-    return value if isinstance(value, str) and value else EAGER
-
-
-def is_compiled(value: Any) -> bool:
-    return mode_of(value) != EAGER
-
-
-def form_label(mode: Any) -> str:
-    """``compiled:default`` for a compiled form, "" for eager."""
-    return f"compiled:{mode_of(mode)}" if is_compiled(mode) else ""
 
 
 def unsupported_reason(mode: str, device: str) -> str | None:

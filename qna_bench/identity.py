@@ -19,9 +19,9 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from qna_bench.compile_mode import EAGER, is_compiled
 from qna_bench.environment import Environment
 from qna_bench.forms import SHIPPED, TUNED
+from qna_bench.labels import EAGER, is_compiled
 from qna_bench.problem import Problem
 
 # Libraries a layer may wrap: their versions are part of its code version.

@@ -1,7 +1,7 @@
 """A run's noise floor, from its own rows: how much the canary (the fixed matrix product timed around
 every round, `qna_bench.measure.canary`) moved, and how far each layer's time moved between the worker
-processes its rounds ran in. A ratio whose spread over rounds reaches across a verdict line (1×, 5×,
-10×) cannot decide that line. The report and `compare` read the same floor. Pure functions, no torch."""
+processes its rounds ran in. A ratio whose spread over rounds reaches across a verdict line
+(`qna_bench.analysis.claims.crossed_line`) cannot decide that line. The report and `compare` read the same floor. Pure functions, no torch."""
 
 from __future__ import annotations
 
@@ -12,19 +12,6 @@ import numpy as np
 import pandas as pd
 
 from qna_bench.rounds import round_times
-
-# The lines a verdict turns on: who is faster (1×), and the abstract's factors (5× faster, 10× leaner).
-VERDICT_LINES: tuple[float, ...] = (1.0, 5.0, 10.0)
-
-
-def crossed_line(low: float, high: float) -> float | None:
-    """The first verdict line strictly inside ``[low, high]`` (a ratio's spread), or None."""
-    if not (np.isfinite(low) and np.isfinite(high)):
-        return None
-    for line in VERDICT_LINES:
-        if low < line < high:
-            return line
-    return None
 
 
 def _floats(values: object) -> list[float]:

@@ -10,20 +10,15 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from qna_bench.labels import ROLES, Role
 from qna_bench.problem import DEVICES, DTYPES, MODES, Layout, Problem
 
 LayerFactory = Callable[[Problem], nn.Module]
-# What a layer is in the comparison, declared at registration (nothing infers it from a name):
-# subject: QnA, the layer under test; peer: an attention layer QnA is judged against (grouped by family:
-# swin, neighborhood, sasa, halo, global); baseline: a convolution, shown but outside the verdicts;
-# reference: an exact oracle kept for correctness (e.g. qna_reference, na_torch), outside the verdicts.
-Role = Literal["subject", "peer", "baseline", "reference"]
-ROLES: tuple[str, ...] = get_args(Role)
 FlopFormula = Callable[..., int]
 
 _BUILTIN_MODULES = ("qna_bench.layers", "baselines", "qna_bench.models")

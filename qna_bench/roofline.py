@@ -17,7 +17,7 @@ import math
 
 import pandas as pd
 
-from qna_bench.registry import find_layer
+from qna_bench.layer_facts import find_layer
 
 # A point this far above its roof means a probe or a count is wrong, not a fast layer.
 ABOVE_ROOF_TOLERANCE = 0.10

@@ -40,6 +40,7 @@ from qna_bench.point import (
 from qna_bench.problem import Problem
 from qna_bench.progress import Progress
 from qna_bench.registry import LayerSpec
+from qna_bench.text import mebibytes, milliseconds
 from qna_bench.worker import PointWorker, WorkerLost, WorkerSetup, layer_modules
 
 # Callers import the point's measurement from here as well.
@@ -296,7 +297,7 @@ def _measure_round(
             break
         again = "measuring it again" if attempt == 0 else "flagged in its rows"
         print(f"slow round: {_group_label(points, 0, 1)}: canary {canary * 1e3:.2f} ms against the run's "
-              f"{usual * 1e3:.2f} ms; {again}", file=stream)
+              f"{milliseconds(usual)}; {again}", file=stream)
     return [(row, pid) for row in measured]
 
 
@@ -387,5 +388,5 @@ def _summary(row: dict[str, Any]) -> str:
     if row["status"] != "ok":
         return f"{row['status']}: {row['reason']}"
     peak = row["peak_bytes"]
-    memory = f"{peak / 2**20:.1f} MiB" if peak is not None else "memory n/a"
-    return f"{row['median_s'] * 1e3:.2f} ms, {memory}"
+    memory = mebibytes(peak) if peak is not None else "memory n/a"
+    return f"{milliseconds(row['median_s'])}, {memory}"

@@ -5,15 +5,14 @@ from __future__ import annotations
 import pandas as pd
 
 from qna_bench.analysis import FORM_COLUMN, TUNING_COLUMN, latest_rows, layer_label, settings
-
-MIB = 2**20
+from qna_bench.text import MIB, milliseconds, shape_label
 
 
 def _cell(row: pd.Series) -> str:
     if row["status"] != "ok":
         return str(row["status"])
     peak = "n/a" if pd.isna(row["peak_bytes"]) else f"{row['peak_bytes'] / MIB:.1f}"
-    return f"{row['median_s'] * 1e3:.2f} ms / {peak} MiB"
+    return f"{milliseconds(row['median_s'])} / {peak} MiB"
 
 
 def summary_table(frame: pd.DataFrame) -> str:
@@ -28,8 +27,7 @@ def summary_table(frame: pd.DataFrame) -> str:
 
 def _block(setting: dict, mode: str, rows: pd.DataFrame) -> str:
     title = (
-        f"{mode}: B={setting['batch']}, {setting['height']}×{setting['width']}, C={setting['channels']}, "
-        f"{setting['heads']} heads, {setting['dtype']}, {setting['device_name']}, {setting['threads']} threads"
+        f"{mode}: {shape_label(setting)}, {setting['dtype']}, {setting['device_name']}, {setting['threads']} threads"
     )
     labels = [layer_label(*names) for names in zip(rows["layer"], rows[FORM_COLUMN], rows[TUNING_COLUMN])]
     cells = rows.assign(cell=rows.apply(_cell, axis=1), layer=labels).pivot_table(

@@ -258,10 +258,10 @@ def test_each_familys_best_implementation_wins_the_most_windows_per_metric_and_r
     rows += power_law_rows("conv_dw", "forward", (1e-5, 2.0), (100, 2.0))
     rows += [synthetic_row("na", k, status="unsupported", reason="none") for k in WINDOWS]
     frame = A.with_roles(_frame(rows))
-    latency = A.best_per_family(frame, "median_s").set_index("group")
+    latency = A.family_leaders(frame, "median_s").set_index("group")
     assert latency["layer"].to_dict() == {"baseline": "conv_dw", "neighborhood": "na", "swin": "swin_fused"}
     assert latency.loc["swin", "wins"] == 3 and latency.loc["neighborhood", "wins"] == 0
-    memory = A.best_per_family(frame, "peak_bytes").set_index("group")["layer"].to_dict()
+    memory = A.family_leaders(frame, "peak_bytes").set_index("group")["layer"].to_dict()
     assert memory == {"baseline": "conv_dense", "neighborhood": "na", "swin": "swin"}
     assert sorted(A.shown_by_default(frame, "median_s")["layer"]) == ["conv_dw", "na", "qna", "swin_fused"]
 

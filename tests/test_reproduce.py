@@ -96,7 +96,7 @@ def test_the_noise_floor_states_the_canary_spread_and_each_layers_spread_between
 @pytest.mark.parametrize("low, high, line", [(0.9, 1.2, 1.0), (4.5, 5.5, 5.0), (9.0, 11.0, 10.0), (1.1, 4.9, None),
                                              (1.0, 1.3, None)])
 def test_a_spread_crosses_a_verdict_line_only_when_it_reaches_past_it(low, high, line):
-    assert noise.crossed_line(low, high) == line
+    assert A.crossed_line(low, high) == line
 
 
 def test_the_report_marks_a_ratio_whose_rounds_disagree_on_who_is_faster_and_states_the_floor():

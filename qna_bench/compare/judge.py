@@ -29,7 +29,7 @@ from qna_bench.compare.points import (
     _sort_key,
     _timed,
 )
-from qna_bench.compile_mode import is_compiled
+from qna_bench.labels import is_compiled
 from qna_bench.noise import NoiseFloor, noise_floor
 from qna_bench.rounds import geometric_mean
 

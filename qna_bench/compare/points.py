@@ -12,8 +12,9 @@ from typing import Any, Literal, get_args
 import pandas as pd
 
 from qna_bench import results
-from qna_bench.compile_mode import is_compiled, mode_of
+from qna_bench.labels import is_compiled, mode_of
 from qna_bench.rounds import round_times
+from qna_bench.text import image_size
 
 # What makes two rows the same point: the layer and its whole problem. Not the environment columns.
 MATCH_COLUMNS: tuple[str, ...] = ("layer", *results.PROBLEM_COLUMNS)
@@ -182,7 +183,7 @@ def _layer_label(key: dict[str, Any]) -> str:
 
 def shape_summary(key: dict[str, Any]) -> str:
     """Batch, size, channels, heads, dtype, device; stride, dilation and seed only when not the default."""
-    parts = [f"B={key['batch']}", f"{key['height']}×{key['width']}", f"C={key['channels']}", f"h={key['heads']}"]
+    parts = [f"B={key['batch']}", image_size(key), f"C={key['channels']}", f"h={key['heads']}"]
     parts += [str(key["dtype"]), str(key["device"])]
     for column, default in (("stride", 1), ("dilation", 1), ("seed", 0)):
         if key[column] != default:

@@ -21,6 +21,7 @@ from qna_bench.compare.points import (
     _layer_label,
     shape_summary,
 )
+from qna_bench.text import MIB
 
 _LATENCY_LABELS = {"worse": "slower", "better": "faster", "same": "same (within noise)"}
 _MEMORY_LABELS = {"worse": "grew", "better": "shrank", "same": "same"}
@@ -36,7 +37,7 @@ def _ms(seconds: float | None) -> str:
 def _bytes(value: float | None) -> str:
     if value is None:
         return ""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    for unit, size in (("GiB", 2**30), ("MiB", MIB), ("KiB", 2**10)):
         if abs(value) >= size:
             return f"{value / size:.2f} {unit}"
     return f"{int(value)} B"

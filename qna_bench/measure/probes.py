@@ -19,7 +19,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import TextIO
 
 import torch
@@ -27,7 +26,10 @@ import torch.nn.functional as F
 
 from qna_bench.disk_cache import JsonStore
 from qna_bench.environment import device_name, utc_now
+from qna_bench.measure.caches import LLC_OVERRIDE_ENV, CacheSizes, cache_sizes
+from qna_bench.measure.caches import parse_size as parse_size  # re-exported: probes.parse_size reads the same
 from qna_bench.memcap import available_bytes
+from qna_bench.text import MIB
 
 # Probe sizes at scale 1; each doubling of the scale doubles the work.
 GEMM_ROWS, GEMM_INNER = 256, 2048
@@ -47,7 +49,6 @@ CACHE_SHARE = 0.5
 DRAM_CACHE_MULTIPLE, DRAM_MIN_BYTES, DRAM_MAX_BYTES, DRAM_MAX_SHARE = 4, 64 * 2**20, 128 * 2**20, 1 / 8
 # One timed bandwidth sample loops its call until it takes this long (small buffers copy in microseconds).
 SAMPLE_S = 0.002
-LLC_OVERRIDE_ENV = "QNA_BENCH_LLC_BYTES"
 # A cached probe older than this is measured again.
 MAX_AGE_S = 24 * 3600
 PROBE_MODES = ("cached", "fresh", "off")
@@ -55,7 +56,6 @@ PROBE_MODES = ("cached", "fresh", "off")
 # held the cores (an L2 copy at 0.1 GB/s against DRAM's 11.2); nearby levels may measure alike (an L2
 # copy at 145 GB/s and an LLC triad at 155 on an EPYC), so a small inversion is no sign.
 OUT_OF_ORDER_FACTOR = 2.0
-_SIZE_SUFFIXES = {"K": 2**10, "M": 2**20, "G": 2**30}
 
 
 @dataclass(frozen=True)
@@ -69,17 +69,6 @@ class Timed:
     @property
     def rate(self) -> float:
         return self.work / self.seconds
-
-
-@dataclass(frozen=True)
-class CacheSizes:
-    """The caches the probes size their working sets from: ``l2_bytes`` the L2 of the measuring threads
-    together (one core's L2 × threads on a CPU), ``llc_bytes`` the last-level cache; 0 where unknown.
-    ``source`` says where they came from (sysfs, the GPU's properties, the `LLC_OVERRIDE_ENV` override)."""
-
-    l2_bytes: int
-    llc_bytes: int
-    source: str
 
 
 @dataclass(frozen=True)
@@ -215,50 +204,7 @@ def triad_probe(device: torch.device, dtype: torch.dtype, working_set_bytes: int
 
 
 def _mib(size: int) -> str:
-    return f"{size / 2**20:.3g} MiB"
-
-
-def parse_size(text: str) -> int:
-    """``"480M"``, ``"480MiB"``, ``"32K"`` or a plain byte count."""
-    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
-    factor = _SIZE_SUFFIXES.get(cleaned[-1:], 1)
-    number = cleaned[:-1] if cleaned[-1:] in _SIZE_SUFFIXES else cleaned
-    value = int(float(number) * factor)
-    if value <= 0:
-        raise ValueError(f"{text!r}: not a positive size")
-    return value
-
-
-def _sysfs_caches(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> dict[int, int]:
-    """Cache level → size in bytes of cpu0's data or unified caches, as Linux reports them."""
-    sizes: dict[int, int] = {}
-    for index in root.glob("index*"):
-        try:
-            if (index / "type").read_text().strip() == "Instruction":
-                continue
-            level = int((index / "level").read_text())
-            sizes[level] = max(sizes.get(level, 0), parse_size((index / "size").read_text()))
-        except (OSError, ValueError):
-            continue
-    return sizes
-
-
-def cache_sizes(device: str | torch.device, threads: int, environ: dict[str, str] | None = None) -> CacheSizes:
-    """The L2 the ``threads`` measuring threads use together and the LLC; ``$QNA_BENCH_LLC_BYTES``
-    (e.g. ``480M``) overrides the LLC the machine reports."""
-    device = torch.device(device)
-    environ = os.environ if environ is None else environ
-    if device.type == "cuda":
-        l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0)
-        sizes, source = CacheSizes(l2, l2, "GPU properties"), "GPU properties"
-    else:
-        levels = _sysfs_caches()
-        l2 = levels.get(2, 0) * max(1, threads)
-        sizes, source = CacheSizes(l2, max(levels.values(), default=0), "sysfs"), "sysfs"
-    override = environ.get(LLC_OVERRIDE_ENV)
-    if override:
-        sizes = CacheSizes(sizes.l2_bytes, parse_size(override), f"{source}, LLC from ${LLC_OVERRIDE_ENV}")
-    return sizes
+    return f"{size / MIB:.3g} MiB"
 
 
 def memory_budget_bytes(device: torch.device, cap_bytes: int | None = None) -> int:
