@@ -66,14 +66,20 @@ def gemm(x: Tensor, weight: Tensor, bias: Tensor | None, form: str) -> Tensor:
         return F.linear(x, weight, bias)
     if form != "conv1x1":
         raise ValueError(f"gemm={form!r}: the GEMM forms are {', '.join(GEMM_FORMS)}")
-    if x.dim() == 4:
-        image = x.permute(0, 3, 1, 2)
-    else:
-        rows = x.reshape(-1, x.shape[-1])
-        side = _near_square_side(rows.shape[0])
-        image = rows.view(side, rows.shape[0] // side, x.shape[-1]).permute(2, 0, 1)[None]
-    out = F.conv2d(image, weight[:, :, None, None], bias).permute(0, 2, 3, 1)
+    out = F.conv2d(channels_last_image(x), weight[:, :, None, None], bias).permute(0, 2, 3, 1)
     return out.contiguous().reshape(*x.shape[:-1], weight.shape[0])  # no copy where oneDNN kept channels last
+
+
+def channels_last_image(x: Tensor) -> Tensor:
+    """``x`` (..., C) as a channels-last (N, C, H, W) image with the strides torch reads as channels last:
+    a (B, H, W, C) tensor as itself, any other as one near-square image of its rows. (An image made by
+    unsqueezing a 3-d view has an ambiguous batch stride; torch then ran oneDNN's NCHW path, with two
+    copies: 2.4x slower than F.linear on fused Swin's windows, where this view is 1.3x faster.)"""
+    if x.dim() == 4:
+        return x.permute(0, 3, 1, 2)
+    rows = x.reshape(-1, x.shape[-1])
+    side = _near_square_side(rows.shape[0])
+    return rows.view(1, side, rows.shape[0] // side, x.shape[-1]).permute(0, 3, 1, 2)
 
 
 @functools.lru_cache(maxsize=64)

@@ -259,14 +259,15 @@ def plan_from_config(cfg: DictConfig) -> SweepPlan:
         results.check_writable(results_path)
     except results.ResultsFileError as exc:
         raise BadInput([str(exc)]) from None
-    if resume and not cfg.measure.threads:
+    if not cfg.measure.threads:
         settings = _resumed_threads(settings, results_path)
     return SweepPlan(points, skipped, settings, results_path, resume, cap, plots)
 
 
 def _resumed_threads(settings: MeasureSettings, results_path: Path) -> MeasureSettings:
-    """``settings`` with the threads the results being resumed were measured on, where those were chosen
-    by the load too (``measure.threads=0``): a resumed sweep keeps its points, whatever the load now."""
+    """``settings`` with the threads the results in ``results_path`` were measured on, where those were chosen
+    by the load too (``measure.threads=0``): a resumed sweep keeps its points, and one re-measured with
+    ``resume=false`` replaces them, whatever the load now."""
     if not results_path.exists():
         return settings
     recorded = results.read_results(results_path)["measure_settings"].dropna()

@@ -12,6 +12,7 @@ import pytest
 from qna_bench.disk_cache import CACHE_DIR_ENV
 from qna_bench.problem import Problem
 from qna_bench.qna import code_version
+from qna_bench.qna.fused_cpu import KERNELS_SUBDIR
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,8 +45,13 @@ def tiny_problem() -> Problem:
 
 
 @pytest.fixture
-def qna_plan_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A disk cache of this test's own, for the tests of QnA's plan cache (inherited by subprocesses)."""
+def qna_plan_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
+                   private_disk_cache: Path) -> Iterator[Path]:
+    """A disk cache of this test's own, for the tests of QnA's plan cache (inherited by subprocesses). Its
+    compiled kernels are the session's: a subprocess loads the fused loops, it does not compile them again."""
     folder = tmp_path_factory.mktemp("qna_plans")
+    kernels = private_disk_cache / KERNELS_SUBDIR
+    kernels.mkdir(exist_ok=True)
+    (folder / KERNELS_SUBDIR).symlink_to(kernels, target_is_directory=True)
     monkeypatch.setenv("QNA_BENCH_CACHE_DIR", str(folder))
     yield folder

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from qna_bench import forms, tuner
 from qna_bench.problem import Problem
@@ -209,3 +210,15 @@ def test_prepare_forms_tunes_caches_and_reads_the_cache(qna_plan_cache: Path) ->
     assert choice.source == "cache" and forms.gemm_of(module) == "conv1x1" and not refuse.calls
     module, choice = prepared("off", refuse)
     assert choice.source == "default" and choice.form == {"gemm": "linear"} and forms.gemm_of(module) == "linear"
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 6, 8), (12, 49, 8), (35, 8)])
+def test_the_conv1x1_form_sees_an_image_whose_strides_torch_reads_as_channels_last(shape) -> None:
+    """Strides torch reads otherwise send oneDNN down its NCHW path with a copy each way (measured 2.4x
+    slower than F.linear on fused Swin's window rows, where the channels-last view is 1.3x faster)."""
+    x = torch.randn(shape)
+    image = forms.channels_last_image(x)
+    assert image.stride() == image.contiguous(memory_format=torch.channels_last).stride()
+    assert image.data_ptr() == x.data_ptr() and image.shape[1] == shape[-1]
+    weight, bias = torch.randn(6, shape[-1]), torch.randn(6)
+    torch.testing.assert_close(forms.gemm(x, weight, bias, "conv1x1"), F.linear(x, weight, bias))

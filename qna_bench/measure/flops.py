@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch._dynamo.exc import TorchDynamoException
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+# torch.utils.flop_counter imports dynamo (~1.3 s): imported where FLOPs are counted, not by every worker.
 
 FLOP_COUNTER = "flop_counter"
 FLOP_COUNTER_WITH_FORMULAS = "flop_counter+layer_formulas"
@@ -32,6 +32,8 @@ def convolution_backward_flops(
     output_mask, out_shape=None, **kwargs,
 ) -> int:
     """FLOPs of ``aten.convolution_backward``, exact for any number of groups."""
+    from torch.utils.flop_counter import conv_flop_count
+
     flops = 0
     if output_mask[0]:
         flops += conv_flop_count(grad_out_shape, w_shape, out_shape[0], transposed=not transposed)
@@ -47,6 +49,9 @@ DEFAULT_FORMULAS = {torch.ops.aten.convolution_backward: convolution_backward_fl
 
 def count_flops(fn: Callable[[], object], formulas: Mapping[Any, Callable[..., int]] | None = None) -> FlopStats:
     """Total FLOPs of one call of ``fn`` (forward, plus backward if ``fn`` runs it)."""
+    from torch._dynamo.exc import TorchDynamoException
+    from torch.utils.flop_counter import FlopCounterMode
+
     counter = FlopCounterMode(display=False, custom_mapping={**DEFAULT_FORMULAS, **(formulas or {})})
     try:
         with counter:

@@ -36,6 +36,7 @@ from qna_bench import disk_cache
 from qna_bench.environment import cpuinfo_field
 from qna_bench.qna.shapes import STRIDES, qna_output_size
 
+KERNELS_SUBDIR = "kernels"  # the compiled libraries' folder in the disk cache
 HERE = Path(__file__).parent
 CXXFLAGS_ENV = "QNA_BENCH_CXXFLAGS"
 # Read once: the flags are part of the library's name, and of what a run records (`compile_flags`).
@@ -90,7 +91,7 @@ def _build_target() -> tuple[str, Path] | str:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     for part in (identity, " ".join(FLAGS), _cpu_flags()):
         digest.update(part.encode() + b"\0")
-    return compiler, disk_cache.cache_dir() / "kernels" / f"qna_fused_cpu-{digest.hexdigest()[:16]}.so"
+    return compiler, disk_cache.cache_dir() / KERNELS_SUBDIR / f"qna_fused_cpu-{digest.hexdigest()[:16]}.so"
 
 
 # What this process has loaded, and the failures it will not retry before `RETRY_AFTER_S` (by library path).
