@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qna_bench import tuner
-from qna_bench.measure.canary import canary_seconds
+from qna_bench.measure.canary import canary_floor_seconds
 from qna_bench.problem import Problem
 
 Gemm = Literal["linear", "conv1x1"]
@@ -181,14 +181,20 @@ class FormChoice:
 _CHOICE_ATTRIBUTE = "_bench_form_choice"
 
 
-def form_key(layer: str, code_version: str, problem: Problem, candidates: Sequence[str]) -> dict[str, Any]:
+def form_key(
+    layer: str, code_version: str, problem: Problem, candidates: Sequence[str], window_free: bool = False
+) -> dict[str, Any]:
     """Everything a form's speed depends on: the layer and its code, the device with its instruction set,
-    threads, torch version, the problem (window and mode included) and the candidate set."""
+    threads, torch version, the problem (mode included; the window unless the layer's products are the same
+    at every window) and the candidate set."""
     from qna_bench.qna.tuning import device_key
 
+    shape = problem.as_dict()
+    if window_free:
+        shape["window"] = None
     return {"layer": layer, "code_version": code_version, "device": device_key(problem.torch_device),
             "threads": torch.get_num_threads(), "torch_version": torch.__version__,
-            "problem": problem.as_dict(), "candidates": list(candidates)}
+            "problem": shape, "candidates": list(candidates)}
 
 
 def captured_products(module: nn.Module, x: Tensor) -> list[tuple[nn.Module, Tensor]]:
@@ -233,11 +239,12 @@ def products_in(
 
 def prepare_forms(
     module: nn.Module, x: Tensor, problem: Problem, layer: str, code_version: str, tune: str,
-    timer: tuner.Timer = tuner.time_call, canary: tuner.Canary | None = None,
+    timer: tuner.Timer = tuner.time_call, canary: tuner.Canary | None = None, window_free: bool = False,
 ) -> FormChoice:
     """Choose and apply ``module``'s GEMM form under ``tune`` (cached, always, off), before its first
     measured call; the choice is kept on the module (`choice_of`). ``canary``: None times the canary on the
-    problem's device.
+    problem's device. ``window_free``: the layer's products are the same at every window
+    (`LayerSpec.window_free_products`), so one choice serves every window.
 
     A GEMM form changes the pointwise products alone, so they are what it is proved and timed on, as
     QnA's projections are: each product on the input it gets in one forward call of the layer (captured
@@ -250,7 +257,7 @@ def prepare_forms(
     candidates = [shipped, *(f for f in GEMM_FORMS if f != shipped)]
     if tune == "off":
         return _keep(module, FormChoice({GEMM: shipped}, "default"))
-    key = form_key(layer, code_version, problem, candidates)
+    key = form_key(layer, code_version, problem, candidates, window_free)
     if tune == "cached":
         entry = tuner.read_choice(CACHE_SUBDIR, key)
         if entry is not None and entry.get("form", {}).get(GEMM) in candidates:
@@ -263,8 +270,8 @@ def prepare_forms(
     device_key = key["device"]
     tuning = tuner.tune(
         [tuner.Candidate(form, products_in(form, captured, train), {GEMM: form}) for form in candidates],
-        problem.torch_dtype, timer=timer, canary=canary or functools.partial(canary_seconds, problem.torch_device),
-        quiet_canary_s=tuner.quiet_canary(device_key, key["threads"]))
+        problem.torch_dtype, timer=timer, canary=canary or functools.partial(canary_floor_seconds, problem.torch_device),
+        usual_canary_s=tuner.usual_canary(device_key, key["threads"]))
     del captured
     tuner.note_canary(device_key, key["threads"], tuning)
     set_gemm(module, None if tuning.winner == shipped else tuning.winner)

@@ -221,7 +221,8 @@ def prepare_point(
             if layer.prepare is not None:
                 layer.prepare(module, x, problem, dataclasses.replace(settings, tune=tune))
             if GEMM in layer.forms:
-                prepare_forms(module, x, problem, layer.name, row["code_version"], tune)
+                prepare_forms(module, x, problem, layer.name, row["code_version"], tune,
+                              window_free=layer.window_free_products)
             row.update(form_columns(module))
             if layer.analytic_flops is not None:
                 row["flops_analytic"] = layer.closed_form_flops(problem, module)

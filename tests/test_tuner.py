@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from qna_bench import forms, tuner
+from qna_bench.forms import GEMM as GEMM_FORM
 from qna_bench.problem import Problem
 from qna_bench.qna import QnA
 from qna_bench.qna import tuning as qna_tuning
@@ -84,9 +85,9 @@ def test_a_tuning_with_a_slow_canary_is_kept_only_when_the_machine_was_quiet() -
     candidates = [tuner.Candidate(name, lambda: [torch.ones(1)]) for name in ("a", "b")]
     canaries = iter([1.0e-3, 1.6e-3])
     noisy = tuner.tune(candidates, torch.float32, timer=ScriptedTimer({}), canary=lambda: next(canaries),
-                       quiet_canary_s=1.0e-3)
+                       usual_canary_s=1.0e-3)
     assert not noisy.keep and noisy.canary_s == (1.0e-3, 1.6e-3)
-    quiet = tuner.tune(candidates, torch.float32, timer=ScriptedTimer({}), canary=lambda: 1.1e-3, quiet_canary_s=1.0e-3)
+    quiet = tuner.tune(candidates, torch.float32, timer=ScriptedTimer({}), canary=lambda: 1.1e-3, usual_canary_s=1.0e-3)
     assert quiet.keep
 
 
@@ -222,3 +223,41 @@ def test_the_conv1x1_form_sees_an_image_whose_strides_torch_reads_as_channels_la
     assert image.data_ptr() == x.data_ptr() and image.shape[1] == shape[-1]
     weight, bias = torch.randn(6, shape[-1]), torch.randn(6)
     torch.testing.assert_close(forms.gemm(x, weight, bias, "conv1x1"), F.linear(x, weight, bias))
+
+
+def test_the_usual_canary_is_the_median_of_the_kept_tunings_and_a_slow_one_does_not_move_it(qna_plan_cache) -> None:
+    def noted(*canary_s: float, keep: bool = True) -> None:
+        tuner.note_canary("cpu: test", 2, tuner.Tuning("a", (), (), 0.0, canary_s, keep))
+
+    assert tuner.usual_canary("cpu: test", 2) is None
+    noted(1.0e-3, 1.2e-3)
+    assert tuner.usual_canary("cpu: test", 2) == 1.0e-3  # the fastest seen, before five tunings
+    for seconds in (0.6e-3, 0.7e-3, 0.8e-3, 0.9e-3):
+        noted(seconds, 2 * seconds)
+    assert tuner.usual_canary("cpu: test", 2) == pytest.approx(0.8e-3)
+    noted(5e-3, 5e-3, keep=False)
+    assert tuner.usual_canary("cpu: test", 2) == pytest.approx(0.8e-3)
+    assert tuner.usual_canary("cpu: test", 1) is None  # per thread count
+
+
+def _product_shapes(name: str, window: int) -> list[tuple]:
+    problem = Problem(batch=1, height=16, width=16, channels=16, heads=2, window=window, mode="forward")
+    spec = get_layer(name)
+    module = spec.build(problem)
+    return [(type(m).__name__, tuple(inputs.shape)) for m, inputs in forms.captured_products(module, problem.make_input(spec.layout))]
+
+
+@pytest.mark.parametrize("name", [n for n in list_layers() if get_layer(n).forms == (GEMM_FORM,)])
+def test_a_layer_declaring_window_free_products_has_the_same_products_at_every_window(name: str) -> None:
+    """Its GEMM form is tuned once per problem for every window (`LayerSpec.window_free_products`); Swin's
+    are not (timm pads the map to a multiple of the window)."""
+    spec = get_layer(name)
+    shapes = {}
+    for window in (3, 5, 7):
+        problem = Problem(batch=1, height=16, width=16, channels=16, heads=2, window=window, mode="forward")
+        if spec.unsupported_reason(problem) is None:
+            shapes[window] = _product_shapes(name, window)
+    if len(shapes) < 2:
+        pytest.skip(f"{name} runs fewer than two of the windows here")
+    same = all(s == shapes[min(shapes)] for s in shapes.values())
+    assert same == spec.window_free_products, shapes

@@ -15,6 +15,7 @@ import torch
 # 384² fp32 matrices: 113 MFLOP per product, about a millisecond on two CPU cores, its 1.7 MiB in cache.
 CANARY_SIZE = 384
 CANARY_CALLS = 7
+FLOOR_CALLS = 15
 # Canaries needed before one counts as slow: the run's median is meaningless before.
 MIN_CANARIES = 5
 
@@ -33,9 +34,8 @@ def _operands(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return _OPERANDS[key]
 
 
-def canary_seconds(device: torch.device | str = "cpu", calls: int = CANARY_CALLS) -> float:
-    """The median seconds of ``calls`` canary products on ``device`` (synchronised on CUDA), after one
-    untimed call; at the caller's thread count."""
+def _canary_times(device: torch.device | str, calls: int) -> list[float]:
+    """The seconds of ``calls`` canary products on ``device`` (synchronised on CUDA), after one untimed call."""
     device = torch.device(device)
     a, b, out = _operands(device)
     times = []
@@ -46,7 +46,20 @@ def canary_seconds(device: torch.device | str = "cpu", calls: int = CANARY_CALLS
             torch.cuda.synchronize(device)
         if index:
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def canary_seconds(device: torch.device | str = "cpu", calls: int = CANARY_CALLS) -> float:
+    """The median seconds of ``calls`` canary products on ``device``, after one untimed call; at the
+    caller's thread count."""
+    return statistics.median(_canary_times(device, calls))
+
+
+def canary_floor_seconds(device: torch.device | str = "cpu", calls: int = FLOOR_CALLS) -> float:
+    """The fastest of ``calls`` canary products: what the cores give right now, for a tuner's check
+    (`qna_bench.tuner`). One idle process on a 2-core VM measured medians of 7 from 0.58 to 1.15 ms; the
+    fastest of 15 moves only while other work holds a core."""
+    return min(_canary_times(device, calls))
 
 
 def is_slow(canary_s: float, run_canaries_s: Sequence[float], share: float) -> bool:

@@ -27,7 +27,7 @@ import torch
 
 from qna_bench import tuner
 from qna_bench.environment import device_name
-from qna_bench.measure.canary import canary_seconds
+from qna_bench.measure.canary import canary_floor_seconds
 from qna_bench.qna.fused_cpu import compile_flags
 from qna_bench.qna.plans import Plan, candidate_plans, default_plan, get_plan
 from qna_bench.qna.projection import PROJECTIONS, Projection
@@ -164,12 +164,12 @@ def tune_plan(
     """Tune the plans, then the winner's projections (with ``project_with``); the choice, and whether its
     canary allows keeping it."""
     dtype = getattr(torch, key.dtype)
-    quiet = tuner.quiet_canary(key.device, key.threads)
+    usual = tuner.usual_canary(key.device, key.threads)
     plans = ordered_candidates(device, key.window, stride, train)
     stage = "train" if train else "forward"
     by_name = {plan.name: plan for plan in plans}
     tuned = tuner.tune([Candidate(plan.name, call_with(plan, train), {"plan": plan.name}) for plan in plans],
-                       dtype, timer=timer, canary=canary, quiet_canary_s=quiet)
+                       dtype, timer=timer, canary=canary, usual_canary_s=usual)
     winner = by_name[tuned.winner]
     timings = [(f"{stage} {name}", t) for name, t in tuned.medians_s]
     refused = list(tuned.refused)
@@ -177,7 +177,7 @@ def tune_plan(
     outcomes = [tuned]
     if project_with is not None:
         forms = tuner.tune([Candidate(form, project_with(form, train), {"gemm": form}) for form in PROJECTIONS],
-                           dtype, timer=timer, canary=canary, quiet_canary_s=quiet)
+                           dtype, timer=timer, canary=canary, usual_canary_s=usual)
         winner = dataclasses.replace(winner, projections=forms.winner)
         timings += [(f"projections {name}", t) for name, t in forms.medians_s]
         refused += [(f"projections {name}", why) for name, why in forms.refused]
@@ -212,7 +212,7 @@ def choose_plan(
         if cached is not None:
             return cached
     if canary is None:
-        canary = functools.partial(canary_seconds, device)
+        canary = functools.partial(canary_floor_seconds, device)
     choice, keep = tune_plan(key, device, stride, train, call_with, timer, project_with, canary)
     write_cached(key, choice, keep)
     return choice
