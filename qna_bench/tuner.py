@@ -13,8 +13,8 @@ In the manner of `triton.testing.do_bench`, and stricter where a tuner has been 
    to last `BLOCK_S`), the order rotated every round; the lowest median over rounds wins.
 4. **A quiet machine.** The canary (`qna_bench.measure.canary`, the fastest of 15 products) is timed before
    and after. A tuning whose canary ran more than `SLOW_CANARY_SHARE` slower than the canary this machine
-   usually shows around its tunings (`usual_canary`) is used
-   but not kept on disk (`Tuning.keep` is False).
+   usually shows around its tunings (`usual_canary`) is done once more; if its canary runs slow again,
+   its choice is used but not kept on disk (`Tuning.keep` is False).
 
 The choices are kept on disk per key (`read_choice`, `write_choice`: one JSON file per key, written
 atomically) in ``$QNA_BENCH_CACHE_DIR``; the key names everything the speed of the candidates depends on,
@@ -23,6 +23,7 @@ the candidate set included, so a new candidate tunes afresh.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -143,9 +144,22 @@ def tune(
 ) -> Tuning:
     """Prove, warm, prune and time ``candidates`` (the first is the form as built, the reference) and
     return the fastest; see the module's docstring. ``usual_canary_s``: the canary this machine usually
-    shows (None: this tuning's own faster canary)."""
+    shows (None: this tuning's own faster canary). A tuning whose canary ran slow is done once more, as
+    the sweep measures a slow round again; the second's outcome stands."""
     if not candidates:
         raise ValueError("tune: no candidates")
+    outcome = _tune_once(candidates, dtype, timer, canary, usual_canary_s, rounds)
+    if outcome.keep:
+        return outcome
+    log.warning("tuning once more")
+    again = _tune_once(candidates, dtype, timer, canary, usual_canary_s, rounds)
+    return dataclasses.replace(again, seconds=outcome.seconds + again.seconds)
+
+
+def _tune_once(
+    candidates: Sequence[Candidate], dtype: torch.dtype, timer: Timer, canary: Canary | None,
+    usual_canary_s: float | None, rounds: int,
+) -> Tuning:
     started = time.perf_counter()
     before = canary() if canary is not None else None
     reference: list[torch.Tensor] | None = None
@@ -195,7 +209,7 @@ def tune(
         keep = max(before, after) <= (1.0 + SLOW_CANARY_SHARE) * usual
         if not keep:
             log.warning("the canary ran %.2fx its usual during this tuning (%.3f and %.3f ms around it, usually "
-                        "%.3f ms, %d threads): its choice is used, not cached",
+                        "%.3f ms, %d threads)",
                         max(before, after) / usual, before * 1e3, after * 1e3, usual * 1e3, torch.get_num_threads())
     ordered = tuple((c.name, medians[c.name]) for c in candidates if c.name in medians)
     return Tuning(winner, ordered, tuple(refused), time.perf_counter() - started, canaries, keep)

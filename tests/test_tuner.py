@@ -4,6 +4,7 @@ timed assertion."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -81,12 +82,16 @@ def test_a_form_that_gives_a_different_output_is_refused_before_it_is_timed(capl
     assert "form wrong refused" in caplog.text
 
 
-def test_a_tuning_with_a_slow_canary_is_kept_only_when_the_machine_was_quiet() -> None:
+def test_a_tuning_with_a_slow_canary_is_done_again_and_kept_only_when_the_machine_was_quiet() -> None:
     candidates = [tuner.Candidate(name, lambda: [torch.ones(1)]) for name in ("a", "b")]
-    canaries = iter([1.0e-3, 1.6e-3])
+    canaries = itertools.cycle([1.0e-3, 1.6e-3])
     noisy = tuner.tune(candidates, torch.float32, timer=ScriptedTimer({}), canary=lambda: next(canaries),
                        usual_canary_s=1.0e-3)
     assert not noisy.keep and noisy.canary_s == (1.0e-3, 1.6e-3)
+    canaries = iter([1.0e-3, 1.6e-3, 1.0e-3, 1.1e-3])  # slow, then quiet the second time
+    timer = ScriptedTimer({})
+    again = tuner.tune(candidates, torch.float32, timer=timer, canary=lambda: next(canaries), usual_canary_s=1.0e-3)
+    assert again.keep and again.canary_s == (1.0e-3, 1.1e-3) and timer.calls.count("a") == 2 * (1 + tuner.ROUNDS)
     quiet = tuner.tune(candidates, torch.float32, timer=ScriptedTimer({}), canary=lambda: 1.1e-3, usual_canary_s=1.0e-3)
     assert quiet.keep
 
@@ -95,7 +100,7 @@ def test_qna_does_not_cache_a_tuning_whose_canary_ran_slow(qna_plan_cache: Path)
     module = QnA(8, 8, 2, window=5)
     x = torch.randn(2, 9, 9, 8)
     key = qna_tuning.plan_key(x, 8, 2, 2, 5, 1, False)
-    canaries = iter([1e-3, 5e-3])
+    canaries = itertools.cycle([1e-3, 5e-3])
     choice = qna_tuning.choose_plan(key, x.device, 1, False, "cached", module._timed_call(module._values_and_scores(x)),
                                     ScriptedTimer({}), canary=lambda: next(canaries))
     assert choice.source == "tuned"
