@@ -201,8 +201,8 @@ def test_a_dead_worker_is_reported_with_its_exit_code_or_its_signal(tiny_problem
 def test_a_worker_that_dies_is_reaped_before_its_exit_code_is_read(tiny_problem):
     # The pipe closes a moment before the process is reaped; read too early, the exit code is None.
     problem = tiny_problem.replace(mode="forward")
-    for serve, exitcode in [(fault_workers.exits_on_first_point, 3)] * 5 + [
-            (fault_workers.killed_on_first_point, -signal.SIGKILL)] * 5:
+    for serve, exitcode in [(fault_workers.exits_on_first_point, 3)] * 3 + [
+            (fault_workers.killed_on_first_point, -signal.SIGKILL)] * 3:
         with _worker(serve) as worker:
             assert worker.run("conv_dw", problem, "test", timeout_s=300) == WorkerLost(killed=False, exitcode=exitcode)
 
