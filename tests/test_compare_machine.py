@@ -20,7 +20,7 @@ from qna_bench.compare.machine import compute_shares, machine_change
 from qna_bench.noise import noise_floor
 
 REPO = Path(__file__).resolve().parent.parent
-WINDOW_SWEEP = REPO / "results" / "cpu-2core-amd-epyc-avx512_2026-12-07" / "window_sweep" / results.RESULTS_FILE
+WINDOW_SWEEP = REPO / "results" / "cpu-2core-amd-epyc-avx512_2026-12-07" / "window_sweep_as_shipped" / results.RESULTS_FILE
 TIME_COLUMNS = ("median_s", "q25_s", "q75_s", "min_s", "mean_s")
 ROUND_COLUMNS = ("times_s", "round_medians_s", "round_geomeans_s")
 
