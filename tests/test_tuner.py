@@ -258,7 +258,7 @@ def test_a_layer_declaring_window_free_products_has_the_same_products_at_every_w
     are not (timm pads the map to a multiple of the window)."""
     spec = get_layer(name)
     shapes = {}
-    for window in (3, 5, 7):
+    for window in (3, 5):  # Swin's padded map differs already: 18² at k=3, 20² at k=5
         problem = Problem(batch=1, height=16, width=16, channels=16, heads=2, window=window, mode="forward")
         if spec.unsupported_reason(problem) is None:
             shapes[window] = _product_shapes(name, window)
