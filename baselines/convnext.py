@@ -57,7 +57,6 @@ def convnext_bytes(problem: Problem) -> int:
 @register_layer(
     "convnext_mixer",
     forms=("gemm",),
-    window_free_products=True,
     role="baseline",
     family="conv",
     cost_grows_with_window=True,

@@ -139,7 +139,6 @@ def _unsupported(problem: Problem) -> str | None:
 @register_layer(
     "na_flex",
     forms=("gemm",),
-    window_free_products=True,
     role="peer",
     compiles=True,
     family="neighborhood",

@@ -53,7 +53,6 @@ def _unsupported(problem: Problem) -> str | None:
 @register_layer(
     "global_attn",
     forms=("gemm",),
-    window_free_products=True,
     role="peer",
     family="global",
     implementation="torch scaled_dot_product_attention, no mask",

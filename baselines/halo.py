@@ -135,7 +135,6 @@ def halo_bytes(problem: Problem) -> int:
 @register_layer(
     "halo",
     forms=("gemm",),
-    window_free_products=True,
     role="peer",
     family="halo",
     cost_grows_with_window=True,

@@ -133,7 +133,6 @@ def natten_bytes(problem: Problem) -> int:
 @register_layer(
     "na",
     forms=("gemm",),
-    window_free_products=True,
     role="peer",
     family="neighborhood",
     cost_grows_with_window=True,

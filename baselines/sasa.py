@@ -91,7 +91,6 @@ def sasa_bytes(problem: Problem) -> int:
 @register_layer(
     "sasa",
     forms=("gemm",),
-    window_free_products=True,
     role="peer",
     family="sasa",
     cost_grows_with_window=True,

@@ -182,19 +182,20 @@ _CHOICE_ATTRIBUTE = "_bench_form_choice"
 
 
 def form_key(
-    layer: str, code_version: str, problem: Problem, candidates: Sequence[str], window_free: bool = False
+    code_version: str, problem: Problem, captured: Sequence[tuple[nn.Module, Tensor]], candidates: Sequence[str]
 ) -> dict[str, Any]:
-    """Everything a form's speed depends on: the layer and its code, the device with its instruction set,
-    threads, torch version, the problem (mode included; the window unless the layer's products are the same
-    at every window) and the candidate set."""
+    """Everything the speed of a GEMM form depends on: the code, the device with its instruction set,
+    threads, torch version, dtype and mode, the candidate set, and each pointwise product the layer runs
+    (its module, channels, bias, and its input's shape and strides). Not the layer's name nor its window:
+    a form is proved and timed on the products alone, so layers whose products are the same (Swin's four
+    paths at one window; a window-free attention at every window) share one tuning."""
     from qna_bench.qna.tuning import device_key
 
-    shape = problem.as_dict()
-    if window_free:
-        shape["window"] = None
-    return {"layer": layer, "code_version": code_version, "device": device_key(problem.torch_device),
-            "threads": torch.get_num_threads(), "torch_version": torch.__version__,
-            "problem": shape, "candidates": list(candidates)}
+    products = [[type(module).__name__, module.weight.shape[1], module.weight.shape[0], module.bias is not None,
+                 list(inputs.shape), list(inputs.stride())] for module, inputs in captured]
+    return {"code_version": code_version, "device": device_key(problem.torch_device),
+            "threads": torch.get_num_threads(), "torch_version": torch.__version__, "dtype": problem.dtype,
+            "mode": problem.mode, "products": products, "candidates": list(candidates)}
 
 
 def captured_products(module: nn.Module, x: Tensor) -> list[tuple[nn.Module, Tensor]]:
@@ -238,17 +239,16 @@ def products_in(
 
 
 def prepare_forms(
-    module: nn.Module, x: Tensor, problem: Problem, layer: str, code_version: str, tune: str,
-    timer: tuner.Timer = tuner.time_call, canary: tuner.Canary | None = None, window_free: bool = False,
+    module: nn.Module, x: Tensor, problem: Problem, code_version: str, tune: str,
+    timer: tuner.Timer = tuner.time_call, canary: tuner.Canary | None = None,
 ) -> FormChoice:
     """Choose and apply ``module``'s GEMM form under ``tune`` (cached, always, off), before its first
     measured call; the choice is kept on the module (`choice_of`). ``canary``: None times the canary on the
-    problem's device. ``window_free``: the layer's products are the same at every window
-    (`LayerSpec.window_free_products`), so one choice serves every window.
+    problem's device.
 
     A GEMM form changes the pointwise products alone, so they are what it is proved and timed on, as
     QnA's projections are: each product on the input it gets in one forward call of the layer (captured
-    once per key), in every form, forward or forward and backward."""
+    for the key, `form_key`), in every form, forward or forward and backward."""
     if tune not in tuner.TUNES:
         raise ValueError(f"tune={tune!r}: allowed values are {', '.join(tuner.TUNES)}")
     shipped = gemm_of(module)
@@ -257,7 +257,8 @@ def prepare_forms(
     candidates = [shipped, *(f for f in GEMM_FORMS if f != shipped)]
     if tune == "off":
         return _keep(module, FormChoice({GEMM: shipped}, "default"))
-    key = form_key(layer, code_version, problem, candidates, window_free)
+    captured = captured_products(module, x)
+    key = form_key(code_version, problem, captured, candidates)
     if tune == "cached":
         entry = tuner.read_choice(CACHE_SUBDIR, key)
         if entry is not None and entry.get("form", {}).get(GEMM) in candidates:
@@ -265,7 +266,6 @@ def prepare_forms(
             set_gemm(module, None if form == shipped else form)
             return _keep(module, FormChoice({GEMM: form}, "cache",
                                             timings_s=tuple(entry.get("timings_s", {}).items())))
-    captured = captured_products(module, x)
     train = problem.mode == "train"
     device_key = key["device"]
     tuning = tuner.tune(

@@ -221,8 +221,7 @@ def prepare_point(
             if layer.prepare is not None:
                 layer.prepare(module, x, problem, dataclasses.replace(settings, tune=tune))
             if GEMM in layer.forms:
-                prepare_forms(module, x, problem, layer.name, row["code_version"], tune,
-                              window_free=layer.window_free_products)
+                prepare_forms(module, x, problem, row["code_version"], tune)
             row.update(form_columns(module))
             if layer.analytic_flops is not None:
                 row["flops_analytic"] = layer.closed_form_flops(problem, module)

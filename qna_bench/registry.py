@@ -80,9 +80,6 @@ class LayerSpec:
     # pointwise products (nn.Linear, 1×1 convolutions), ``plan`` for QnA. A sweep with ``as_shipped``
     # measures such a layer as built beside its tuned form.
     forms: tuple[str, ...] = ()
-    # Whether the shapes of its pointwise products are the same at every window (a test checks it): then
-    # one GEMM form, tuned once, serves every window of a problem.
-    window_free_products: bool = False
     # Keyword arguments the closed forms take from the prepared module (QnA: the plan it chose), so
     # that they count what the layer runs: see `closed_form_flops`.
     cost_args: Callable[[nn.Module], dict[str, Any]] | None = None

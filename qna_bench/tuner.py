@@ -7,14 +7,16 @@ In the manner of `triton.testing.do_bench`, and stricter where a tuner has been 
    gradients); they are compared with the first candidate's, the form as built. A form that differs
    beyond its dtype's tolerance, or raises, is refused and never timed; the refusal is logged with the
    difference.
-2. **Then prune.** One timed call each, the second call of each (the first paid its one-off costs);
-   candidates slower than `PRUNE_FACTOR` × the fastest of those calls leave the race.
-3. **Interleaved rounds.** The rest are timed in `ROUNDS` rounds, one block each per round (calls enough
-   to last `BLOCK_S`), the order rotated every round; the lowest median over rounds wins.
+2. **Then prune.** One timed call each, the second call of each (the first paid its one-off costs), in
+   turn: the first of the interleaved rounds. Candidates slower than `PRUNE_FACTOR` × the fastest of
+   those calls leave the race.
+3. **Interleaved rounds.** The rest are timed in `ROUNDS` - 1 more rounds, one block each per round
+   (calls enough to last `BLOCK_S`), the order rotated every round; the lowest median over rounds wins.
 4. **A quiet machine.** The canary (`qna_bench.measure.canary`, the fastest of 15 products) is timed before
    and after. A tuning whose canary ran more than `SLOW_CANARY_SHARE` slower than the canary this machine
-   usually shows around its tunings (`usual_canary`) is done once more; if its canary runs slow again,
-   its choice is used but not kept on disk (`Tuning.keep` is False).
+   usually shows around its tunings (`usual_canary`) is done once more, after the canary has come back
+   to its usual (up to `QUIET_WAIT_S`); if its canary runs slow again, its choice is used but not kept on
+   disk (`Tuning.keep` is False).
 
 The choices are kept on disk per key (`read_choice`, `write_choice`: one JSON file per key, written
 atomically) in ``$QNA_BENCH_CACHE_DIR``; the key names everything the speed of the candidates depends on,
@@ -52,6 +54,10 @@ ROUNDS = 3
 # A block's calls last at least this long: sub-millisecond candidates are timed over several calls.
 BLOCK_S = 0.02
 SLOW_CANARY_SHARE = 0.3
+# Before a tuning is done again, the canary is timed every `QUIET_POLL_S` until it is back within
+# `SLOW_CANARY_SHARE` of its usual, for at most this long: this VM's slow spells last seconds.
+QUIET_WAIT_S = 10.0
+QUIET_POLL_S = 0.25
 # How far a form's tensors may stray from the as-built form's: the largest difference over the largest
 # magnitude of the reference, per tensor. fp32: FFT against direct sums differ by ~1e-6 of the maximum.
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 4e-2}
@@ -85,6 +91,7 @@ class Tuning:
     seconds: float
     canary_s: tuple[float, float] | None
     keep: bool
+    skipped: tuple[tuple[str, str], ...] = ()
 
 
 def time_call(candidate: Candidate, call: Callable[[], Any]) -> float:
@@ -141,19 +148,50 @@ def tune(
     canary: Canary | None = None,
     usual_canary_s: float | None = None,
     rounds: int = ROUNDS,
+    skip: Mapping[str, str] | None = None,
 ) -> Tuning:
     """Prove, warm, prune and time ``candidates`` (the first is the form as built, the reference) and
     return the fastest; see the module's docstring. ``usual_canary_s``: the canary this machine usually
     shows (None: this tuning's own faster canary). A tuning whose canary ran slow is done once more, as
-    the sweep measures a slow round again; the second's outcome stands."""
+    the sweep measures a slow round again; the second's outcome stands. ``skip``: candidates known to
+    lose, by name, with why; they are neither run nor timed (the reference always runs)."""
     if not candidates:
         raise ValueError("tune: no candidates")
+    skip = skip or {}
+    skipped = tuple((c.name, skip[c.name]) for c in candidates[1:] if c.name in skip)
+    for name, why in skipped:
+        log.info("form %s not timed: %s", name, why)
+    candidates = [candidates[0], *(c for c in candidates[1:] if c.name not in skip)]
+    return dataclasses.replace(_tune_quietly(candidates, dtype, timer, canary, usual_canary_s, rounds),
+                               skipped=skipped)
+
+
+def _tune_quietly(
+    candidates: Sequence[Candidate], dtype: torch.dtype, timer: Timer, canary: Canary | None,
+    usual_canary_s: float | None, rounds: int,
+) -> Tuning:
     outcome = _tune_once(candidates, dtype, timer, canary, usual_canary_s, rounds)
-    if outcome.keep:
+    if outcome.keep or canary is None or outcome.canary_s is None:
         return outcome
-    log.warning("tuning once more")
+    started = time.perf_counter()
+    waited = _await_quiet(canary, usual_canary_s if usual_canary_s is not None else min(outcome.canary_s))
+    log.warning("tuning once more%s", f" (the canary came back after {waited:.1f} s)" if waited is not None else
+                f" (the canary stayed slow for {QUIET_WAIT_S:.0f} s)")
     again = _tune_once(candidates, dtype, timer, canary, usual_canary_s, rounds)
-    return dataclasses.replace(again, seconds=outcome.seconds + again.seconds)
+    waited_s = time.perf_counter() - started - again.seconds
+    return dataclasses.replace(again, seconds=outcome.seconds + waited_s + again.seconds)
+
+
+def _await_quiet(canary: Canary, usual_s: float) -> float | None:
+    """Time the canary until it is within `SLOW_CANARY_SHARE` of ``usual_s``; the seconds that took, or
+    None when it stayed slow for `QUIET_WAIT_S`."""
+    started = time.perf_counter()
+    while True:
+        if canary() <= (1.0 + SLOW_CANARY_SHARE) * usual_s:
+            return time.perf_counter() - started
+        if time.perf_counter() - started >= QUIET_WAIT_S:
+            return None
+        time.sleep(QUIET_POLL_S)
 
 
 def _tune_once(
@@ -193,8 +231,8 @@ def _tune_once(
         medians.update({c.name: first[c.name] for c in pruned})
         racing = [c for c in racing if c not in pruned]
         calls = {c.name: max(1, min(50, round(BLOCK_S / max(first[c.name], 1e-9)))) for c in racing}
-        times: dict[str, list[float]] = {c.name: [] for c in racing}
-        for index in range(rounds):
+        times: dict[str, list[float]] = {c.name: [first[c.name]] for c in racing}
+        for index in range(1, rounds):
             shift = index % len(racing)
             for candidate in racing[shift:] + racing[:shift]:
                 times[candidate.name].append(_block(candidate, timer, calls[candidate.name]))

@@ -2,6 +2,10 @@
 one tuner (`qna_bench.tuner`: each candidate proved equal to the default plan, warmed, pruned, then timed
 in interleaved rounds, with the canary around it).
 
+A plan that lost by over the tuner's prune factor at a smaller window of the same key, to a plan with
+fewer passes whose work grows with the window, is not timed (`outgrown_plans`): it loses by more at a
+larger window.
+
 Two stages, each on the calls it decides: the plans (every plan of the key's mode, so train is decided on
 whole forward-and-backward calls of the core), then the winner's projections in each form
 (`qna_bench.qna.projection`), which run before and after the core whatever the plan. The key is the
@@ -29,7 +33,7 @@ from qna_bench import tuner
 from qna_bench.environment import device_name
 from qna_bench.measure.canary import canary_floor_seconds
 from qna_bench.qna.fused_cpu import compile_flags
-from qna_bench.qna.plans import Plan, candidate_plans, default_plan, get_plan
+from qna_bench.qna.plans import PASSES, Plan, candidate_plans, default_plan, get_plan
 from qna_bench.qna.projection import PROJECTIONS, Projection
 from qna_bench.tuner import TUNES, Candidate, Timer, Tune, time_call
 
@@ -123,6 +127,7 @@ class PlanChoice:
     tune_seconds: float = 0.0
     timings_s: tuple[tuple[str, float], ...] = ()
     refused: tuple[tuple[str, str], ...] = ()
+    skipped: tuple[tuple[str, str], ...] = ()
     # `Plan.spec` of ``plan``, made once here: a compiled call passes it to the core without tracing it
     spec: str = field(init=False, repr=False, compare=False)
 
@@ -135,6 +140,46 @@ def ordered_candidates(device: torch.device | str, window: int, stride: int, tra
     plans = candidate_plans(device, window, stride, train)
     default = default_plan(device, window, stride, train)
     return sorted(plans, key=lambda plan: plan.forms != default.forms)
+
+
+def window_bound_passes(plan: Plan, train: bool) -> frozenset[str]:
+    """The passes of ``plan`` (resolved for its call) whose work grows with the window's area: every pass
+    but an FFT one (the FFT's cost follows the map, not the window)."""
+    if plan.kernel != "convolutions":
+        return frozenset(("kernel",))
+    return frozenset(p for p in (PASSES if train else PASSES[:2]) if getattr(plan, p) != "fft")
+
+
+def outgrown_plans(key: PlanKey, device: torch.device, stride: int, train: bool) -> dict[str, str]:
+    """The plans not worth timing for ``key``, with why: at the largest smaller window of the same key in
+    the cache, each lost by over `tuner.PRUNE_FACTOR` to that tuning's winner, and it runs direct every
+    pass the winner runs direct, and more (its time grows faster with the window than the winner's, so it
+    loses by more here; between plans of the same growth oneDNN's dips at some windows could reverse a
+    verdict, so none is judged); and those that tuning did not time either, for their reason. A fused
+    kernel (Triton's) is never judged this way."""
+    stage = "train" if train else "forward"
+    for smaller in range(key.window - 2, 0, -2):
+        plans = ordered_candidates(device, smaller, stride, train)
+        there = dataclasses.replace(key, window=smaller, candidates=tuple(p.name for p in plans) + PROJECTIONS)
+        entry = tuner.read_choice(CACHE_SUBDIR, there.as_dict())
+        if entry is None:
+            continue
+        medians = {name.removeprefix(f"{stage} "): float(t) for name, t in entry.get("timings_s", {}).items()
+                   if name.startswith(f"{stage} ")}
+        by_name = {plan.name: plan for plan in plans}
+        winner = by_name.get(entry.get("plan"))
+        if winner is None or winner.name not in medians or winner.kernel != "convolutions":
+            return {}
+        bound = window_bound_passes(winner, train)
+        outgrown = {str(name): str(why) for name, why in entry.get("skipped", {}).items() if name in by_name}
+        outgrown.update({
+            name: f"lost to {winner.name} by {t / medians[winner.name]:.1f}x at window {smaller}, and its cost "
+                  f"grows faster with the window"
+            for name, t in medians.items()
+            if name in by_name and name != winner.name and by_name[name].kernel == "convolutions"
+            and t > tuner.PRUNE_FACTOR * medians[winner.name] and bound < window_bound_passes(by_name[name], train)})
+        return outgrown
+    return {}
 
 
 def read_cached(key: PlanKey, device: torch.device, train: bool, stride: int) -> PlanChoice | None:
@@ -154,7 +199,7 @@ def read_cached(key: PlanKey, device: torch.device, train: bool, stride: int) ->
 def write_cached(key: PlanKey, choice: PlanChoice, keep: bool = True) -> None:
     tuner.write_choice(CACHE_SUBDIR, key.as_dict(), {
         "plan": choice.plan.name, "projections": choice.plan.projections, "timings_s": dict(choice.timings_s),
-        "refused": dict(choice.refused), "tune_s": choice.tune_seconds}, keep)
+        "refused": dict(choice.refused), "skipped": dict(choice.skipped), "tune_s": choice.tune_seconds}, keep)
 
 
 def tune_plan(
@@ -169,7 +214,8 @@ def tune_plan(
     stage = "train" if train else "forward"
     by_name = {plan.name: plan for plan in plans}
     tuned = tuner.tune([Candidate(plan.name, call_with(plan, train), {"plan": plan.name}) for plan in plans],
-                       dtype, timer=timer, canary=canary, usual_canary_s=usual)
+                       dtype, timer=timer, canary=canary, usual_canary_s=usual,
+                       skip=outgrown_plans(key, device, stride, train))
     winner = by_name[tuned.winner]
     timings = [(f"{stage} {name}", t) for name, t in tuned.medians_s]
     refused = list(tuned.refused)
@@ -186,7 +232,8 @@ def tune_plan(
     for outcome in outcomes:
         tuner.note_canary(key.device, key.threads, outcome)
     timed = bool(timings) and (len(plans) > 1 or project_with is not None)
-    choice = PlanChoice(winner, train, "tuned", seconds if timed else 0.0, tuple(timings), tuple(refused))
+    choice = PlanChoice(winner, train, "tuned", seconds if timed else 0.0, tuple(timings), tuple(refused),
+                        tuned.skipped)
     return choice, keep
 
 
