@@ -40,10 +40,6 @@ GEMM = "gemm"
 PLAN = "plan"
 FORM_AXES: tuple[str, ...] = (PLAN, GEMM)
 CACHE_SUBDIR = "layer-forms"
-# A sweep measures each tunable layer in its tuned form, and with ``as_shipped`` also as built: a row's
-# ``tuning`` column says which.
-TUNED, SHIPPED = "tuned", "shipped"
-TUNINGS: tuple[str, ...] = (TUNED, SHIPPED)
 
 
 def axis_candidates(axis: str) -> tuple[str, ...]:

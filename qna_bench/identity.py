@@ -19,10 +19,13 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from qna_bench.environment import Environment
-from qna_bench.forms import SHIPPED, TUNED
-from qna_bench.labels import EAGER, is_compiled
+from typing import TYPE_CHECKING
+
+from qna_bench.labels import EAGER, SHIPPED, TUNED, is_compiled
 from qna_bench.problem import Problem
+
+if TYPE_CHECKING:
+    from qna_bench.environment import Environment
 
 # Libraries a layer may wrap: their versions are part of its code version.
 WRAPPED_LIBRARIES = ("torch", "timm", "natten")

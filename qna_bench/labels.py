@@ -1,4 +1,5 @@
-"""Names shared by the measuring side and the pure analysis, without torch: a layer's compile forms and roles."""
+"""Names shared by the measuring side and the pure analysis, without torch: a layer's compile forms, whether
+a row ran tuned or as shipped, and roles."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ from typing import Any, Literal, get_args
 CompileMode = Literal["eager", "default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"]
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 EAGER = "eager"
+
+# A sweep measures each tunable layer in its tuned form, and with ``as_shipped`` also as built: a row's
+# ``tuning`` column says which.
+TUNED, SHIPPED = "tuned", "shipped"
 
 # What a layer is in the comparison, declared at registration (nothing infers it from a name):
 # subject: QnA, the layer under test; peer: an attention layer QnA is judged against (grouped by family:

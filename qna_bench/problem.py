@@ -3,16 +3,18 @@
 Every layer of a sweep point receives the same `Problem`; the layer's adapter decides only which
 layout it takes — ``nhwc`` (B, H, W, C), ``nchw`` (B, C, H, W) contiguous, or ``nchw_channels_last``
 (B, C, H, W) shape over channels-last memory, what PyTorch's fast CPU convolutions want — and the
-conversion happens here, outside any timed region.
+conversion happens here, outside any timed region. The spec itself imports no torch (the results side
+reads its fields); torch is imported where a tensor or a dtype is made.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 Mode = Literal["forward", "train"]
 Layout = Literal["nhwc", "nchw", "nchw_channels_last"]
@@ -21,12 +23,8 @@ Device = Literal["cpu", "cuda"]
 MODES: tuple[str, ...] = get_args(Mode)
 LAYOUTS: tuple[str, ...] = get_args(Layout)
 DEVICES: tuple[str, ...] = get_args(Device)
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+# The dtypes a problem may name: each is torch's dtype of that name.
+DTYPES: tuple[str, ...] = ("float32", "float64", "float16", "bfloat16")
 
 POSITIVE_FIELDS = ("batch", "height", "width", "channels", "heads", "window", "stride", "dilation")
 
@@ -63,7 +61,7 @@ class Problem:
             problems.append(f"problem.dtype={self.dtype!r}: allowed values are {', '.join(DTYPES)}")
         if self.device not in DEVICES:
             problems.append(f"problem.device={self.device!r}: allowed values are {', '.join(DEVICES)}")
-        elif self.device == "cuda" and not torch.cuda.is_available():
+        elif self.device == "cuda" and not _torch().cuda.is_available():
             problems.append("problem.device='cuda': no CUDA device is available on this machine (use cpu)")
         if self.mode not in MODES:
             problems.append(f"mode={self.mode!r}: allowed values are {', '.join(MODES)}")
@@ -88,11 +86,11 @@ class Problem:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return getattr(_torch(), self.dtype)
 
     @property
     def torch_device(self) -> torch.device:
-        return torch.device(self.device)
+        return _torch().device(self.device)
 
     @property
     def input_shape_nhwc(self) -> tuple[int, int, int, int]:
@@ -110,6 +108,7 @@ class Problem:
 
     def make_input(self, layout: Layout) -> torch.Tensor:
         """A fresh, seeded input in the layer's layout, with gradients on in train mode."""
+        torch = _torch()
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         x = torch.randn(self.input_shape_nhwc, generator=generator, dtype=torch.float32)
         x = x.to(device=self.torch_device, dtype=self.torch_dtype)
@@ -123,9 +122,16 @@ class Problem:
 
     def make_output_grad(self, output: torch.Tensor) -> torch.Tensor:
         """The upstream gradient of the train-mode loss ``<g, output>``: random, fixed, made before timing."""
+        torch = _torch()
         generator = torch.Generator(device="cpu").manual_seed(self.seed + 1)
         g = torch.randn(output.shape, generator=generator, dtype=torch.float32)
         return torch.empty_like(output, requires_grad=False).copy_(g)
+
+def _torch():
+    import torch
+
+    return torch
+
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]

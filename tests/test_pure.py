@@ -6,8 +6,10 @@ import sys
 from qna_bench.text import MIB, milliseconds, shape_label
 
 
-def test_the_analysis_imports_without_torch():
-    code = ("import sys, qna_bench.analysis, qna_bench.labels, qna_bench.text; "
+def test_the_analysis_and_the_results_side_import_without_torch():
+    """The analysis, the results file, the report, the figures and compare read parquet: none loads torch."""
+    code = ("import sys, qna_bench.analysis, qna_bench.labels, qna_bench.text, qna_bench.results, "
+            "qna_bench.report, qna_bench.plots, qna_bench.compare; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -14,7 +14,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from qna_bench import forms, tuner
-from qna_bench.forms import GEMM as GEMM_FORM
 from qna_bench.problem import Problem
 from qna_bench.qna import QnA
 from qna_bench.qna import tuning as qna_tuning

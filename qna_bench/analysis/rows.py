@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 
 import pandas as pd
 
-from qna_bench.labels import COMPILE_MODES, EAGER, ROLES, form_label, mode_of
+from qna_bench.labels import COMPILE_MODES, EAGER, ROLES, SHIPPED, TUNED, form_label, mode_of
 from qna_bench.layer_facts import role_of
 
 # A problem's shape, without its window and mode.
@@ -24,7 +24,6 @@ POINT_COLUMNS: tuple[str, ...] = ("layer", *PAIR_COLUMNS)
 # one row per form measured.
 FORM_COLUMN = "compile_mode"
 TUNING_COLUMN = "tuning"
-TUNED, SHIPPED = "tuned", "shipped"
 # A row's time per round of interleaved rounds (`qna_bench.rounds.round_times`), derived when rows pair.
 ROUNDS_COLUMN = "round_times_s"
 
