@@ -1,4 +1,4 @@
-"""The figures, drawn from synthetic results files: by default QnA, each family's best implementation and
+"""The figures, drawn from synthetic results files: by default QnA, each family's leader and
 the best baseline, the rest in the ``_all`` companions; the headline figure with the claim, parity and the
 spread over rounds; legends right of the panels; every PNG under 200 KB; whole models in their own figure."""
 

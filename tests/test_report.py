@@ -322,7 +322,7 @@ def test_the_report_states_its_rules_and_the_per_family_table(claims_parquet, tm
     text = path.read_text()
     assert "### How the verdicts are decided" in text
     assert "the claim **holds** if QnA is at least T times better than the" in text
-    assert "#### Speed: up to 5× faster: per peer family (each family's best implementation at each window)" in text
+    assert "#### Speed: up to 5× faster: per peer family (each family's strongest member at each window)" in text
     assert "| sasa | P1 | forward | sasa ×5 | 1.73× to 3.32× | nowhere | nowhere | holds partly |" in text
     assert "| P1 | forward | qna_reference | reference | yes | 5/5 | 2.00 | 1.000 | 5 | 3.00 | 1.000 | 5 |" in text
     for fact in ("cpu: synthetic", "2.9.0", "0.21.0", "abc123", "| threads | 2 |", "50 rows"):

@@ -1,6 +1,6 @@
 """Figures from a results parquet only (never re-measures). By default each panel (one per problem shape
-and mode) shows QnA, each attention family's best implementation and the best convolution baseline (chosen
-by `qna_bench.analysis.shown_by_default`); the ``*_all`` companions draw every layer. ``headline.png``
+and mode) shows QnA, each attention family's leader and the best convolution baseline (each the layer
+fastest, or leanest, at the most windows: `qna_bench.analysis.shown_by_default`); the ``*_all`` companions draw every layer. ``headline.png``
 gives QnA's ratio to the strongest attention peer against the window; whole models get ``models.png``.
 Legends sit to the right of the panels.
 

@@ -14,9 +14,9 @@ class FigureSpec:
 
 FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec("headline", "QnA against the strongest attention peer at each window (dash-dot: the claimed factor)"),
-    FigureSpec("latency", "Median latency vs window: QnA, each family's best implementation, the best baseline"),
+    FigureSpec("latency", "Median latency vs window: QnA, each family's leader, the best baseline"),
     FigureSpec("latency_all", "Median latency vs window, every layer"),
-    FigureSpec("memory", "Peak memory vs window: QnA, each family's best implementation, the best baseline"),
+    FigureSpec("memory", "Peak memory vs window: QnA, each family's leader, the best baseline"),
     FigureSpec("memory_all", "Peak memory vs window, every layer"),
     FigureSpec("ratio_to_qna", "Each layer relative to QnA (dash-dot: the claimed factor)"),
     FigureSpec("pareto", "Latency vs peak memory, marker size: window"),

@@ -46,7 +46,7 @@ def _lead_sentence(leads: pd.DataFrame, subject: str) -> str:
         texts.append(f"over {r.family}, {verdict} ({ranges})")
     if not texts:
         return ""
-    return f"{subject}'s speed lead over each peer family's best implementation: " + "; ".join(texts) + "."
+    return f"{subject}'s speed lead over each peer family's strongest member: " + "; ".join(texts) + "."
 
 
 def _winners(data: pd.DataFrame, problem: str, mode: str) -> str:

@@ -29,7 +29,7 @@ above 1 QnA is leaner / faster. Each problem shape gets its own verdict.
   there; the claim **holds** if QnA is at least T times better than the
   strongest peer at some window, **holds partly** if at least {BEAT_FACTOR:g}× there, and **does not hold**
   otherwise; QnA *loses* where the strongest peer's ratio is below 1.
-- **Per family**: the same rule with each family's best implementation at each window in place of the
+- **Per family**: the same rule with each family's strongest member at each window in place of the
   strongest peer. *What ran* gives the backend those rows record (NATTEN's own choice for `na`), and says
   when it is a fallback standing in for the family's own fused kernels.
 - **Scaling**: for each peer that uses the window and each metric, both growth exponents (slope of

@@ -145,7 +145,7 @@ def _family_table(analysis: Analysis, claim: Claim, subject: str, device: str) -
                              _what_ran(analysis.frame, problem, mode, own["layer"])])
     if not rows:
         return ""
-    headers = ["family", "problem", "mode", "best implementation per window", "ratio range",
+    headers = ["family", "problem", "mode", "strongest member per window", "ratio range",
                f"≥{claim.target:g}×", "QnA loses", "verdict", "what ran"]
     if not any(row[-1] for row in rows):
         headers, rows = headers[:-1], [row[:-1] for row in rows]
@@ -210,7 +210,7 @@ def verdict_section(analysis: Analysis) -> str:
         for claim in CLAIMS[:2]:
             table = _family_table(analysis, claim, subject, device)
             if table:
-                parts += [f"#### {claim.title}: per peer family (each family's best implementation at each window)", table]
+                parts += [f"#### {claim.title}: per peer family (each family's strongest member at each window)", table]
         table = _comparison_table(analysis, subject, device)
         if table:
             parts += ["#### Scaling: QnA against each peer over the windows both measured", table]
