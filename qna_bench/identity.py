@@ -17,9 +17,7 @@ import json
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qna_bench.labels import EAGER, SHIPPED, TUNED, is_compiled
 from qna_bench.problem import Problem

@@ -1,5 +1,5 @@
 """Names shared by the measuring side and the pure analysis, without torch: a layer's compile forms, whether
-a row ran tuned or as shipped, and roles."""
+a row ran tuned or as shipped, roles, QnA's passes and the canary's size (which the report names)."""
 
 from __future__ import annotations
 
@@ -33,3 +33,10 @@ def is_compiled(value: Any) -> bool:
 def form_label(mode: Any) -> str:
     """``compiled:default`` for a compiled form, "" for eager."""
     return f"compiled:{mode_of(mode)}" if is_compiled(mode) else ""
+
+
+# The passes of QnA's fast form, in order (`qna_bench.qna.plans.Plan`): the report orders a plan's forms by them.
+QNA_PASSES: tuple[str, ...] = ("convolutions", "numerators", "numerator_grads", "kernel_grads")
+# The canary's product (`qna_bench.measure.canary`): 384² fp32 matrices, 113 MFLOP, about a millisecond on
+# two CPU cores, its 1.7 MiB in cache.
+CANARY_SIZE = 384

@@ -23,9 +23,9 @@ from qna_bench import results
 from qna_bench.budget import PointBudget, PointTimeout, time_limits
 from qna_bench.environment import Environment, utc_now
 from qna_bench.forms import GEMM, form_columns, prepare_forms
-from qna_bench.labels import SHIPPED, TUNED
 from qna_bench.heap import trim_cpu_heap
 from qna_bench.identity import point_identity
+from qna_bench.labels import SHIPPED, TUNED
 from qna_bench.measure.canary import canary_seconds
 from qna_bench.measure.flops import count_flops
 from qna_bench.measure.latency import LatencyStats, measure_interleaved

@@ -24,8 +24,8 @@ from qna_bench import disk_cache, results, rounds, tuner
 from qna_bench.budget import time_limits
 from qna_bench.compile_mode import EAGER
 from qna_bench.environment import Environment
-from qna_bench.labels import SHIPPED, TUNED
 from qna_bench.identity import is_current, point_identity
+from qna_bench.labels import SHIPPED, TUNED
 from qna_bench.measure.canary import is_slow
 from qna_bench.measure.probes import MachineProbes, machine_probes
 from qna_bench.point import (

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-# 384² fp32 matrices: 113 MFLOP per product, about a millisecond on two CPU cores, its 1.7 MiB in cache.
-CANARY_SIZE = 384
+from qna_bench.labels import CANARY_SIZE
+
 CANARY_CALLS = 7
 FLOOR_CALLS = 15
 # Canaries needed before one counts as slow: the run's median is meaningless before.

@@ -18,12 +18,12 @@ from typing import Literal
 
 import torch
 
+from qna_bench.labels import QNA_PASSES as PASSES
 from qna_bench.qna.projection import Projection
 
 ConvForm = Literal["direct", "padded"]
 Form = Literal["direct", "fft", "fused"]
 Kernel = Literal["convolutions", "triton"]
-PASSES: tuple[str, ...] = ("convolutions", "numerators", "numerator_grads", "kernel_grads")
 
 # Bytes of one chunk's spectrum in the FFT kernel gradients and numerators: the extra memory is a few
 # such buffers, small next to the activations. AVX2, 2 threads, QnA(128, 128, 4), B=8, 56x56 (median of

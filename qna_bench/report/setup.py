@@ -12,8 +12,7 @@ from qna_bench.analysis import (
     mode_order,
     sort_rows,
 )
-from qna_bench.measure.canary import CANARY_SIZE
-from qna_bench.qna.plans import PASSES
+from qna_bench.labels import CANARY_SIZE, QNA_PASSES
 from qna_bench.report.appendix import _percent
 from qna_bench.report.cells import _fmt, _k_list, _load_text, _values, markdown_table, timing_warnings
 from qna_bench.report.forms import _form_text
@@ -38,7 +37,7 @@ def _plan_of(flags: object) -> tuple[str, str, bool] | None:
     plan = record.get("plan")
     if not isinstance(plan, dict):
         return "not recorded", "", False
-    order = sorted(plan, key=lambda p: (PASSES.index(p) if p in PASSES else len(PASSES), p))
+    order = sorted(plan, key=lambda p: (QNA_PASSES.index(p) if p in QNA_PASSES else len(QNA_PASSES), p))
     passes = ", ".join(f"{p} {plan[p]}" for p in order if p != "fft_chunk_bytes" and plan[p] not in ("direct", "linear"))
     name = str(record.get("plan_name", "?"))
     return (f"{name} ({passes})" if passes else name), str(record.get("plan_source", "")), bool(
