@@ -172,7 +172,10 @@ def read_table(path: str | os.PathLike) -> pa.Table:
     """The rows at ``path``; refuses a file that is not a results parquet with our columns."""
     path = Path(path)
     try:
-        table = pq.read_table(path)
+        # One open file: a writer renames a new file over this one (`_write_atomic`), and pyarrow given the
+        # path opens it again after reading the footer, which may then belong to the file replaced.
+        with path.open("rb") as handle:
+            table = pq.read_table(handle)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ResultsFileError(f"results path {path}: not a readable parquet file ({exc}); refusing to touch it") from None
     missing = [name for name in SCHEMA.names if name not in table.schema.names]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import threading
 
 import pandas as pd
 import pyarrow as pa
@@ -89,6 +90,30 @@ def test_concurrent_writers_lose_and_duplicate_nothing(tmp_path):
     frame = results.read_results(path)
     assert len(frame) == 40
     assert set(zip(frame["layer"], frame["window"])) == {(f"writer{w}", k) for w in range(4) for k in range(1, 11)}
+
+
+def test_a_reader_sees_one_whole_file_while_a_writer_replaces_it(tmp_path):
+    """A sweep replaces its file (a temporary file renamed over it) while a reader polls it: the reader
+    gets the old rows or the new ones, never a file read half from each (pyarrow given a path opened it
+    twice, the footer from one file and the pages from the next: "Deserializing page header failed")."""
+    path = tmp_path / "results.parquet"
+    tables = [results.rows_to_table([_row(window=k) for k in range(1, count)]) for count in (40, 80)]
+    results._write_atomic(tables[0], path)
+    stop = threading.Event()
+
+    def replace_again_and_again() -> None:
+        while not stop.is_set():
+            for table in tables:
+                results._write_atomic(table, path)
+
+    writer = threading.Thread(target=replace_again_and_again)
+    writer.start()
+    try:
+        lengths = {len(results.read_table(path)) for _ in range(300)}
+    finally:
+        stop.set()
+        writer.join()
+    assert lengths <= {39, 79}
 
 
 def test_merge_is_the_union(tmp_path):
