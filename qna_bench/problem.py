@@ -127,6 +127,7 @@ class Problem:
         g = torch.randn(output.shape, generator=generator, dtype=torch.float32)
         return torch.empty_like(output, requires_grad=False).copy_(g)
 
+
 def _torch():
     import torch
 

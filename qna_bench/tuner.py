@@ -182,12 +182,17 @@ def _tune_quietly(
     return dataclasses.replace(again, seconds=outcome.seconds + waited_s + again.seconds)
 
 
+def _quiet(canary_s: float, usual_s: float) -> bool:
+    """Whether a canary of ``canary_s`` is within `SLOW_CANARY_SHARE` of the usual one."""
+    return canary_s <= (1.0 + SLOW_CANARY_SHARE) * usual_s
+
+
 def _await_quiet(canary: Canary, usual_s: float) -> float | None:
     """Time the canary until it is within `SLOW_CANARY_SHARE` of ``usual_s``; the seconds that took, or
     None when it stayed slow for `QUIET_WAIT_S`."""
     started = time.perf_counter()
     while True:
-        if canary() <= (1.0 + SLOW_CANARY_SHARE) * usual_s:
+        if _quiet(canary(), usual_s):
             return time.perf_counter() - started
         if time.perf_counter() - started >= QUIET_WAIT_S:
             return None
@@ -244,7 +249,7 @@ def _tune_once(
     if before is not None and after is not None:
         canaries = (before, after)
         usual = usual_canary_s if usual_canary_s is not None else min(before, after)
-        keep = max(before, after) <= (1.0 + SLOW_CANARY_SHARE) * usual
+        keep = _quiet(max(before, after), usual)
         if not keep:
             log.warning("the canary ran %.2fx its usual during this tuning (%.3f and %.3f ms around it, usually "
                         "%.3f ms, %d threads)",

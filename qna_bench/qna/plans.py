@@ -112,12 +112,16 @@ class Plan:
         whose arguments are tensors, numbers and strings."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
+    @staticmethod
+    def passes_run(train: bool) -> tuple[str, ...]:
+        """The passes a call runs: all in train, the forward's two without a backward."""
+        return PASSES if train else PASSES[:2]
+
     def record(self, train: bool) -> dict[str, str]:
         """A readable name per pass that runs in this mode, for a row's ``layer_flags``."""
         if self.kernel != "convolutions":
             return {"kernel": self.kernel, "projections": self.projections}
-        passes = PASSES if train else PASSES[:2]
-        record = {p: getattr(self, p) for p in passes}
+        record = {p: getattr(self, p) for p in self.passes_run(train)}
         if self.uses_fft:
             record["fft_chunk_bytes"] = str(self.fft_chunk_bytes)
         return {**record, "projections": self.projections}

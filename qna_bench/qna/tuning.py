@@ -33,7 +33,7 @@ from qna_bench import tuner
 from qna_bench.environment import device_name
 from qna_bench.measure.canary import canary_floor_seconds
 from qna_bench.qna.fused_cpu import compile_flags
-from qna_bench.qna.plans import PASSES, Plan, candidate_plans, default_plan, get_plan
+from qna_bench.qna.plans import Plan, candidate_plans, default_plan, get_plan
 from qna_bench.qna.projection import PROJECTIONS, Projection
 from qna_bench.tuner import TUNES, Candidate, Timer, Tune, time_call
 
@@ -147,7 +147,7 @@ def window_bound_passes(plan: Plan, train: bool) -> frozenset[str]:
     but an FFT one (the FFT's cost follows the map, not the window)."""
     if plan.kernel != "convolutions":
         return frozenset(("kernel",))
-    return frozenset(p for p in (PASSES if train else PASSES[:2]) if getattr(plan, p) != "fft")
+    return frozenset(p for p in plan.passes_run(train) if getattr(plan, p) != "fft")
 
 
 def outgrown_plans(key: PlanKey, device: torch.device, stride: int, train: bool) -> dict[str, str]:
