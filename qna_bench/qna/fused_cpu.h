@@ -65,11 +65,12 @@ inline int64_t output_at(int64_t i, int64_t t, const Shape& s, int64_t out_size)
 }
 
 // The (pixel, tap) pairs of one window: the input pixels an output reads, or the outputs whose
-// windows read an input, each with the tap that links them. Sized once per thread.
+// windows read an input, each with the tap that links them. Sized once per thread; each axis's
+// indices found once per window (an output's index divides by the stride).
 struct Window {
-    std::vector<int64_t> pixel, tap;
+    std::vector<int64_t> pixel, tap, column, column_tap;
     int64_t size = 0;
-    explicit Window(int64_t taps) : pixel(taps), tap(taps) {}
+    explicit Window(const Shape& s) : pixel(s.taps()), tap(s.taps()), column(s.window), column_tap(s.window) {}
     void inputs_of(int64_t b, int64_t oy, int64_t ox, const Shape& s) {
         collect(b, oy, ox, s, input_at, s.height, s.width);
     }
@@ -80,15 +81,20 @@ struct Window {
 private:
     template <typename At>
     void collect(int64_t b, int64_t y, int64_t x, const Shape& s, At at, int64_t rows, int64_t cols) {
+        int64_t columns = 0;
+        for (int64_t tx = 0; tx < s.window; ++tx) {
+            const int64_t px = at(x, tx, s, cols);
+            if (px < 0) continue;
+            column[columns] = px;
+            column_tap[columns++] = tx;
+        }
         size = 0;
         for (int64_t ty = 0; ty < s.window; ++ty) {
             const int64_t py = at(y, ty, s, rows);
             if (py < 0) continue;
-            for (int64_t tx = 0; tx < s.window; ++tx) {
-                const int64_t px = at(x, tx, s, cols);
-                if (px < 0) continue;
-                pixel[size] = (b * rows + py) * cols + px;
-                tap[size++] = ty * s.window + tx;
+            for (int64_t c = 0; c < columns; ++c) {
+                pixel[size] = (b * rows + py) * cols + column[c];
+                tap[size++] = ty * s.window + column_tap[c];
             }
         }
     }
@@ -114,12 +120,18 @@ template <typename T, int W> __attribute__((always_inline)) inline void store(T*
     std::memcpy(x, &v, sizeof(v));
 }
 
+// x in every lane, as one broadcast: x - 0 is x for every x, where 0 + x is not (x = -0), so the
+// compiler drops the subtraction and would have kept the addition.
+template <typename T, int W> __attribute__((always_inline)) inline Vec<T, W> broadcast(T x) {
+    return x - Vec<T, W>{};
+}
+
 // A vector of the coefficients of the heads it holds, from c[0..HPV): lane l takes c[l / (W / HPV)].
 // With HPV > 1 it loads c[0..W) (a whole vector, then one shuffle in registers): c lies in a buffer
 // padded past its rows.
 template <typename T, int W, int HPV> __attribute__((always_inline)) inline Vec<T, W> spread(const T* c) {
     if constexpr (HPV == 1) {
-        return Vec<T, W>{} + *c;
+        return broadcast<T, W>(*c);
     } else {
         const Vec<T, W> r = load<T, W>(c);
         Index<T, W> mask;
@@ -138,6 +150,19 @@ template <typename T, int W, int HPV> __attribute__((always_inline)) inline void
         x += __builtin_shuffle(x, mask);
     }
     for (int k = 0; k < HPV; ++k) out[k] += x[k * segment];
+}
+
+// add_head_sums of a block's BV vectors x(v) (their first heads in head), the vectors of one head added
+// up first: one tree per head, not one per vector.
+template <typename T, int W, int HPV, int BV, typename X>
+__attribute__((always_inline)) inline void add_block_head_sums(const int64_t* head, X x, T* out) {
+    for (int v = 0; v < BV;) {
+        Vec<T, W> sum = x(v);
+        int next = v + 1;
+        for (; next < BV && head[next] == head[v]; ++next) sum += x(next);
+        add_head_sums<T, W, HPV>(sum, out + head[v]);
+        v = next;
+    }
 }
 
 // The vector layout of a shape: W lanes, HPV heads per vector (1 where a head spans whole vectors).
@@ -206,21 +231,53 @@ template <int W, int HPV, int BV> inline void heads_of(int64_t v0, int64_t dim, 
 
 // acc[s][v] = sum over n < count of spread(coef(n, s) + head[v]) * row(n, v), for S coefficient sets
 // (coef(n, s): the set's row of per-head coefficients) and the BV vectors of a block (row(n, v): the
-// block's vector v of entry n).
-template <typename T, int W, int HPV, int S, int BV, typename Coef, typename Row>
+// block's vector v of entry n), where each run of G vectors of the block lies in one head: one spread
+// coefficient per run, not per vector (loads, not multiply-adds, bound these sweeps).
+template <typename T, int W, int HPV, int S, int BV, int G, typename Coef, typename Row>
 __attribute__((always_inline)) inline void sweep(Vec<T, W> (&acc)[S][BV], int64_t count, const int64_t* head,
                                                  Coef coef, Row row) {
     for (auto& set : acc) {
         for (auto& a : set) a = Vec<T, W>{};
     }
     for (int64_t n = 0; n < count; ++n) {
-        Vec<T, W> x[BV];
-        for (int v = 0; v < BV; ++v) x[v] = row(n, v);
-        for (int s = 0; s < S; ++s) {
-            const T* c = coef(n, s);
-            for (int v = 0; v < BV; ++v) acc[s][v] += spread<T, W, HPV>(c + head[v]) * x[v];
+        const T* c[S];
+        for (int s = 0; s < S; ++s) c[s] = coef(n, s);
+        for (int run = 0; run < BV; run += G) {
+            Vec<T, W> k[S];
+            for (int s = 0; s < S; ++s) k[s] = spread<T, W, HPV>(c[s] + head[run]);
+            for (int v = run; v < run + G; ++v) {
+                const Vec<T, W> x = row(n, v);  // one row vector live at a time: the accumulators stay in registers
+                for (int s = 0; s < S; ++s) acc[s][v] += k[s] * x;
+            }
         }
     }
+}
+
+// The longest runs (a power of two dividing BV) in which a block's vectors share a head.
+template <int BV> inline int head_run(const int64_t* head) {
+    for (int g = BV; g > 1; g /= 2) {
+        bool shared = true;
+        for (int v = 0; v < BV; ++v) shared = shared && head[v] == head[v / g * g];
+        if (shared) return g;
+    }
+    return 1;
+}
+
+// `sweep` at the block's own runs of shared heads.
+template <typename T, int W, int HPV, int S, int BV, typename Coef, typename Row>
+__attribute__((always_inline)) inline void sweep_runs(Vec<T, W> (&acc)[S][BV], int64_t count, const int64_t* head,
+                                                      Coef coef, Row row) {
+    const int run = HPV == 1 ? head_run<BV>(head) : 1;
+    if constexpr (BV >= 8) {
+        if (run == 8) return sweep<T, W, HPV, S, BV, 8>(acc, count, head, coef, row);
+    }
+    if constexpr (BV >= 4) {
+        if (run == 4) return sweep<T, W, HPV, S, BV, 4>(acc, count, head, coef, row);
+    }
+    if constexpr (BV >= 2) {
+        if (run == 2) return sweep<T, W, HPV, S, BV, 2>(acc, count, head, coef, row);
+    }
+    sweep<T, W, HPV, S, BV, 1>(acc, count, head, coef, row);
 }
 
 // `sweep` over every vector of a row for `sets` coefficient sets, two sets at a time: coef(n, set) is
@@ -235,7 +292,7 @@ __attribute__((always_inline)) inline void sweep_row(int64_t sets, int64_t vecto
             int64_t head[BV];
             heads_of<W, HPV, BV>(v0, dim, head);
             Vec<T, W> acc[S][BV];
-            sweep<T, W, HPV, S, BV>(
+            sweep_runs<T, W, HPV, S, BV>(
                 acc, count, head, [&](int64_t n, int set) { return coef(n, set0 + set); },
                 [&](int64_t n, int v) { return row(n, v0 + v); });
             done.template operator()<S, BV>(set0, v0, head, acc);

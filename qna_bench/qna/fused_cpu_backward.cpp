@@ -19,14 +19,15 @@ void backward_outputs(const T* __restrict grad_z, const T* __restrict exp_scores
     constexpr int L = kRowLanes<T>;
     const int64_t qh = s.qh(), heads = s.heads, dim = s.head_dim(), taps = s.taps(), features = s.features;
     const int64_t vectors = features / W, shares = s.partials, row = padded(qh, L);
+    const int64_t per_head = HPV == 1 ? dim / W : 1;  // the vectors that hold one head, or several
     const T* e_end = exp_scores + s.batch * s.height * s.width * qh;
     const T* inv_end = inv_den + s.batch * s.out_h * s.out_w * qh;
     ThreadSums<T> den_sums(kernel_grads ? threads : 0, taps, qh), num_sums(kernel_grads ? threads : 0, taps, qh);
 #pragma omp parallel num_threads(threads)
     {
-        Window win(taps);
+        Window win(s);
         std::vector<T> dots(qh), gd_row(row + L), coefs(s.out_w * row + L);
-        std::vector<int64_t> outs(s.out_w), ins(s.out_w);
+        std::vector<const T*> g_rows(s.out_w), v_rows(s.out_w);  // each entry's rows of g_z and values
         T* g_den_kernel = kernel_grads ? den_sums.mine() : nullptr;
         T* g_num_kernel = kernel_grads ? num_sums.mine() : nullptr;
 #pragma omp for collapse(2) schedule(static)
@@ -38,17 +39,27 @@ void backward_outputs(const T* __restrict grad_z, const T* __restrict exp_scores
                     T* __restrict gd = grad_den + o * qh;
                     for (int64_t j = 0; j < qh; ++j) inv[j] = T(1) / den[o * qh + j];
                     std::fill(dots.begin(), dots.end(), T(0));
-                    for (int64_t v = 0; v < vectors; ++v) {
+                    // g_z . y per head: the vectors of a head (or the heads of a vector) summed, then their lanes
+                    const T* g = grad_z + o * features;
+                    const T* kept = partials + o * shares * features;
+                    for (int64_t v0 = 0; v0 < vectors; v0 += per_head) {
                         int64_t head[1];
-                        heads_of<W, HPV, 1>(v, dim, head);
-                        const Vec<T, W> g = load<T, W>(grad_z + o * features + v * W);
-                        Vec<T, W> last = shares < s.queries ? load<T, W>(z + o * features + v * W) : Vec<T, W>{};
+                        heads_of<W, HPV, 1>(v0, dim, head);
                         for (int64_t q = 0; q < shares; ++q) {
-                            const Vec<T, W> share = load<T, W>(partials + (o * shares + q) * features + v * W);
-                            add_head_sums<T, W, HPV>(g * share, dots.data() + q * heads + head[0]);
-                            last -= share;
+                            Vec<T, W> sum{};
+                            for (int64_t v = v0; v < v0 + per_head; ++v) {
+                                sum += load<T, W>(g + v * W) * load<T, W>(kept + q * features + v * W);
+                            }
+                            add_head_sums<T, W, HPV>(sum, dots.data() + q * heads + head[0]);
                         }
-                        if (shares < s.queries) add_head_sums<T, W, HPV>(g * last, dots.data() + shares * heads + head[0]);
+                        if (shares == s.queries) continue;
+                        Vec<T, W> sum{};
+                        for (int64_t v = v0; v < v0 + per_head; ++v) {
+                            Vec<T, W> last = load<T, W>(z + o * features + v * W);
+                            for (int64_t q = 0; q < shares; ++q) last -= load<T, W>(kept + q * features + v * W);
+                            sum += load<T, W>(g + v * W) * last;
+                        }
+                        add_head_sums<T, W, HPV>(sum, dots.data() + shares * heads + head[0]);
                     }
                     for (int64_t q = shares + 1; q < s.queries; ++q) {
                         std::copy_n(dots.data() + shares * heads, heads, dots.data() + q * heads);
@@ -74,8 +85,8 @@ void backward_outputs(const T* __restrict grad_z, const T* __restrict exp_scores
                             const int64_t ix = input_at(ox, tx, s, s.width);
                             if (ix < 0) continue;
                             const int64_t o = (b * s.out_h + oy) * s.out_w + ox, i = (b * s.height + iy) * s.width + ix;
-                            outs[count] = o;
-                            ins[count] = i;
+                            g_rows[count] = grad_z + o * features;
+                            v_rows[count] = packed + i * s.pixel_stride;
                             for (int64_t j = 0; j < row; j += L) {
                                 store<T, L>(coefs.data() + count * row + j,
                                             load_upto(exp_scores + i * qh + j, e_end) * load_upto(inv_den + o * qh + j, inv_end));
@@ -87,14 +98,12 @@ void backward_outputs(const T* __restrict grad_z, const T* __restrict exp_scores
                             s.queries, vectors, dim, count,
                             [&](int64_t n, int64_t q) { return coefs.data() + n * row + q * heads; },
                             [&](int64_t n, int64_t k) {
-                                return load<T, W>(grad_z + outs[n] * features + k * W) *
-                                       load<T, W>(packed + ins[n] * s.pixel_stride + k * W);
+                                return load<T, W>(g_rows[n] + k * W) * load<T, W>(v_rows[n] + k * W);
                             },
                             [&]<int S, int BV>(int64_t q0, int64_t, const int64_t* head, Vec<T, W> (&acc)[S][BV]) {
                                 for (int set = 0; set < S; ++set) {
-                                    for (int k = 0; k < BV; ++k) {
-                                        add_head_sums<T, W, HPV>(acc[set][k], gk + (q0 + set) * heads + head[k]);
-                                    }
+                                    add_block_head_sums<T, W, HPV, BV>(
+                                        head, [&](int k) { return acc[set][k]; }, gk + (q0 + set) * heads);
                                 }
                             });
                     }
@@ -120,7 +129,7 @@ void backward_inputs(const T* __restrict grad_z, const T* __restrict exp_scores,
     const std::vector<T> kd = padded_rows(den_kernel, taps, qh), kn = padded_rows(num_kernel, taps, qh);
 #pragma omp parallel num_threads(threads)
     {
-        Window win(taps);
+        Window win(s);
         std::vector<T> coefs(taps * row + L), dots(qh), g_exp(row + L), e_row(row + L);
 #pragma omp for collapse(2) schedule(static)
         for (int64_t b = 0; b < s.batch; ++b) {

@@ -20,7 +20,7 @@ void forward(const T* __restrict exp_scores, const T* __restrict packed, const T
     const std::vector<T> kd = padded_rows(den_kernel, taps, qh), kn = padded_rows(num_kernel, taps, qh);
 #pragma omp parallel num_threads(threads)
     {
-        Window win(taps);
+        Window win(s);
         // per tap: exp(b) * mixing * E for every query and head, then the sets' coefficients
         std::vector<T> raw(taps * row + L), coefs(taps * sets * set_row + L), d(row + L), inv(row + L);
 #pragma omp for collapse(2) schedule(static)
@@ -38,7 +38,7 @@ void forward(const T* __restrict exp_scores, const T* __restrict packed, const T
                             store<T, L>(raw.data() + n * row + j, load<T, L>(kn.data() + win.tap[n] * row + j) * e);
                         }
                         store<T, L>(d.data() + j, sum);
-                        const Vec<T, L> one = Vec<T, L>{} + T(1);
+                        const Vec<T, L> one = broadcast<T, L>(T(1));
                         store<T, L>(inv.data() + j, one / (sum < threshold ? one : sum));
                     }
                     std::copy_n(d.data(), qh, den + o * qh);
