@@ -291,4 +291,4 @@ def test_runner_rows(name, mode, status):
         plans = json.loads(row["layer_flags"])["qna_plans"]  # k=3: direct or fused, tuned or cached by a twin layer
         layers = sum(isinstance(m, QnA) for m in get_layer(name).factory(problem).modules())
         assert sum(plans.values()) == layers
-        assert set(plans) <= {f"{plan} ({source})" for plan in ("direct", "fused") for source in ("tuned", "cache")}
+        assert set(plans) <= {f"{plan} ({source})" for plan in ("direct", "fused", "fused_32") for source in ("tuned", "cache")}

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qna_bench.qna import available_plans, fused_cpu, qna_attention, qna_attention_reference
+from qna_bench.qna import QnA, available_plans, fused_cpu, qna_attention, qna_attention_reference
 from tests.test_qna import (
     compare_core_with_fp64_reference,
     compare_forms,
@@ -31,7 +31,7 @@ from tests.test_qna import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-FUSED_PLANS = ("fused",)  # the registered plans that run the fused loops
+FUSED_PLANS = ("fused", "fused_32")  # the registered plans that run the fused loops
 pytestmark = pytest.mark.skipif("fused" not in available_plans("cpu"), reason="no C++ compiler for the fused loops")
 
 
@@ -215,6 +215,7 @@ WRONG_FORWARD_ARGS: list[tuple[str, Callable[[], dict[str, object]]]] = [
     ("num_kernel", lambda: forward_args(num_kernel=torch.rand(2, 2, 3, 3, dtype=torch.float64))),
     ("stride", lambda: forward_args(stride=3)),
     ("partials", lambda: forward_args(partials=3)),
+    ("vector_bytes", lambda: forward_args(vector_bytes=24)),
 ]
 
 
@@ -226,7 +227,7 @@ def test_the_forward_refuses_each_wrong_argument_by_name(name: str, make: Callab
     if not any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in args.values()):
         with pytest.raises((ValueError, TypeError), match=f"^{name}"):
             fused_cpu.fused_forward(*(args[k] for k in ("exp_scores", "packed", "den_kernel", "num_kernel", "stride")),
-                                    0.0, args["partials"])
+                                    0.0, args["partials"], args.get("vector_bytes", 0))
 
 
 WRONG_BACKWARD_ARGS: list[tuple[str, Callable[[], dict[str, object]]]] = [
@@ -242,6 +243,7 @@ WRONG_BACKWARD_ARGS: list[tuple[str, Callable[[], dict[str, object]]]] = [
     ("partials", lambda: backward_args(partials=torch.randn(1, 4, 5, 0, 8))),
     ("partials", lambda: backward_args(partials=torch.randn(1, 4, 4, 1, 8))),
     ("exp_scores", lambda: backward_args(exp_scores=torch.rand(1, 4, 5, 2, 2, device="meta"))),
+    ("vector_bytes", lambda: backward_args(vector_bytes=128)),
 ]
 
 
@@ -253,6 +255,43 @@ def test_the_backward_refuses_each_wrong_argument_by_name(name: str, make: Calla
     if not any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in args.values()):
         with pytest.raises((ValueError, TypeError), match=f"^{name}"):
             fused_cpu.fused_backward(**args, kernel_grads=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_vector_width_gives_the_widest_ones_results(dtype: torch.dtype) -> None:
+    """The loops capped at 16, 32 or 64 bytes (each no wider than compiled), on 4 heads of 8 channels, which
+    each width lays out its own way (two heads a vector, one, half of one): the forward's outputs and
+    every gradient equal the widest vectors' to rounding."""
+    torch.manual_seed(0)
+    forward = dict(exp_scores=torch.rand(2, 6, 7, 2, 4, dtype=dtype), packed=torch.randn(2, 6, 7, 40, dtype=dtype),
+                   den_kernel=torch.rand(2, 4, 5, 5, dtype=dtype) + 0.5, num_kernel=torch.randn(2, 4, 5, 5, dtype=dtype))
+    results = {}
+    for width in fused_cpu.VECTOR_BYTES:
+        z, den, shares = fused_cpu.fused_forward(*forward.values(), 1, 0.0, 1, width)
+        grad_z = torch.randn(z.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+        grads = fused_cpu.fused_backward(grad_z, forward["exp_scores"], forward["packed"], den, z, shares,
+                                         forward["den_kernel"], forward["num_kernel"], 1, True, width)
+        results[width] = (z, den, shares, *grads)
+    compiled = fused_cpu.vector_bytes()
+    assert fused_cpu.sweep_bytes(32, 4, dtype) == compiled
+    for width in fused_cpu.VECTOR_BYTES[1:]:  # each cap is the width swept, where it was compiled
+        assert fused_cpu.sweep_bytes(32, 4, dtype, width) == min(width, compiled)
+    assert fused_cpu.sweep_bytes(15, 3, dtype) == torch.empty(0, dtype=dtype).element_size()  # heads of 5: scalars
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for width in fused_cpu.VECTOR_BYTES[1:]:
+        for capped, widest in zip(results[width], results[0], strict=True):
+            torch.testing.assert_close(capped, widest, **tolerance)
+
+
+def test_the_narrower_fused_plan_is_listed_only_where_it_is_narrower() -> None:
+    """`fused_32` runs the loops at 32 bytes where they were compiled for 64 (its rows say so), and is not
+    listed where 32 is already their width."""
+    compiled = fused_cpu.vector_bytes()
+    assert ("fused_32" in available_plans("cpu")) == (compiled > 32)
+    if compiled > 32:
+        module = QnA(16, 16, 2, window=3, plan="fused_32")
+        module(torch.randn(1, 5, 5, 16))
+        assert module.plan_flags()["fused_build"].endswith("; 32-byte vectors")
 
 
 def test_the_loaded_functions_declare_their_argument_types() -> None:

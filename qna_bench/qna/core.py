@@ -206,17 +206,17 @@ def _fast_backward(
 
 def _fused_backward(
     grad_z: Tensor, exp_scores: Tensor, packed: Tensor, den: Tensor, z: Tensor, shares: Tensor, rpe_bias: Tensor,
-    mixing: Tensor, stride: int, need_kernel_grad: bool,
+    mixing: Tensor, stride: int, need_kernel_grad: bool, vector_bytes: int,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """`_fast_backward` in the fused CPU loops (`fused_backward`), from z and the queries' shares of it that
-    the fused forward kept: the same outputs."""
+    """`_fast_backward` in the fused CPU loops (`fused_backward`, in vectors of at most ``vector_bytes``),
+    from z and the queries' shares of it that the fused forward kept: the same outputs."""
     dtype = exp_scores.dtype
     rpe_exp = _kernels(rpe_bias, dtype).contiguous()
     mixing_w = mixing.to(dtype)
     z = z.to(dtype).contiguous() if shares.shape[3] < rpe_bias.shape[0] else shares  # z is read only then
     g_packed, g_den_kernel, g_value_kernel = fused_backward(
         grad_z.to(dtype).contiguous(), exp_scores, packed.to(dtype).contiguous(), den, z, shares, rpe_exp,
-        (rpe_exp * mixing_w).contiguous(), stride, need_kernel_grad,
+        (rpe_exp * mixing_w).contiguous(), stride, need_kernel_grad, vector_bytes,
     )
     if not need_kernel_grad:
         return g_packed, None, None
@@ -262,6 +262,7 @@ def _fast_core(
             exp_scores, packed.to(exp_scores.dtype).contiguous(), rpe_exp.contiguous(),
             (rpe_exp * mixing.to(rpe_exp.dtype)).contiguous(),
             stride, UNDERFLOW_DENOMINATOR[exp_scores.dtype], shares_kept(chosen, rpe_bias.shape[0], packed.dtype),
+            chosen.fused_vector_bytes,
         )
         underflow, resolved = underflowed(den), False
     else:
@@ -289,7 +290,8 @@ def _fast_core_backward(
     fast_grad = grad_z.masked_fill(underflow[..., None], 0) if any_underflow else grad_z
     if chosen.numerator_grads == "fused":
         g_packed, g_rpe, g_mixing = _fused_backward(
-            fast_grad, exp_scores, packed, den, z, shares, rpe_bias, mixing, stride, kernel_grads
+            fast_grad, exp_scores, packed, den, z, shares, rpe_bias, mixing, stride, kernel_grads,
+            chosen.fused_vector_bytes,
         )
     else:
         g_packed, g_rpe, g_mixing = _fast_backward(

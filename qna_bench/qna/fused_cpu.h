@@ -11,7 +11,8 @@
 // the image.
 //
 // Vectors: the channels of a pixel's row are swept in vectors of W lanes, W the widest power of two no
-// wider than the target's vectors (64 bytes with AVX-512, 32 with AVX, else 16: SSE2, NEON) that divides
+// wider than the target's vectors (64 bytes with AVX-512, 32 with AVX, else 16: SSE2, NEON) or than the
+// call's `Shape::vector_bytes` that divides
 // F and either divides the head size d (a head is d / W vectors, its coefficient broadcast) or is a
 // multiple of it, at most kMaxHeadsPerVector heads (a vector holds W / d heads, its coefficients spread
 // lane by lane). W = 1 (plain scalars) fits every shape.
@@ -37,9 +38,12 @@ inline constexpr int kVectorBytes = 16;
 inline constexpr int kMaxHeadsPerVector = 4;
 
 // partials: the queries whose share of z, num / den (B, OH, OW, partials, F), the forward keeps for the
-// backward (the queries less one, whose share is z less the others'; or all of them).
+// backward (the queries less one, whose share is z less the others'; or all of them). vector_bytes: the
+// widest vectors the channel sweeps may use (0: kVectorBytes; a core that splits the widest vectors in
+// two may run narrower ones faster, and the tuner measures which).
 struct Shape {
-    int64_t batch, height, width, queries, heads, features, window, stride, pad, out_h, out_w, pixel_stride, partials;
+    int64_t batch, height, width, queries, heads, features, window, stride, pad, out_h, out_w, pixel_stride, partials,
+        vector_bytes;
     int64_t qh() const { return queries * heads; }
     int64_t head_dim() const { return features / heads; }
     int64_t taps() const { return window * window; }
@@ -47,7 +51,7 @@ struct Shape {
 
 inline Shape make_shape(const int64_t* dims) {
     return Shape{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6],
-                 dims[7], dims[8], dims[9], dims[10], dims[11], dims[12]};
+                 dims[7], dims[8], dims[9], dims[10], dims[11], dims[12], dims[13]};
 }
 
 // The input index along one axis of output `o` at tap `t`, or -1 outside the image.
@@ -172,7 +176,8 @@ struct Layout {
 
 template <typename T> Layout layout_of(const Shape& s) {
     const int64_t dim = s.head_dim();
-    for (int w = kVectorBytes / int(sizeof(T)); w > 1; w /= 2) {
+    const int64_t bytes = s.vector_bytes > 0 ? std::min<int64_t>(s.vector_bytes, kVectorBytes) : kVectorBytes;
+    for (int w = int(bytes / int64_t(sizeof(T))); w > 1; w /= 2) {
         if (s.features % w != 0) continue;
         if (dim % w == 0) return {w, 1};
         if (w % dim == 0 && w / dim <= kMaxHeadsPerVector) return {w, int(w / dim)};

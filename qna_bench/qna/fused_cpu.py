@@ -47,6 +47,7 @@ SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 COMPILE_TIMEOUT_S = 600.0
 RETRY_AFTER_S = 600.0
 LIBRARY_MODE = 0o644  # mkstemp makes 0600: other users of a shared cache could not load it
+VECTOR_BYTES = (0, 16, 32, 64)  # a call's widest vectors (0: the widest compiled), capped at the compiled width
 
 _P = ctypes.c_void_p
 ARGTYPES = {
@@ -137,6 +138,7 @@ def _load_or_build(compiler: str, target: Path) -> ctypes.CDLL | str:
                 function = getattr(library, f"{name}_{suffix}")
                 function.argtypes, function.restype = argtypes, None
         library.qna_vector_bytes.argtypes, library.qna_vector_bytes.restype = [], ctypes.c_int
+        library.qna_sweep_bytes.argtypes, library.qna_sweep_bytes.restype = [_P, ctypes.c_int], ctypes.c_int
         return library
     raise AssertionError("unreachable")
 
@@ -198,6 +200,18 @@ def vector_bytes() -> int | None:
     return None if isinstance(library, str) else int(library.qna_vector_bytes())
 
 
+def sweep_bytes(features: int, heads: int, dtype: torch.dtype, vector_bytes: int = 0) -> int:
+    """The width in bytes of the vectors the loops sweep ``features`` channels in ``heads`` heads in, in
+    ``dtype`` with vectors of at most ``vector_bytes`` (0: the widest compiled): less than that where the
+    head size fills no such vector (down to one element: plain scalars)."""
+    library = _library()
+    if isinstance(library, str):
+        raise RuntimeError(f"the fused CPU form is unavailable: {library}")
+    dims = torch.zeros(14, dtype=torch.int64)
+    dims[4], dims[5], dims[13] = heads, features, vector_bytes
+    return int(library.qna_sweep_bytes(_pointer(dims), torch.empty(0, dtype=dtype).element_size()))
+
+
 def _function(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
     library = _library()
     if isinstance(library, str):
@@ -209,12 +223,12 @@ def _pointer(tensor: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(tensor.data_ptr())
 
 
-def _dims(exp_scores: Tensor, packed: Tensor, window: int, stride: int, partials: int) -> Tensor:
+def _dims(exp_scores: Tensor, packed: Tensor, window: int, stride: int, partials: int, vector_bytes: int) -> Tensor:
     batch, height, width, queries, heads = exp_scores.shape
     features = packed.shape[-1] - queries * heads
     out_size = (qna_output_size(height, window, stride), qna_output_size(width, window, stride))
     dims = (batch, height, width, queries, heads, features, window, stride, (window - 1) // 2, *out_size,
-            packed.shape[-1], partials)
+            packed.shape[-1], partials, vector_bytes)
     return torch.tensor(dims, dtype=torch.int64)
 
 
@@ -238,7 +252,7 @@ def _require(name: str, tensor: object, shape: tuple[int, ...], dtype: torch.dty
 
 
 def _check_core(exp_scores: Tensor, packed: Tensor, den_kernel: Tensor, num_kernel: Tensor, stride: int,
-                partials: int) -> tuple[int, int, int]:
+                partials: int, vector_bytes: int) -> tuple[int, int, int]:
     """The checks both passes share; returns the features and the output's height and width."""
     if not isinstance(exp_scores, Tensor) or exp_scores.dim() != 5:
         shape = tuple(exp_scores.shape) if isinstance(exp_scores, Tensor) else type(exp_scores).__name__
@@ -266,21 +280,26 @@ def _check_core(exp_scores: Tensor, packed: Tensor, den_kernel: Tensor, num_kern
         raise ValueError(f"stride={stride}: the fused CPU form runs at stride {' or '.join(map(str, STRIDES))}")
     if not 0 <= partials <= queries:
         raise ValueError(f"partials={partials}: the fused CPU form keeps 0 to Q = {queries} queries' shares")
+    if vector_bytes not in VECTOR_BYTES:
+        raise ValueError(f"vector_bytes={vector_bytes}: the fused CPU form's vectors are "
+                         f"{', '.join(map(str, VECTOR_BYTES[1:]))} bytes wide at most, or 0 (the widest compiled)")
     return features, qna_output_size(height, window, stride), qna_output_size(width, window, stride)
 
 
 def check_forward_args(exp_scores: Tensor, packed: Tensor, den_kernel: Tensor, num_kernel: Tensor, stride: int,
-                       partials: int) -> None:
+                       partials: int, vector_bytes: int = 0) -> None:
     """Raise naming the first argument of `fused_forward` that the loops cannot take."""
-    _check_core(exp_scores, packed, den_kernel, num_kernel, stride, partials)
+    _check_core(exp_scores, packed, den_kernel, num_kernel, stride, partials, vector_bytes)
 
 
 def check_backward_args(grad_z: Tensor, exp_scores: Tensor, packed: Tensor, den: Tensor, z: Tensor,
-                        partials: Tensor, den_kernel: Tensor, num_kernel: Tensor, stride: int) -> None:
+                        partials: Tensor, den_kernel: Tensor, num_kernel: Tensor, stride: int,
+                        vector_bytes: int = 0) -> None:
     """Raise naming the first argument of `fused_backward` that the loops cannot take."""
     batch, _, _, queries, heads = exp_scores.shape if isinstance(exp_scores, Tensor) else (0,) * 5
     kept = partials.shape[3] if isinstance(partials, Tensor) and partials.dim() == 5 else -1
-    features, out_h, out_w = _check_core(exp_scores, packed, den_kernel, num_kernel, stride, max(kept, 0))
+    features, out_h, out_w = _check_core(exp_scores, packed, den_kernel, num_kernel, stride, max(kept, 0),
+                                         vector_bytes)
     if kept not in (queries - 1, queries):
         shape = tuple(partials.shape) if isinstance(partials, Tensor) else type(partials).__name__
         raise ValueError(f"partials.shape={shape}: the fused backward needs (B, H', W', Q-1 or Q, F) "
@@ -298,17 +317,18 @@ def check_backward_args(grad_z: Tensor, exp_scores: Tensor, packed: Tensor, den:
 @torch.library.custom_op("qna_bench::fused_cpu_forward", mutates_args=())
 def fused_forward(
     exp_scores: Tensor, packed: Tensor, den_kernel: Tensor, num_kernel: Tensor, stride: int, threshold: float,
-    partials: int,
+    partials: int, vector_bytes: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """z (B, H', W', F), the denominators (B, H', W', Q, h) and the first ``partials`` queries' shares of z,
     num / den (B, H', W', partials, F), for the backward, from exp_scores (B, H, W, Q, h) and packed
     (B, H, W, F + Q*h) in the same dtype, with the denominators' kernel exp(b) and the numerators' exp(b) *
     mixing (both (Q, h, k, k)). Each share divides by its denominator, or by 1 where that lies below
     ``threshold`` (an underflowed window, recomputed afterwards). Every tensor contiguous, on the CPU, in
-    exp_scores' dtype (float32 or float64), F a multiple of h (`check_forward_args`)."""
-    check_forward_args(exp_scores, packed, den_kernel, num_kernel, stride, partials)
+    exp_scores' dtype (float32 or float64), F a multiple of h (`check_forward_args`). The channel sweeps
+    use vectors of at most ``vector_bytes`` (`VECTOR_BYTES`; 0: the widest the loops were compiled for)."""
+    check_forward_args(exp_scores, packed, den_kernel, num_kernel, stride, partials, vector_bytes)
     dtype = exp_scores.dtype
-    dims = _dims(exp_scores, packed, den_kernel.shape[-1], stride, partials)
+    dims = _dims(exp_scores, packed, den_kernel.shape[-1], stride, partials, vector_bytes)
     batch, _, _, queries, heads = exp_scores.shape
     out_h, out_w, features = int(dims[9]), int(dims[10]), packed.shape[-1] - queries * heads
     z = exp_scores.new_empty(batch, out_h, out_w, features)
@@ -325,21 +345,22 @@ def fused_forward(
 @torch.library.custom_op("qna_bench::fused_cpu_backward", mutates_args=())
 def fused_backward(
     grad_z: Tensor, exp_scores: Tensor, packed: Tensor, den: Tensor, z: Tensor, partials: Tensor,
-    den_kernel: Tensor, num_kernel: Tensor, stride: int, kernel_grads: bool,
+    den_kernel: Tensor, num_kernel: Tensor, stride: int, kernel_grads: bool, vector_bytes: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of packed (B, H, W, F + Q*h: the values', then the scores' through exp), of the
     denominators' kernel and of the numerators' kernel (both (Q, h, k, k), summed over each head's
     channels; zeros without ``kernel_grads``), from the output's gradient and what the forward kept: the
     denominators (those below the underflow threshold already 1, their gradient 0), z (B, H', W', F, read
     where ``partials`` holds fewer shares than queries) and the shares of `fused_forward`, every tensor
-    contiguous, on the CPU, in exp_scores' dtype (`check_backward_args`)."""
-    check_backward_args(grad_z, exp_scores, packed, den, z, partials, den_kernel, num_kernel, stride)
+    contiguous, on the CPU, in exp_scores' dtype (`check_backward_args`); ``vector_bytes`` as in
+    `fused_forward`."""
+    check_backward_args(grad_z, exp_scores, packed, den, z, partials, den_kernel, num_kernel, stride, vector_bytes)
     dtype = exp_scores.dtype
     queries, heads, window, _ = den_kernel.shape
     if partials.shape[3] == queries:
         z = partials  # not read: every query's share is kept
     rk, wk = _tap_major(den_kernel), _tap_major(num_kernel)
-    dims = _dims(exp_scores, packed, window, stride, partials.shape[3])
+    dims = _dims(exp_scores, packed, window, stride, partials.shape[3], vector_bytes)
     inv_den, grad_den = torch.empty_like(den), torch.empty_like(den)
     grad_rk, grad_wk = torch.empty_like(rk), torch.empty_like(wk)
     grad_packed = exp_scores.new_empty(packed.shape)

@@ -178,7 +178,7 @@ void backward_inputs(const T* __restrict grad_z, const T* __restrict exp_scores,
 }
 
 // dims: batch, height, width, queries, heads, features, window, stride, pad, out_h, out_w, pixel_stride,
-// partials.
+// partials, vector_bytes.
 template <typename T>
 void run_backward(const T* gz, const T* e, const T* p, const T* den, const T* z, const T* partials, const T* rk,
                   const T* wk, const int64_t* dims, int kernel_grads, T* inv_den, T* grad_den, T* grad_rk, T* grad_wk,

@@ -76,7 +76,7 @@ void forward(const T* __restrict exp_scores, const T* __restrict packed, const T
 }
 
 // dims: batch, height, width, queries, heads, features, window, stride, pad, out_h, out_w, pixel_stride,
-// partials.
+// partials, vector_bytes.
 template <typename T>
 void run_forward(const T* e, const T* p, const T* rk, const T* wk, const int64_t* dims, double threshold, T* z,
                  T* den, T* partials, int threads) {
@@ -90,6 +90,14 @@ void run_forward(const T* e, const T* p, const T* rk, const T* wk, const int64_t
 }  // namespace qna_fused
 
 extern "C" int qna_vector_bytes() { return qna_fused::kVectorBytes; }
+
+// The bytes of the vectors a call of `dims` sweeps channels in (its layout's lanes, times the element's
+// `element_bytes`, 4 or 8): the compiled width or the call's cap where the shape fills it, else less.
+extern "C" int qna_sweep_bytes(const int64_t* dims, int element_bytes) {
+    const qna_fused::Shape s = qna_fused::make_shape(dims);
+    const int lanes = element_bytes == 8 ? qna_fused::layout_of<double>(s).lanes : qna_fused::layout_of<float>(s).lanes;
+    return lanes * element_bytes;
+}
 
 extern "C" void qna_forward_f32(const float* e, const float* p, const float* rk, const float* wk, const int64_t* dims,
                                 double threshold, float* z, float* den, float* partials, int threads) {

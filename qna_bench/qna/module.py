@@ -21,7 +21,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from qna_bench.forms import GEMM, PLAN, FormChoice
 from qna_bench.qna.attention import qna_attention_packed, run_plan, wants_grad
-from qna_bench.qna.fused_cpu import compile_flags, vector_bytes
+from qna_bench.qna.core import work_dtype
+from qna_bench.qna.fused_cpu import compile_flags, sweep_bytes
 from qna_bench.qna.official import load_official_params
 from qna_bench.qna.plans import Plan, get_plan, plan_names
 from qna_bench.qna.projection import PROJECTIONS, Projection, project
@@ -324,8 +325,13 @@ class QnA(nn.Module):
             "plan_source": choice.source,
             "tune_seconds": round(choice.tune_seconds, 4),
             "plan_fell_back": self.plan_fell_back,
-            **({"fused_build": f"{compile_flags()}; {vector_bytes()}-byte vectors"} if choice.plan.uses_fused else {}),
+            **({"fused_build": f"{compile_flags()}; {self._fused_sweep_bytes(choice.plan)}-byte vectors"}
+               if choice.plan.uses_fused else {}),
         }
+
+    def _fused_sweep_bytes(self, plan: Plan) -> int:
+        """The width of the vectors the fused loops sweep this layer's channels in under ``plan``."""
+        return sweep_bytes(self.features, self.heads, work_dtype(self.query.dtype), plan.fused_vector_bytes)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, H, W, C_in) -> (B, H', W', F_out) with the form ``self.impl`` names."""
