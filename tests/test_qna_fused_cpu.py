@@ -137,18 +137,24 @@ def run_probe(cache: Path, env: dict[str, str] | None = None) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_two_processes_compile_at_once_into_one_cached_library(tmp_path: Path) -> None:
-    """Both find the loops available; the cache holds one library and no half-written file; a third
-    process loads it without compiling (its modification time does not change)."""
+def test_two_processes_that_start_at_once_compile_one_cached_library(tmp_path: Path) -> None:
+    """Both find the loops available, and the compiler (a wrapper that logs its calls) linked one library:
+    the second process waited on the lock and loaded what the first compiled. The cache holds that library,
+    its lock and no half-written file; a third process loads it without compiling (its modification time
+    does not change)."""
+    log, compiler = tmp_path / "compiler.log", tmp_path / "logged-g++"
+    compiler.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec {shutil.which("g++")} "$@"\n')
+    compiler.chmod(0o755)
     code = "from qna_bench.qna.fused_cpu import fused_unavailable; assert fused_unavailable() is None"
-    environment = {**os.environ, "QNA_BENCH_CACHE_DIR": str(tmp_path), **QUICK_COMPILE}
+    environment = {**os.environ, "QNA_BENCH_CACHE_DIR": str(tmp_path / "cache"), "CXX": str(compiler), **QUICK_COMPILE}
     processes = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=environment) for _ in range(2)]
     assert [p.wait(timeout=300) for p in processes] == [0, 0]
-    (library,) = (tmp_path / "kernels").iterdir()
-    assert library.suffix == ".so" and not library.name.startswith(".")
+    assert sum(" -shared " in line for line in log.read_text().splitlines()) == 1
+    lock, library = sorted((tmp_path / "cache" / "kernels").iterdir(), key=lambda p: p.suffix)
+    assert (library.suffix, lock.name) == (".so", library.name + ".lock") and not library.name.startswith(".")
     assert library.stat().st_mode & stat.S_IRGRP  # others sharing the cache can load it
     compiled_at = library.stat().st_mtime_ns
-    assert "fused" in run_probe(tmp_path, QUICK_COMPILE)["plans"]
+    assert "fused" in run_probe(tmp_path / "cache", {**QUICK_COMPILE, "CXX": str(compiler)})["plans"]
     assert library.stat().st_mtime_ns == compiled_at
 
 

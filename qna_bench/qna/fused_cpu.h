@@ -11,11 +11,10 @@
 // the image.
 //
 // Vectors: the channels of a pixel's row are swept in vectors of W lanes, W the widest power of two no
-// wider than the target's vectors (64 bytes with AVX-512, 32 with AVX, else 16: SSE2, NEON) or than the
-// call's `Shape::vector_bytes` that divides
-// F and either divides the head size d (a head is d / W vectors, its coefficient broadcast) or is a
-// multiple of it, at most kMaxHeadsPerVector heads (a vector holds W / d heads, its coefficients spread
-// lane by lane). W = 1 (plain scalars) fits every shape.
+// wider than the target's vectors (64 bytes with AVX-512, 32 with AVX, else 16: SSE2, NEON) nor than the
+// call's cap (`Shape::vector_bytes`) that divides F and either divides the head size d (a head is d / W
+// vectors, its coefficient broadcast) or is a multiple of it, at most kMaxHeadsPerVector heads (a vector
+// holds W / d heads, its coefficients spread lane by lane). W = 1 (plain scalars) fits every shape.
 
 #pragma once
 

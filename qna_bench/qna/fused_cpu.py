@@ -1,13 +1,14 @@
 """The fused CPU form of QnA's core (``fused_cpu.h``, ``fused_cpu_forward.cpp``, ``fused_cpu_backward.cpp``):
 each window's denominators, numerators and gradients in direct loops over its taps, with no per-tap
-temporaries, in vectors as wide as the compiler targets (64, 32 or 16 bytes).
+temporaries, in vectors as wide as the compiler targets (64, 32 or 16 bytes), or as narrow as a call asks.
 
 Every ``fused_cpu*.cpp`` here is compiled on first use by the machine's C++ compiler (``$CXX``, else
 ``g++``) for the CPU it runs on (``-march=native``, then the flags of ``$QNA_BENCH_CXXFLAGS``, read once at
 import: e.g. ``-mno-avx512f`` builds the loops for a CPU without AVX-512), with OpenMP, within
 `COMPILE_TIMEOUT_S`, and kept in the disk cache (``$QNA_BENCH_CACHE_DIR``, readable by its group) under a
-name that hashes every source and header here, the compiler, the flags and the CPU's flags. A cached
-library that does not load is rebuilt once. A machine without a compiler, or whose compile fails or
+name that hashes every source and header here, the compiler, the flags and the CPU's flags; processes
+that need it at once compile it once, under a lock beside it. A cached library that does not load is
+rebuilt once. A machine without a compiler, or whose compile fails or
 times out, lists no fused plan (`fused_unavailable` says why; a failure is retried after
 `RETRY_AFTER_S`).
 
@@ -17,7 +18,9 @@ device, dtype, shape or layout is a one-line error naming the argument, never a 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import functools
 import hashlib
 import os
@@ -27,6 +30,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -120,11 +124,25 @@ def _library() -> ctypes.CDLL | str:
     return library
 
 
+@contextlib.contextmanager
+def _compiling(target: Path) -> Iterator[None]:
+    """Holds the lock of ``target``'s compile: processes that need the same library at once (the workers
+    of a test run, the jobs of a sweep) compile it one at a time, and the others then load it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _load_or_build(compiler: str, target: Path) -> ctypes.CDLL | str:
     """Loads ``target``, compiling it first where it is missing, and once more where it does not load."""
     for attempt in range(2):
         if attempt or not target.exists():
-            error = _compile(compiler, target)
+            try:
+                with _compiling(target):
+                    error = _compile(compiler, target) if attempt or not target.exists() else None
+            except OSError as failure:
+                error = f"no folder to compile into ({target.parent}): {failure}"
             if error:
                 return error
         try:
