@@ -259,8 +259,8 @@ register_plan(Plan("fft_forward", ("cpu", "cuda"), numerators="fft", min_window=
 register_plan(Plan("fused", ("cpu",), numerators="fused", numerator_grads="fused", kernel_grads="fused",
                    description="the windowed softmax in fused loops compiled for this CPU, both passes"))
 # The same loops in 32-byte vectors, listed where they were compiled for 64-byte ones. The AVX-512 EPYC
-# (family 25, 2 threads, B=8 56x56, C=128 in 4 heads, k=7) ran them faster at 32 bytes than at 64:
-# forward 6.4 against 7.5 ms, backward 22.7 against 32.9.
+# (family 25, 2 threads, B=8 56x56, C=128 in 4 heads, k=7) ran one library's backward faster at 32 bytes
+# than at 64, 24.3 against 32.2 ms, and its forward at par, 7.3 against 7.5.
 register_plan(Plan("fused_32", ("cpu",), numerators="fused", numerator_grads="fused", kernel_grads="fused",
                    fused_vector_bytes=32,
                    description="the fused loops in 32-byte vectors where they were compiled for wider ones"))
