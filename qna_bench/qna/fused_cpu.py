@@ -168,12 +168,11 @@ def _first_error(stderr: str) -> str:
 
 
 def _compile(compiler: str, target: Path) -> str | None:
-    """Compiles the sources side by side and links them to ``target`` through a temporary file (atomic:
-    concurrent workers may both compile, and each renames a whole library into place), all within
-    `COMPILE_TIMEOUT_S`; an error message, or None."""
-    folder = target.parent
+    """Compiles the sources side by side and links them to ``target`` through a temporary file renamed into
+    place (a process loading it never reads half a library), all within `COMPILE_TIMEOUT_S`; an error
+    message, or None. Callers hold `_compiling`."""
+    folder = target.parent  # made by `_compiling`
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(dir=folder, prefix=".qna_fused_cpu."))
     except OSError as error:
         return f"no folder to compile into ({folder}): {error}"

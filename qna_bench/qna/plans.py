@@ -101,16 +101,7 @@ class Plan:
         if self.kernel != "convolutions":
             return (self.kernel,)
         return (*(getattr(self, p) for p in PASSES), str(self.fft_chunk_bytes if self.uses_fft else 0),
-                str(self.fused_vectors() if self.uses_fused else 0))
-
-    def fused_vectors(self) -> int | None:
-        """The width in bytes of the fused loops' vectors in this plan's calls (None: no fused loops here)."""
-        from qna_bench.qna.fused_cpu import vector_bytes
-
-        compiled = vector_bytes()
-        if compiled is None or not self.fused_vector_bytes:
-            return compiled
-        return min(compiled, self.fused_vector_bytes)
+                str(self.fused_vector_bytes if self.uses_fused else 0))
 
     @property
     def uses_fused(self) -> bool:
