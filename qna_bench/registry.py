@@ -162,7 +162,8 @@ def register_layer(name: str, **spec: Any) -> Callable[[LayerFactory], LayerFact
     return decorate
 
 
-def _ensure_loaded() -> None:
+def load_builtin_layers() -> None:
+    """Import the modules that register the built-in layers (once; every lookup does it first)."""
     global _loaded
     if not _loaded:
         _loaded = True
@@ -172,7 +173,7 @@ def _ensure_loaded() -> None:
 
 def list_layers(family: str | None = None, kind: str | None = "layer") -> list[str]:
     """Registered names, by family and kind (``kind=None``: layers and models)."""
-    _ensure_loaded()
+    load_builtin_layers()
     return [
         name
         for name, spec in _REGISTRY.items()
@@ -181,7 +182,7 @@ def list_layers(family: str | None = None, kind: str | None = "layer") -> list[s
 
 
 def get_layer(name: str) -> LayerSpec:
-    _ensure_loaded()
+    load_builtin_layers()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -190,7 +191,7 @@ def get_layer(name: str) -> LayerSpec:
 
 def resolve_layers(names: list[str]) -> list[LayerSpec]:
     """Registry entries for a list of names; ``all`` expands to every registered layer (not the models)."""
-    _ensure_loaded()
+    load_builtin_layers()
     if "all" in names:
         return [spec for spec in _REGISTRY.values() if spec.kind == "layer"]
     return [get_layer(name) for name in names]
@@ -198,7 +199,7 @@ def resolve_layers(names: list[str]) -> list[LayerSpec]:
 
 def find_layer(name: str) -> LayerSpec | None:
     """The registered entry of ``name``, or None for a name the registry does not know."""
-    _ensure_loaded()
+    load_builtin_layers()
     return _REGISTRY.get(name)
 
 
@@ -213,7 +214,7 @@ def describe_layers() -> str:
     candidates of each axis of its forms that the tuner chooses among."""
     from qna_bench.forms import axis_candidates
 
-    _ensure_loaded()
+    load_builtin_layers()
     width = max(len(name) for name in _REGISTRY)
     lines = []
     for spec in _REGISTRY.values():

@@ -30,7 +30,7 @@ from qna_bench.heap import configure_cpu_heap
 from qna_bench.memcap import address_space_cap
 from qna_bench.point import MeasureSettings, SweepPoint, run_points, warm_up_process
 from qna_bench.problem import Problem
-from qna_bench.registry import get_layer
+from qna_bench.registry import get_layer, load_builtin_layers
 
 _PR_SET_PDEATHSIG = 1
 # How long a worker whose pipe closed may take to be reaped before its exit code is read.
@@ -68,6 +68,9 @@ class WorkerLost:
 # What a worker sends as each layer of a group is prepared: the sweep then gives the next one its own
 # hard limit, and knows which layer was in flight if the worker is lost.
 PREPARED = "prepared"
+# What a new worker sends after its warm-up (the first group's first layer, run a few times): the
+# warm-up has a hard limit of its own, not a share of that layer's preparation.
+WARMED_UP = "warmed up"
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -125,7 +128,7 @@ class PointWorker:
     ) -> list[dict[str, Any]] | WorkerLost:
         """The rows of ``layers`` ((layer name, compile mode[, tuning]) tuples) on one problem, timed in alternating
         blocks (`qna_bench.point.run_points`), or `WorkerLost`. ``timeout_s`` is the hard limit of one
-        layer: each layer's preparation gets it, and their timing together gets it once per layer."""
+        layer: each layer's preparation gets it (and a new worker's warm-up), and their timing together gets it once per layer."""
         if self._process is None:
             self.start()
         self._conn.send((tuple(layers), problem, run_id, first_round))
@@ -138,6 +141,8 @@ class PointWorker:
                 if prepared < len(layers):
                     message = dataclasses.replace(message, layer_index=prepared)
                 break
+            if message == WARMED_UP:
+                continue
             if message != PREPARED:
                 break
             prepared += 1
@@ -210,6 +215,7 @@ def _serve(conn: Connection, setup: WorkerSetup) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the sweep's to handle: it kills this process
     for module in setup.layer_modules:
         importlib.import_module(module)
+    load_builtin_layers()  # before any point's clock starts: cold imports took seconds of a tight limit
     torch.backends.cudnn.benchmark = setup.settings.cudnn_benchmark
     configure_cpu_heap(setup.settings.cpu_heap)
     with address_space_cap(setup.memory_cap_bytes, enabled=setup.cap_memory) as cap:
@@ -225,6 +231,7 @@ def _serve(conn: Connection, setup: WorkerSetup) -> None:
             if not warmed_up:  # with the eager form: compiling is the point's own first call
                 warm_up_process(points[0], setup.settings)
                 warmed_up = True
+                conn.send(WARMED_UP)
             rows = run_points(points, setup.settings, setup.env, run_id, first_round=first_round,
                               on_prepared=lambda: conn.send(PREPARED))
             conn.send(rows)

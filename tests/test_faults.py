@@ -16,6 +16,7 @@ import pandas as pd
 from qna_bench import results, runner
 from qna_bench.environment import read_environment
 from qna_bench.point import SweepPoint, run_points
+from qna_bench.problem import Problem
 from qna_bench.registry import get_layer
 from qna_bench.runner import MeasureSettings
 from qna_bench.worker import PointWorker, WorkerLost, WorkerSetup, describe_exit
@@ -326,3 +327,17 @@ def test_a_layer_stuck_while_its_group_is_prepared_is_named_and_its_peers_measur
     assert stand_in.calls == [["conv_dw", "fault_native_hang", "swin"], ["conv_dw", "swin"]]
     assert [row["status"] for row, _ in measured] == ["ok", "timeout", "ok"]
     assert measured[1][0]["layer"] == "fault_native_hang" and measured[1][1] is None
+
+
+def test_a_new_workers_warm_up_has_a_hard_limit_of_its_own_not_a_share_of_its_first_layers():
+    import fault_layers  # noqa: F401 - registers the fault layers in this process
+
+    # fault_sleeps sleeps 0.9 s a call at k=9: the warm-up's three calls take 2.7 s and the preparation's
+    # two (the memory pass, the FLOP count) 1.8 s, each under the 3.6 s limit, together over it.
+    problem = Problem(batch=1, height=10, width=10, channels=8, heads=2, window=9, mode="forward")
+    with _worker() as worker:
+        started = time.perf_counter()
+        row = worker.run("fault_sleeps", problem, "t", timeout_s=3.6)
+    assert not isinstance(row, WorkerLost), row
+    assert row["status"] == "ok", row["reason"]
+    assert time.perf_counter() - started > 2.7 + 1.8
