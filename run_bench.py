@@ -5,7 +5,6 @@ import sys
 import hydra
 
 from qna_bench.config import register_configs
-from qna_bench.sweep import EXIT_BAD_INPUT, check_results_dir_argument, run_from_config
 
 register_configs()
 _composed = False
@@ -13,12 +12,18 @@ _composed = False
 
 @hydra.main(version_base=None, config_path="configs", config_name="config")
 def main(cfg) -> None:
+    # Imported here, not above: each measuring worker, a spawned process, imports this file again, and
+    # needs only its own layers (the sweep loads every layer and torch: seconds a worker).
+    from qna_bench.sweep import run_from_config
+
     global _composed
     _composed = True
     run_from_config(cfg)
 
 
 if __name__ == "__main__":
+    from qna_bench.sweep import EXIT_BAD_INPUT, check_results_dir_argument
+
     check_results_dir_argument(sys.argv[1:])
     try:
         main()

@@ -357,6 +357,14 @@ def run_point(
     return run_points([point], settings, env, run_id, first_round=first_round)[0]
 
 
+def warm_up_tools() -> None:
+    """Use the memory profiler and the FLOP counter once, on nothing: their first use imports parts of
+    torch (the profiler imports inductor, over a second) that would otherwise land in a point's first
+    call and its clock."""
+    measure_peak_memory(lambda: None, torch.device("cpu"), base_bytes=0)
+    count_flops(lambda: None)
+
+
 def warm_up_process(point: SweepPoint, settings: MeasureSettings, calls: int = 3) -> None:
     """Run ``point``'s step a few times and record nothing: the process's first calls run slow
     (qna's first point measured ~2× its later self until any layer had run), whichever point is first."""

@@ -182,11 +182,10 @@ def list_layers(family: str | None = None, kind: str | None = "layer") -> list[s
 
 
 def get_layer(name: str) -> LayerSpec:
-    load_builtin_layers()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"layers: unknown layer {name!r}; known are {', '.join(_REGISTRY)} (or all)") from None
+    spec = find_layer(name)
+    if spec is None:
+        raise ValueError(f"layers: unknown layer {name!r}; known are {', '.join(_REGISTRY)} (or all)")
+    return spec
 
 
 def resolve_layers(names: list[str]) -> list[LayerSpec]:
@@ -198,8 +197,10 @@ def resolve_layers(names: list[str]) -> list[LayerSpec]:
 
 
 def find_layer(name: str) -> LayerSpec | None:
-    """The registered entry of ``name``, or None for a name the registry does not know."""
-    load_builtin_layers()
+    """The registered entry of ``name``, or None for a name the registry does not know. A name already
+    registered is found without loading the others (a worker imports only its own layers' modules)."""
+    if name not in _REGISTRY:
+        load_builtin_layers()
     return _REGISTRY.get(name)
 
 

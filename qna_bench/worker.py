@@ -28,9 +28,9 @@ from qna_bench.compile_mode import EAGER
 from qna_bench.environment import Environment
 from qna_bench.heap import configure_cpu_heap
 from qna_bench.memcap import address_space_cap
-from qna_bench.point import MeasureSettings, SweepPoint, run_points, warm_up_process
+from qna_bench.point import MeasureSettings, SweepPoint, run_points, warm_up_process, warm_up_tools
 from qna_bench.problem import Problem
-from qna_bench.registry import get_layer, load_builtin_layers
+from qna_bench.registry import get_layer
 
 _PR_SET_PDEATHSIG = 1
 # How long a worker whose pipe closed may take to be reaped before its exit code is read.
@@ -213,9 +213,10 @@ def _serve(conn: Connection, setup: WorkerSetup) -> None:
     _die_with_parent()
     _thread_lock_for_progress_bars()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the sweep's to handle: it kills this process
+    # Before any point's clock starts: cold imports took seconds of a point's hard limit.
     for module in setup.layer_modules:
         importlib.import_module(module)
-    load_builtin_layers()  # before any point's clock starts: cold imports took seconds of a tight limit
+    warm_up_tools()
     torch.backends.cudnn.benchmark = setup.settings.cudnn_benchmark
     configure_cpu_heap(setup.settings.cpu_heap)
     with address_space_cap(setup.memory_cap_bytes, enabled=setup.cap_memory) as cap:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -142,12 +143,13 @@ def test_larger_windows_after_a_timeout_are_skipped_not_run(tmp_path):
 
 
 def _worker(serve=None) -> PointWorker:
-    """A measuring worker, or with ``serve`` a stand-in that gets no setup: its process then imports only
-    `fault_workers`, not torch, and starts in a fraction of a second."""
+    """A measuring worker of the fault layers and the peers (conv_dw), both imported as it starts; or with
+    ``serve`` a stand-in that gets no setup: its process then imports only `fault_workers`, not torch, and
+    starts in a fraction of a second."""
     if serve is not None:
         return PointWorker(None, serve)
     settings = MeasureSettings(threads=1, min_run_time_s=0.01, min_replicates=1, point_budget_s=None)
-    return PointWorker(WorkerSetup(("fault_layers",), settings, read_environment("cpu"), None, False))
+    return PointWorker(WorkerSetup(("fault_layers", "baselines"), settings, read_environment("cpu"), None, False))
 
 
 def test_a_point_stuck_in_native_code_is_killed_at_the_hard_limit_and_the_next_runs_in_a_fresh_worker(tiny_problem):
@@ -341,3 +343,32 @@ def test_a_new_workers_warm_up_has_a_hard_limit_of_its_own_not_a_share_of_its_fi
     assert not isinstance(row, WorkerLost), row
     assert row["status"] == "ok", row["reason"]
     assert time.perf_counter() - started > 2.7 + 1.8
+
+
+_FIRST_POINT_IMPORTS = """
+import json, sys
+import fault_layers
+from qna_bench.environment import read_environment
+from qna_bench.point import MeasureSettings, SweepPoint, run_points, warm_up_tools
+from qna_bench.problem import Problem
+from qna_bench.registry import get_layer
+
+env = read_environment("cpu")
+warm_up_tools()
+before = set(sys.modules)
+settings = MeasureSettings(threads=1, min_run_time_s=0.01, min_replicates=1, point_budget_s=None)
+for mode in ("forward", "train"):
+    problem = Problem(batch=1, height=10, width=9, channels=8, heads=2, window=1, mode=mode)
+    rows = run_points([SweepPoint(get_layer("fault_sleeps"), problem)], settings, env, "t")
+    assert rows[0]["status"] == "ok", rows
+print(json.dumps(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_a_worker_imports_what_its_points_use_before_their_clocks_start():
+    """The memory profiler's first use imports inductor (over a second): `warm_up_tools` does it as the
+    worker starts, so no point's first call or hard limit pays for an import."""
+    done = subprocess.run([sys.executable, "-c", _FIRST_POINT_IMPORTS], capture_output=True, text=True, timeout=300,
+                          env=_env(), cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
