@@ -219,6 +219,7 @@ _RSS_SCRIPT = textwrap.dedent(
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
+    gc.freeze()  # the imports' objects: each point's collections skip them (0.2 s a collection)
     libc = ctypes.CDLL("libc.so.6")
 
     def status_bytes(field):
