@@ -162,8 +162,7 @@ def register_layer(name: str, **spec: Any) -> Callable[[LayerFactory], LayerFact
     return decorate
 
 
-def load_builtin_layers() -> None:
-    """Import the modules that register the built-in layers (once; every lookup does it first)."""
+def _ensure_loaded() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
@@ -173,7 +172,7 @@ def load_builtin_layers() -> None:
 
 def list_layers(family: str | None = None, kind: str | None = "layer") -> list[str]:
     """Registered names, by family and kind (``kind=None``: layers and models)."""
-    load_builtin_layers()
+    _ensure_loaded()
     return [
         name
         for name, spec in _REGISTRY.items()
@@ -190,7 +189,7 @@ def get_layer(name: str) -> LayerSpec:
 
 def resolve_layers(names: list[str]) -> list[LayerSpec]:
     """Registry entries for a list of names; ``all`` expands to every registered layer (not the models)."""
-    load_builtin_layers()
+    _ensure_loaded()
     if "all" in names:
         return [spec for spec in _REGISTRY.values() if spec.kind == "layer"]
     return [get_layer(name) for name in names]
@@ -200,7 +199,7 @@ def find_layer(name: str) -> LayerSpec | None:
     """The registered entry of ``name``, or None for a name the registry does not know. A name already
     registered is found without loading the others (a worker imports only its own layers' modules)."""
     if name not in _REGISTRY:
-        load_builtin_layers()
+        _ensure_loaded()
     return _REGISTRY.get(name)
 
 
@@ -215,7 +214,7 @@ def describe_layers() -> str:
     candidates of each axis of its forms that the tuner chooses among."""
     from qna_bench.forms import axis_candidates
 
-    load_builtin_layers()
+    _ensure_loaded()
     width = max(len(name) for name in _REGISTRY)
     lines = []
     for spec in _REGISTRY.values():

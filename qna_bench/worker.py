@@ -128,7 +128,8 @@ class PointWorker:
     ) -> list[dict[str, Any]] | WorkerLost:
         """The rows of ``layers`` ((layer name, compile mode[, tuning]) tuples) on one problem, timed in alternating
         blocks (`qna_bench.point.run_points`), or `WorkerLost`. ``timeout_s`` is the hard limit of one
-        layer: each layer's preparation gets it (and a new worker's warm-up), and their timing together gets it once per layer."""
+        layer: a new worker's warm-up gets it, each layer's preparation gets it, and their timing together
+        gets it once per layer."""
         if self._process is None:
             self.start()
         self._conn.send((tuple(layers), problem, run_id, first_round))
